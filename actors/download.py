@@ -1,0 +1,781 @@
+"""Resumable, segmented, verified HTTP download of one model file.
+
+`download_file` writes into `dest.partial`, records what is done in `dest.partial.json` (the
+sidecar) and publishes `dest` only complete and verified. It runs inside the caller's cancel
+scope: a cancel stops the bytes at once and leaves the partial and an up-to-date sidecar, from
+which the next call resumes with `Range` + `If-Range`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import ClassVar, Protocol, TypeVar
+
+import attrs
+import httpx
+import trio
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class DownloadError(Exception):
+    """A download failed for good. `code` is machine-readable; the message says what to do."""
+
+    code: ClassVar[str] = "download_error"
+
+
+class OriginError(DownloadError):
+    """The origin answered, but not with the file (4xx, or 5xx after the retries)."""
+
+    code = "origin_error"
+
+
+class OriginUnreachable(DownloadError):
+    """No usable connection to the origin (refused, reset, stalled) after the retries."""
+
+    code = "origin_unreachable"
+
+
+class ChecksumMismatch(DownloadError):
+    code = "checksum_mismatch"
+
+
+class SizeMismatch(DownloadError):
+    code = "size_mismatch"
+
+
+class DiskFull(DownloadError):
+    code = "disk_full"
+
+
+class DiskError(DownloadError):
+    code = "disk_error"
+
+
+class UrlRefused(DownloadError):
+    """The URL (or a redirect target) is not one modeld will fetch."""
+
+    code = "url_refused"
+
+
+class TooManyRedirects(DownloadError):
+    code = "too_many_redirects"
+
+
+class _ContentChanged(Exception):
+    """The origin's file is not the one the partial holds: start over."""
+
+
+class _Transient(Exception):
+    """One attempt failed in a way worth retrying."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None, status: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+@attrs.frozen
+class DownloadRequest:
+    url: str
+    dest: Path  # final file; published only complete and verified
+    sha256: str | None = None
+    size: int | None = None
+    connections: int = 8
+    retries: int = 6
+    stall_timeout: float = 30.0
+    allow_http: bool = False
+    min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
+
+
+class ProgressSink(Protocol):
+    def update(self, done: int, total: int | None) -> None:
+        """Called often; must be cheap."""
+
+    def reset(self) -> None:
+        """The origin's content changed; starting over."""
+
+    def retrying(self, attempt: int, delay: float, reason: str) -> None: ...
+
+
+def partial_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".partial")
+
+
+def sidecar_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".partial.json")
+
+
+def partial_bytes(dest: Path) -> int:
+    """Bytes done according to the sidecar (0 when none or invalid). Blocking, cheap."""
+    side = _read_sidecar(dest)
+    if side is None or not partial_path(dest).exists():
+        return 0
+    return _covered(side.done)
+
+
+def remove_partial(dest: Path) -> None:
+    """Forget a partial download (file and sidecar). Blocking, cheap."""
+    for path in (partial_path(dest), sidecar_path(dest)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+async def download_file(
+    req: DownloadRequest,
+    sink: ProgressSink,
+    *,
+    client: httpx.AsyncClient | None = None,
+    clock: Callable[[], float] = trio.current_time,
+) -> None:
+    """Download `req.url` to `req.dest`, resuming a partial left by an earlier call.
+
+    Returns once `dest` is published (size and sha256 checked when given). Raises DownloadError
+    (see `code`); cancellation leaves the partial and its sidecar for the next call.
+    """
+    url = _check_url(req.url, allow_http=req.allow_http, previous=None)
+    if client is not None:
+        await _Download(req, sink, client, clock, url).run()
+        return
+    async with httpx.AsyncClient(
+        follow_redirects=False,
+        timeout=_timeout(req),
+        limits=httpx.Limits(max_connections=req.connections + 1,
+                            max_keepalive_connections=req.connections + 1),
+        headers={"Accept-Encoding": "identity"},
+        trust_env=False,
+    ) as own_client:
+        await _Download(req, sink, own_client, clock, url).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tunables
+
+MAX_REDIRECTS = 10
+MAX_RESTARTS = 3  # content changes in one call before giving up
+SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
+WRITE_BUFFER = 1024 * 1024  # bytes gathered before one pwrite (in a worker thread)
+HASH_CHUNK = 8 * 1024 * 1024
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 120.0
+CONNECT_TIMEOUT = 10.0
+PIECES_PER_CONNECTION = 4
+
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Exponential backoff with jitter: attempt 1 waits 0.5-1 x BACKOFF_BASE, doubling, capped."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(attempt - 1, 30)) * rng.uniform(0.5, 1.0)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or HTTP date), capped."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    delay: float = when.timestamp() - now
+    return min(max(0.0, delay), RETRY_AFTER_CAP)
+
+
+def _timeout(req: DownloadRequest) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=min(CONNECT_TIMEOUT, max(req.stall_timeout, 1.0)),
+        read=req.stall_timeout,
+        write=req.stall_timeout,
+        pool=None,
+    )
+
+
+def _redact(url: httpx.URL | str) -> str:
+    u = httpx.URL(url) if isinstance(url, str) else url
+    return str(u.copy_with(username=None, password=None, query=None))
+
+
+def _check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> httpx.URL:
+    """The URL modeld may fetch, or UrlRefused."""
+    what = "the download URL" if previous is None else "a redirect target"
+    try:
+        url = httpx.URL(raw)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise UrlRefused(f"{what} is not a valid URL: {exc}") from None
+    if url.scheme not in ("https", "http"):
+        raise UrlRefused(f"{what} uses {url.scheme or 'no'} scheme; only https (or http) is used")
+    if url.userinfo:
+        raise UrlRefused(
+            f"{what} ({_redact(url)}) contains credentials (user:password@); remove them"
+        )
+    if not url.host:
+        raise UrlRefused(f"{what} has no host")
+    if url.scheme == "http" and previous is not None and previous.scheme == "https":
+        raise UrlRefused(f"refusing a redirect from https to plain http ({_redact(url)})")
+    if url.scheme == "http" and not allow_http:
+        raise UrlRefused(
+            f"{what} ({_redact(url)}) is plain http; use https or set [download] allow_http"
+        )
+    return url
+
+
+# ---------------------------------------------------------------------------------------------
+# Done ranges and the sidecar
+
+
+def _covered(done: list[tuple[int, int]]) -> int:
+    return sum(end - start for start, end in done)
+
+
+def _add_range(done: list[tuple[int, int]], start: int, end: int) -> None:
+    """Insert [start, end) into a sorted list of disjoint ranges, merging neighbours."""
+    if start >= end:
+        return
+    merged: list[tuple[int, int]] = []
+    for s, e in done:
+        if e < start or s > end:
+            merged.append((s, e))
+        else:
+            start, end = min(s, start), max(e, end)
+    merged.append((start, end))
+    merged.sort()
+    done[:] = merged
+
+
+def _missing(done: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
+    gaps, pos = [], 0
+    for s, e in done:
+        if s > pos:
+            gaps.append((pos, s))
+        pos = max(pos, e)
+    if pos < total:
+        gaps.append((pos, total))
+    return gaps
+
+
+@attrs.frozen
+class _Sidecar:
+    url: str
+    etag: str | None
+    last_modified: str | None
+    total: int | None
+    done: list[tuple[int, int]]
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "version": 1, "url": self.url, "etag": self.etag,
+            "last_modified": self.last_modified, "total": self.total,
+            "done": [list(r) for r in self.done],
+        }).encode()
+
+
+def _read_sidecar(dest: Path) -> _Sidecar | None:
+    try:
+        raw = json.loads(sidecar_path(dest).read_bytes())
+        done = [(int(s), int(e)) for s, e in raw["done"]]
+        total = raw["total"]
+        side = _Sidecar(str(raw["url"]), raw["etag"], raw["last_modified"],
+                        None if total is None else int(total), done)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    bad_types = any(v is not None and not isinstance(v, str) for v in (side.etag,
+                                                                       side.last_modified))
+    bad_ranges = any(s < 0 or e <= s or (side.total is not None and e > side.total)
+                     for s, e in done)
+    return None if bad_types or bad_ranges else side
+
+
+def _write_sidecar(dest: Path, side: _Sidecar) -> None:
+    """Atomically: temp file, fsync, rename. Blocking."""
+    path = sidecar_path(dest)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, side.to_json())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(exc: OSError, dest: Path) -> DownloadError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left for {dest.name} in {dest.parent}; free some space and "
+                        "download again (the partial file is kept)")
+    return DiskError(f"cannot write {partial_path(dest)}: {exc.strerror or exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The download
+
+
+@attrs.define
+class _Cursor:
+    pos: int
+
+
+@attrs.frozen
+class _Probe:
+    url: httpx.URL  # after redirects
+    total: int | None
+    ranges: bool
+    etag: str | None
+    last_modified: str | None
+
+
+@attrs.define(eq=False)
+class _Download:
+    req: DownloadRequest
+    sink: ProgressSink
+    client: httpx.AsyncClient
+    clock: Callable[[], float]
+    url: httpx.URL
+    rng: random.Random = attrs.Factory(random.Random)
+    # per attempt
+    probe: _Probe | None = None
+    fd: int = -1
+    done: list[tuple[int, int]] = attrs.Factory(list)  # written to the partial (page cache)
+    next_sync: float = 0.0
+    syncing: bool = False
+    failure: BaseException | None = None
+
+    async def run(self) -> None:
+        dest = self.req.dest
+        for _ in range(MAX_RESTARTS + 1):
+            try:
+                await self._attempt()
+            except _ContentChanged:
+                await trio.to_thread.run_sync(remove_partial, dest)
+                self.sink.reset()
+                continue
+            return
+        raise OriginError(f"the file at {_redact(self.url)} kept changing during the download; "
+                          "try again later")
+
+    # -- one pass over the file, from probe to publish
+
+    async def _attempt(self) -> None:
+        req, dest = self.req, self.req.dest
+        probe = self.probe = await self._retrying("probe", self._probe_once, progress=None)
+        if req.size is not None and probe.total is not None and probe.total != req.size:
+            raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
+                               f"{req.size}; check the model's url and size")
+        side = await trio.to_thread.run_sync(_read_sidecar, dest)
+        resumable = (
+            side is not None and probe.ranges and side.url == req.url
+            and side.total is not None and side.total == probe.total
+            and _same_validator(side, probe)
+        )
+        self.done = list(side.done) if resumable and side is not None else []
+        if side is not None and not resumable and side.done:
+            self.sink.reset()
+        try:
+            self.fd = await trio.to_thread.run_sync(self._open_partial, resumable)
+        except OSError as exc:
+            raise _disk_error(exc, dest) from exc
+        try:
+            self.next_sync = self.clock() + SIDECAR_EVERY
+            self.sink.update(_covered(self.done), probe.total)
+            await self._fetch_all()
+            await self._finish()
+        finally:
+            if self.fd >= 0:
+                self._final_sidecar_sync()
+                os.close(self.fd)
+                self.fd = -1
+
+    def _open_partial(self, keep: bool) -> int:
+        """Open (or create) the partial, reserving the whole size; checks free space. Blocking."""
+        dest, total = self.req.dest, self.probe.total if self.probe else None
+        part = partial_path(dest)
+        if not keep:
+            remove_partial(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if total is not None:
+            have = part.stat().st_blocks * 512 if part.exists() else 0
+            free = shutil.disk_usage(dest.parent).free
+            if free < total - have:
+                raise OSError(errno.ENOSPC, f"need {total - have} bytes, {free} free")
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if total is not None:
+                try:
+                    os.posix_fallocate(fd, 0, max(total, 1))
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                os.ftruncate(fd, total)
+            else:
+                os.ftruncate(fd, 0)
+            self._write_sidecar_now(fd, [] if not keep else list(self.done), sync_data=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # -- fetching
+
+    async def _fetch_all(self) -> None:
+        probe = self.probe
+        assert probe is not None
+        if probe.total is None or not probe.ranges:
+            self.done = []
+            pieces: list[tuple[int, int | None]] = [(0, probe.total)]
+            workers = 1
+        else:
+            gaps = _missing(self.done, probe.total)
+            if not gaps:
+                return
+            left = sum(e - s for s, e in gaps)
+            if probe.total < self.req.min_segment or self.req.connections <= 1:
+                workers, size = 1, left
+            else:
+                workers = self.req.connections
+                size = max(1024 * 1024, math.ceil(left / (workers * PIECES_PER_CONNECTION)))
+            pieces = [(p, min(p + size, e)) for s, e in gaps for p in range(s, e, size)]
+            workers = min(workers, len(pieces))
+        self.failure = None
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(self._run_worker, pieces, nursery.cancel_scope)
+        if self.failure is not None:
+            raise self.failure
+
+    async def _run_worker(self, pieces: list[tuple[int, int | None]],
+                          scope: trio.CancelScope) -> None:
+        try:
+            while pieces:
+                start, end = pieces.pop(0)
+                await self._fetch_piece(start, end)
+        except (DownloadError, _ContentChanged) as exc:
+            # Recorded, not raised: siblings stop through the scope and run() sees one error,
+            # never an exception group.
+            if self.failure is None:
+                self.failure = exc
+            scope.cancel()
+
+    async def _fetch_piece(self, start: int, end: int | None) -> None:
+        at = _Cursor(start)
+        ranged = self.probe is not None and self.probe.ranges
+        await self._retrying(f"bytes {start}-", lambda: self._stream_range(at, end),
+                             progress=(lambda: at.pos) if ranged else None)
+
+    async def _retrying(self, what: str, once: Callable[[], Awaitable[T]],
+                        progress: Callable[[], int] | None) -> T:
+        """Run `once` until it succeeds; retry transient failures with backoff. With `progress`,
+        only consecutive failures that made no progress count against `retries`."""
+        failures = 0
+        while True:
+            before = progress() if progress else 0
+            try:
+                return await once()
+            except _Transient as exc:
+                if progress is not None and progress() > before:
+                    failures = 0
+                failures += 1
+                if failures > self.req.retries:
+                    raise self._give_up(exc, what) from None
+                delay = exc.retry_after
+                if delay is None:
+                    delay = backoff_delay(failures, self.rng)
+                self.sink.retrying(failures, delay, exc.reason)
+                await trio.sleep(delay)
+
+    def _give_up(self, exc: _Transient, what: str) -> DownloadError:
+        where = _redact(self.url)
+        if exc.status:
+            return OriginError(f"{where} kept answering {exc.status} ({what}) after "
+                               f"{self.req.retries} retries; try again later")
+        return OriginUnreachable(f"cannot download {where} ({what}): {exc.reason}, after "
+                                 f"{self.req.retries} retries; check the network and the URL")
+
+    @contextlib.asynccontextmanager
+    async def _open(self, url: httpx.URL, headers: dict[str, str]
+                    ) -> AsyncIterator[tuple[httpx.URL, httpx.Response]]:
+        """GET, following redirects by hand; yields the final URL and a streaming response
+        with a 2xx or 416 status. Maps transport errors and retryable statuses to _Transient."""
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                request = self.client.build_request(
+                    "GET", url, headers={"Accept-Encoding": "identity", **headers},
+                    timeout=_timeout(self.req))
+                response = await self.client.send(request, stream=True, follow_redirects=False)
+                try:
+                    status = response.status_code
+                    if status in (301, 302, 303, 307, 308) and "location" in response.headers:
+                        url = _check_url(str(url.join(response.headers["location"])),
+                                         allow_http=self.req.allow_http, previous=url)
+                        continue
+                    self._check_status(response)
+                    yield url, response
+                    return
+                finally:
+                    await response.aclose()
+            raise TooManyRedirects(f"{_redact(self.url)} redirects more than {MAX_REDIRECTS} "
+                                   "times; check the URL")
+        except httpx.TimeoutException as exc:
+            raise _Transient(f"no data for {self.req.stall_timeout:g} s ({type(exc).__name__})"
+                             ) from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from None
+
+    def _check_status(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if 200 <= status < 300 or status == 416:
+            enc = response.headers.get("content-encoding", "identity").lower()
+            if enc != "identity":
+                raise OriginError(f"{_redact(self.url)} sent the file {enc}-encoded although "
+                                  "asked for identity")
+            return
+        if status in (408, 429) or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+            raise _Transient(f"HTTP {status}", retry_after=retry_after, status=status)
+        raise OriginError(f"{_redact(self.url)} answered HTTP {status}; check the model's url")
+
+    async def _probe_once(self) -> _Probe:
+        async with self._open(self.url, {"Range": "bytes=0-0"}) as (url, response):
+            etag = response.headers.get("etag")
+            modified = response.headers.get("last-modified")
+            if response.status_code == 206:
+                crange = _content_range(response.headers.get("content-range"))
+                if crange is not None and crange[0] == 0 and crange[2] is not None:
+                    return _Probe(url, crange[2], True, etag, modified)
+            elif response.status_code == 416:
+                crange = _content_range(response.headers.get("content-range"))
+                if crange is not None and crange[2] == 0:
+                    return _Probe(url, 0, False, etag, modified)
+            # 200 (Range ignored) or an odd answer: one plain stream; the body is not read.
+            length = response.headers.get("content-length")
+            total = int(length) if length is not None and length.isdigit() else None
+            if response.status_code != 200:
+                total = None
+            return _Probe(url, total, False, etag, modified)
+
+    async def _stream_range(self, at: _Cursor, end: int | None) -> None:
+        """One request for [at.pos, end) (or the whole file without ranges); writes what
+        arrives, moving `at` along."""
+        probe = self.probe
+        assert probe is not None
+        headers = {}
+        if probe.ranges:
+            headers["Range"] = f"bytes={at.pos}-{'' if end is None else end - 1}"
+            validator = probe.etag if probe.etag and not probe.etag.startswith("W/") else (
+                probe.last_modified)
+            if validator:
+                headers["If-Range"] = validator
+        elif at.pos != 0:
+            # Without ranges a retry starts from byte 0 again.
+            self.sink.reset()
+            self.done.clear()
+            at.pos = 0
+        async with self._open(probe.url, headers) as (_url, response):
+            if probe.ranges:
+                self._check_range_answer(response, at.pos)
+            elif response.status_code != 200:
+                raise _ContentChanged()
+            await self._receive(response, at, end)
+
+    def _check_range_answer(self, response: httpx.Response, pos: int) -> None:
+        probe = self.probe
+        assert probe is not None
+        if response.status_code != 206:
+            raise _ContentChanged()  # 200: the origin sent the whole (maybe new) file; 416
+        crange = _content_range(response.headers.get("content-range"))
+        if crange is None or crange[0] != pos or crange[2] != probe.total:
+            raise _ContentChanged()
+        etag = response.headers.get("etag")
+        if probe.etag and etag and etag != probe.etag:
+            raise _ContentChanged()
+
+    async def _receive(self, response: httpx.Response, at: _Cursor, end: int | None) -> None:
+        buf = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():  # identity: see _check_status
+                if end is not None and at.pos + len(buf) + len(chunk) > end:
+                    chunk = chunk[: end - at.pos - len(buf)]
+                buf += chunk
+                if len(buf) >= WRITE_BUFFER:
+                    at.pos = await self._write(buf, at.pos)
+                    buf = bytearray()
+                if end is not None and at.pos + len(buf) >= end:
+                    break
+        except httpx.TimeoutException:
+            at.pos = await self._write(buf, at.pos)
+            raise _Transient(f"no data for {self.req.stall_timeout:g} s") from None
+        except httpx.TransportError as exc:
+            at.pos = await self._write(buf, at.pos)
+            raise _Transient(f"{type(exc).__name__}: {exc or 'connection lost'}") from None
+        at.pos = await self._write(buf, at.pos)
+        if end is not None and at.pos < end:
+            raise _Transient("the origin closed the connection early")
+
+    async def _write(self, buf: bytearray, pos: int) -> int:
+        """pwrite `buf` at `pos` in a worker thread, record it, sync the sidecar when due.
+        Returns the position after it."""
+        if not buf:
+            return pos
+        fd = self.fd
+        data = bytes(buf)
+
+        def pwrite_all() -> None:
+            view, off = memoryview(data), pos
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+
+        try:
+            await trio.to_thread.run_sync(pwrite_all)
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
+        end = pos + len(data)
+        if self.probe is not None and self.probe.ranges:
+            _add_range(self.done, pos, end)
+        else:
+            self.done[:] = [(0, end)]
+        self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
+        if self.clock() >= self.next_sync and not self.syncing:
+            await self._sync_sidecar()
+        return end
+
+    async def _sync_sidecar(self) -> None:
+        self.syncing = True
+        self.next_sync = self.clock() + SIDECAR_EVERY
+        try:
+            snapshot = list(self.done)
+            fd = self.fd
+            await trio.to_thread.run_sync(lambda: self._write_sidecar_now(fd, snapshot, True))
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
+        finally:
+            self.syncing = False
+
+    def _write_sidecar_now(self, fd: int, done: list[tuple[int, int]], sync_data: bool) -> None:
+        """fdatasync the data first, so the sidecar never claims bytes that are not on disk."""
+        probe = self.probe
+        assert probe is not None
+        if sync_data:
+            os.fdatasync(fd)
+        _write_sidecar(self.req.dest, _Sidecar(self.req.url, probe.etag, probe.last_modified,
+                                               probe.total, done))
+
+    def _final_sidecar_sync(self) -> None:
+        """On every exit path (synchronous: an await here could be cancelled). Records what
+        was handed to the kernel, which survives the process dying; it does not fdatasync the
+        data (that could block the loop for seconds): after a power cut right here a claimed
+        range may read back as zeros, which the sha256 check catches."""
+        if self.probe is None or not partial_path(self.req.dest).exists():
+            return
+        with contextlib.suppress(OSError):
+            _write_sidecar(self.req.dest, _Sidecar(
+                self.req.url, self.probe.etag, self.probe.last_modified,
+                self.probe.total, list(self.done)))
+
+    # -- verify and publish
+
+    async def _finish(self) -> None:
+        req, dest = self.req, self.req.dest
+        fd = self.fd
+        try:
+            size = await trio.to_thread.run_sync(lambda: os.fstat(fd).st_size)
+        except OSError as exc:
+            raise _disk_error(exc, dest) from exc
+        probe = self.probe
+        assert probe is not None
+        if probe.total is not None and size != probe.total:
+            raise OriginUnreachable(f"got {size} of {probe.total} bytes from {_redact(self.url)}")
+        if req.size is not None and size != req.size:
+            await trio.to_thread.run_sync(remove_partial, dest)
+            raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
+                               "url and size")
+        if req.sha256 is not None:
+            digest = await self._hash()
+            if digest != req.sha256.lower():
+                await trio.to_thread.run_sync(remove_partial, dest)
+                raise ChecksumMismatch(
+                    f"the downloaded file's sha256 is {digest}, expected {req.sha256.lower()}; "
+                    "the partial was deleted; check the model's sha256 or the origin")
+
+        def publish() -> None:
+            os.fsync(fd)
+            os.replace(partial_path(dest), dest)
+            _fsync_dir(dest.parent)
+            with contextlib.suppress(FileNotFoundError):
+                sidecar_path(dest).unlink()
+
+        try:
+            await trio.to_thread.run_sync(publish)
+        except OSError as exc:
+            raise _disk_error(exc, dest) from exc
+        self.sink.update(size, size)
+
+    async def _hash(self) -> str:
+        """sha256 of the partial, in worker threads, one chunk per hop (cancellable between)."""
+        h, fd, pos = hashlib.sha256(), self.fd, 0
+
+        def step(offset: int) -> int:
+            data = os.pread(fd, HASH_CHUNK, offset)
+            h.update(data)
+            return len(data)
+
+        try:
+            while n := await trio.to_thread.run_sync(step, pos):
+                pos += n
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
+        return h.hexdigest()
+
+
+def _same_validator(side: _Sidecar, probe: _Probe) -> bool:
+    if probe.etag or side.etag:
+        return side.etag == probe.etag
+    return probe.last_modified is not None and side.last_modified == probe.last_modified
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total or None) of `bytes first-last/total`; first = last = -1 for
+    `bytes */total`."""
+    if value is None:
+        return None
+    unit, _, rest = value.strip().partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, last = span.partition("-")
+    try:
+        if unit != "bytes":
+            return None
+        size = None if total == "*" else int(total)
+        if span == "*":
+            return -1, -1, size
+        return int(first), int(last), size
+    except ValueError:
+        return None

@@ -1,0 +1,653 @@
+"""ModelActor: one model, one mailbox, one writer of its state.
+
+The actor loop is the only code that changes `state`. Long work (a download, a worker start)
+runs as a task in the actor's own nursery, inside its own cancel scope, and reports its end
+as a message in the same mailbox; the loop alone then moves the state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import psutil
+import structlog
+import trio
+
+from actors import messages as m
+from actors.download import DownloadError, DownloadRequest, ProgressSink, partial_bytes
+from actors.errors import (
+    Conflict,
+    InsufficientMemory,
+    InvalidInput,
+    ModelError,
+    OperationFailed,
+    Unavailable,
+)
+from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.progress import Broadcaster
+from actors.spec import ModelSpec
+from actors.state import Event, State, transition
+from actors.store import Store
+from actors.worker import WorkerError, WorkerInfo
+
+log = structlog.get_logger("modeld.actor")
+
+Fetcher = Callable[[DownloadRequest, ProgressSink], Awaitable[None]]
+PROGRESS_INTERVAL = 0.05  # seconds between published progress snapshots during a download
+UNLOAD_GRACE = 3.0
+MEMORY_MARGIN = 256 * 1024 * 1024
+
+
+class WorkerHandle(Protocol):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def info(self) -> WorkerInfo: ...
+    async def wait_exited(self) -> int: ...
+    async def aclose(self, grace: float = ...) -> None: ...
+
+
+Spawner = Callable[[Path, ModelSpec], Awaitable[WorkerHandle]]
+
+
+class LoadGate(Protocol):
+    """The registry's load policy (max_loaded, least recently used first out)."""
+
+    async def admit(self, model_id: str) -> None: ...
+    def release(self, model_id: str) -> None: ...
+    def touch(self, model_id: str) -> None: ...
+
+
+class OpenGate:
+    """A gate that admits everything: for a single actor on its own (tests)."""
+
+    async def admit(self, model_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def release(self, model_id: str) -> None:
+        pass
+
+    def touch(self, model_id: str) -> None:
+        pass
+
+
+@attrs.frozen
+class ActorSettings:
+    connections: int = 8
+    retries: int = 6
+    stall_timeout: float = 30.0
+    allow_http: bool = False
+    load_timeout: float = 300.0
+
+
+def held_marker(dest: Path) -> Path:
+    """Marks a partial that must not resume by itself at start (cancelled or failed)."""
+    return dest.with_name(dest.name + ".held")
+
+
+def facts_from(info: GGUFInfo) -> m.FileFacts:
+    return m.FileFacts(
+        size=info.file_size,
+        context_length=info.context_length,
+        quantization=info.quantization,
+        parameter_count=info.parameter_count,
+        architecture=info.architecture,
+        chat_template=info.chat_template,
+    )
+
+
+# Messages the actor sends itself.
+@attrs.define(eq=False)
+class _DownloadAttempt:
+    scope: trio.CancelScope
+    ended: trio.Event
+    previous: trio.Event | None
+    error: Exception | None = None
+
+
+@attrs.frozen
+class _DownloadEnded:
+    attempt: _DownloadAttempt
+
+
+@attrs.define(eq=False)
+class _LoadAttempt:
+    scope: trio.CancelScope
+    ended: trio.Event
+    waiters: list[trio.MemorySendChannel[m.Reply]]
+    worker: WorkerHandle | None = None
+    error: ModelError | None = None
+
+
+@attrs.frozen
+class _LoadEnded:
+    attempt: _LoadAttempt
+
+
+@attrs.frozen
+class _WorkerExited:
+    worker: WorkerHandle
+    returncode: int
+
+
+Message = m.Command | _DownloadEnded | _LoadEnded | _WorkerExited
+
+
+class _Sink:
+    """Turns downloader callbacks into throttled progress snapshots. Never blocks."""
+
+    def __init__(self, actor: ModelActor) -> None:
+        self._actor = actor
+        self._last_publish = -math.inf
+        self._rate: float | None = None
+        self._rate_at = trio.current_time()
+        self._rate_bytes: int | None = None
+        self._floor = 0.0
+
+    def update(self, done: int, total: int | None) -> None:
+        now = trio.current_time()
+        if self._rate_bytes is None:
+            self._rate_bytes, self._rate_at = done, now
+        elif now - self._rate_at >= 0.25:
+            inst = (done - self._rate_bytes) / (now - self._rate_at)
+            self._rate = inst if self._rate is None else 0.7 * self._rate + 0.3 * inst
+            self._rate_bytes, self._rate_at = done, now
+        if now - self._last_publish < PROGRESS_INTERVAL:
+            return
+        self._last_publish = now
+        pct = 0.0
+        if total:
+            pct = min(99.9, round(100.0 * done / total, 1))
+        pct = max(pct, self._floor)  # never backwards within an attempt chain
+        self._floor = pct
+        eta = None
+        if total and self._rate:
+            eta = round(max(0.0, (total - done) / self._rate), 1)
+        self._actor._publish_progress(
+            "IN-PROGRESS",
+            percentage=pct,
+            done=done,
+            total=total,
+            rate=None if self._rate is None else round(self._rate, 1),
+            eta=eta,
+        )
+
+    def reset(self) -> None:
+        self._floor = 0.0
+        self._rate = None
+        self._rate_bytes = None
+        log.warning("download_reset", model=self._actor.spec.id, reason="origin content changed")
+        self._actor._publish_progress("RESET", percentage=0.0, done=0, total=None)
+
+    def retrying(self, attempt: int, delay: float, reason: str) -> None:
+        log.warning(
+            "download_retry",
+            model=self._actor.spec.id,
+            attempt=attempt,
+            delay=round(delay, 3),
+            reason=reason,
+        )
+
+
+class ModelActor:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        store: Store,
+        *,
+        settings: ActorSettings,
+        fetch: Fetcher,
+        spawn: Spawner,
+        gate: LoadGate,
+        inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
+    ) -> None:
+        self.spec = spec
+        self.state = State.ABSENT
+        self.error: str | None = None
+        self.progress = Broadcaster(m.Progress(model=spec.id))
+        self._store = store
+        self._settings = settings
+        self._fetch = fetch
+        self._spawn = spawn
+        self._gate = gate
+        self._inspect = inspect
+        self._send, self._inbox = trio.open_memory_channel[Message](64)
+        self._nursery: trio.Nursery | None = None
+        self._download: _DownloadAttempt | None = None
+        self._last_download_ended: trio.Event | None = None
+        self._load: _LoadAttempt | None = None
+        self._worker: WorkerHandle | None = None
+        self._facts: m.FileFacts | None = None
+        self._partial = 0
+        self._load_seconds: float | None = None
+
+    @property
+    def mailbox(self) -> trio.MemorySendChannel[Message]:
+        return self._send
+
+    @property
+    def dest(self) -> Path:
+        return self._store.model_path(self.spec.id)
+
+    def view(self) -> m.ModelView:
+        return m.ModelView(
+            spec=self.spec,
+            state=self.state,
+            error=self.error,
+            partial_bytes=self._partial,
+            load_seconds=self._load_seconds,
+            facts=self._facts,
+            worker_pid=None if self._worker is None else self._worker.pid,
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the mailbox until cancelled. Reads the state from disk first."""
+        resume = await self._recover()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if resume:
+                    log.info("download_resume", model=self.spec.id, bytes=self._partial)
+                    self._start_download()
+                task_status.started()
+                async for msg in self._inbox:
+                    await self._dispatch(msg)
+        finally:
+            self._close_waiters()
+            with trio.CancelScope(shield=True), trio.move_on_after(UNLOAD_GRACE + 2):
+                await self._stop_worker()
+
+    async def _recover(self) -> bool:
+        """Set the state from disk; True when an interrupted download should resume."""
+        dest = self.dest
+        if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
+            self.state = State.DOWNLOADED
+            await self._refresh_facts()
+            self.progress.publish(self._progress(status="COMPLETED", percentage=100.0))
+            return False
+        self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
+        held = await trio.to_thread.run_sync(held_marker(dest).exists)
+        return self._partial > 0 and not held and self.spec.url is not None
+
+    async def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, _DownloadEnded):
+            if msg.attempt is self._download:
+                await self._finish_download(msg.attempt)
+        elif isinstance(msg, _LoadEnded):
+            if msg.attempt is self._load:
+                await self._finish_load(msg.attempt)
+        elif isinstance(msg, _WorkerExited):
+            if msg.worker is self._worker:
+                self._worker_died(msg.returncode)
+        elif isinstance(msg, m.Load):
+            self._handle_load(msg)
+        else:
+            async with msg.reply:
+                try:
+                    reply: m.Reply = await self._handle(msg)
+                except ModelError as exc:
+                    reply = exc
+                await msg.reply.send(reply)
+
+    async def _handle(self, cmd: m.Command) -> m.ModelView:
+        if isinstance(cmd, m.GetSnapshot):
+            return self.view()
+        if isinstance(cmd, m.StartDownload):
+            return self._handle_download()
+        if isinstance(cmd, m.CancelDownload):
+            return await self._handle_cancel()
+        if isinstance(cmd, m.Unload):
+            await self._unload()
+            return self.view()
+        if isinstance(cmd, m.UpdateSpec):
+            await trio.to_thread.run_sync(self._store.write_record, cmd.spec)
+            self.spec = cmd.spec
+            log.info("model_updated", model=self.spec.id)
+            return self.view()
+        if isinstance(cmd, m.ImportFile):
+            return await self._handle_import(cmd.temp)
+        if isinstance(cmd, m.Delete):
+            return await self._handle_delete()
+        raise InvalidInput(f"unknown command {type(cmd).__name__}")
+
+    def _move(self, event: Event) -> None:
+        before = self.state
+        self.state = transition(before, event)
+        if self.state is not before:
+            log.info(
+                "state_changed",
+                model=self.spec.id,
+                **{"from": before.value, "to": self.state.value, "cause": event.value},
+            )
+
+    def _progress(self, **changes: object) -> m.Progress:
+        return attrs.evolve(m.Progress(model=self.spec.id), **changes)  # type: ignore[arg-type]
+
+    def _publish_progress(
+        self,
+        status: str,
+        *,
+        percentage: float,
+        done: int,
+        total: int | None,
+        rate: float | None = None,
+        eta: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.progress.publish(
+            m.Progress(
+                model=self.spec.id,
+                status=status,
+                percentage=percentage,
+                bytes=done,
+                total=total,
+                bytes_per_second=rate,
+                eta_seconds=eta,
+                error=error,
+            )
+        )
+
+    async def _refresh_facts(self) -> None:
+        try:
+            info = await trio.to_thread.run_sync(self._inspect, self.dest)
+        except GGUFInvalid as exc:
+            log.warning("model_file_invalid", model=self.spec.id, reason=str(exc))
+            size = await trio.to_thread.run_sync(os.path.getsize, self.dest)
+            self._facts = m.FileFacts(size=size)
+        else:
+            self._facts = facts_from(info)
+
+    # -- download --------------------------------------------------------------------------
+
+    def _handle_download(self) -> m.ModelView:
+        if self.state is State.ABSENT:
+            if self.spec.url is None:
+                raise Conflict(
+                    "this model has no url to download from; set one with /model/update "
+                    "or import its file",
+                    code="no_url",
+                )
+            self._start_download()
+        # Downloading: join it. Downloaded, loading or loaded: the file is already here.
+        return self.view()
+
+    def _start_download(self) -> None:
+        assert self._nursery is not None
+        assert self.spec.url is not None
+        attempt = _DownloadAttempt(
+            scope=trio.CancelScope(), ended=trio.Event(), previous=self._last_download_ended
+        )
+        self._download = attempt
+        self._last_download_ended = attempt.ended
+        self.error = None
+        self._move(Event.DOWNLOAD_START)
+        self._publish_progress(
+            "INITIALIZED",
+            percentage=self.progress.value.percentage if self._partial else 0.0,
+            done=self._partial,
+            total=self.spec.size,
+        )
+        request = DownloadRequest(
+            url=self.spec.url,
+            dest=self.dest,
+            sha256=self.spec.sha256,
+            size=self.spec.size,
+            connections=self._settings.connections,
+            retries=self._settings.retries,
+            stall_timeout=self._settings.stall_timeout,
+            allow_http=self._settings.allow_http,
+        )
+        self._nursery.start_soon(self._run_download, attempt, request)
+
+    async def _run_download(self, attempt: _DownloadAttempt, request: DownloadRequest) -> None:
+        try:
+            if attempt.previous is not None:
+                # The last attempt may still be unwinding; it must not write into our partial.
+                await attempt.previous.wait()
+            held_marker(request.dest).unlink(missing_ok=True)
+            with attempt.scope:
+                await self._fetch(request, _Sink(self))
+        except DownloadError as exc:
+            attempt.error = exc
+        except (OSError, ValueError) as exc:
+            log.exception("download_crashed", model=self.spec.id)
+            attempt.error = exc
+        finally:
+            attempt.ended.set()
+        await self._send.send(_DownloadEnded(attempt))
+
+    async def _finish_download(self, attempt: _DownloadAttempt) -> None:
+        """The one place a download attempt's end moves the state, whatever ended it."""
+        self._download = None
+        dest = self.dest
+        if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
+            self._partial = 0
+            self._move(Event.DOWNLOAD_DONE)
+            await self._refresh_facts()
+            size = self._facts.size if self._facts else 0
+            self._publish_progress("COMPLETED", percentage=100.0, done=size, total=size)
+            log.info("download_completed", model=self.spec.id, bytes=size)
+            return
+        await trio.to_thread.run_sync(held_marker(dest).touch)
+        self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
+        last = self.progress.value
+        if attempt.error is not None:
+            self.error = str(attempt.error)
+            self._move(Event.DOWNLOAD_FAILED)
+            log.error(
+                "download_failed",
+                model=self.spec.id,
+                reason=self.error,
+                code=getattr(attempt.error, "code", "download_failed"),
+                bytes=self._partial,
+            )
+            self._publish_progress(
+                "FAILED",
+                percentage=last.percentage,
+                done=self._partial,
+                total=last.total,
+                error=self.error,
+            )
+        else:
+            self._move(Event.DOWNLOAD_CANCELLED)
+            log.info("download_cancelled", model=self.spec.id, bytes=self._partial)
+            self._publish_progress(
+                "CANCELED", percentage=last.percentage, done=self._partial, total=last.total
+            )
+
+    async def _handle_cancel(self) -> m.ModelView:
+        attempt = self._download
+        if attempt is None:
+            return self.view()
+        attempt.scope.cancel()
+        with trio.move_on_after(5):
+            await attempt.ended.wait()
+        await self._finish_download(attempt)
+        return self.view()
+
+    # -- load / unload ---------------------------------------------------------------------
+
+    def _handle_load(self, cmd: m.Load) -> None:
+        if self.state is State.LOADED:
+            self._gate.touch(self.spec.id)
+            self._reply_now(cmd.reply, self.view())
+        elif self.state is State.LOADING:
+            assert self._load is not None
+            self._load.waiters.append(cmd.reply)
+        elif self.state is State.DOWNLOADED:
+            assert self._nursery is not None
+            attempt = _LoadAttempt(
+                scope=trio.CancelScope(), ended=trio.Event(), waiters=[cmd.reply]
+            )
+            self._load = attempt
+            self.error = None
+            self._move(Event.LOAD_START)
+            self._nursery.start_soon(self._run_load, attempt)
+        else:
+            why = {
+                State.ABSENT: "the model is not downloaded; download it first",
+                State.DOWNLOADING: "the model is still downloading; load it when it is done",
+                State.UNLOADING: "the model is being unloaded; try again in a moment",
+            }[self.state]
+            self._reply_now(cmd.reply, Conflict(why, code="not_loadable"))
+
+    def _reply_now(self, reply: trio.MemorySendChannel[m.Reply], value: m.Reply) -> None:
+        try:
+            reply.send_nowait(value)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the caller gave up waiting
+        reply.close()
+
+    def _close_waiters(self) -> None:
+        if self._load is not None:
+            for waiter in self._load.waiters:
+                waiter.close()
+            self._load.waiters.clear()
+
+    async def _run_load(self, attempt: _LoadAttempt) -> None:
+        admitted = False
+        try:
+            with attempt.scope:
+                info = await trio.to_thread.run_sync(self._inspect, self.dest)
+                self._facts = facts_from(info)
+                self._check_memory(info.file_size)
+                await self._gate.admit(self.spec.id)
+                admitted = True
+                attempt.worker = await self._spawn(self.dest, self.spec)
+        except GGUFInvalid as exc:
+            attempt.error = OperationFailed(
+                f"the model file is not a loadable GGUF file: {exc}", code="model_file_invalid"
+            )
+        except WorkerError as exc:
+            attempt.error = OperationFailed(f"the model failed to load: {exc}", code="load_failed")
+        except ModelError as exc:
+            attempt.error = exc
+        finally:
+            if attempt.worker is None and admitted:
+                self._gate.release(self.spec.id)
+            attempt.ended.set()
+        await self._send.send(_LoadEnded(attempt))
+
+    def _check_memory(self, file_size: int) -> None:
+        need = self.spec.ram or file_size
+        available = psutil.virtual_memory().available
+        if need + MEMORY_MARGIN > available:
+            raise InsufficientMemory(
+                f"loading needs about {need} bytes but only {available} are available; "
+                "unload other models or free memory",
+            )
+
+    async def _finish_load(self, attempt: _LoadAttempt) -> None:
+        self._load = None
+        worker = attempt.worker
+        if worker is not None:
+            self._worker = worker
+            self._load_seconds = round(worker.info.load_seconds, 4)
+            self._move(Event.LOAD_DONE)
+            log.info(
+                "model_loaded", model=self.spec.id, pid=worker.pid, load_seconds=self._load_seconds
+            )
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_worker, worker)
+            result: m.Reply = self.view()
+        else:
+            error = attempt.error or Unavailable("the load was interrupted")
+            self.error = str(error)
+            self._move(Event.LOAD_FAILED)
+            log.error("load_failed", model=self.spec.id, reason=self.error, code=error.code)
+            result = error
+        for waiter in attempt.waiters:
+            self._reply_now(waiter, result)
+
+    async def _watch_worker(self, worker: WorkerHandle) -> None:
+        code = await worker.wait_exited()
+        await self._send.send(_WorkerExited(worker, code))
+
+    def _worker_died(self, returncode: int) -> None:
+        how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        self.error = f"the worker process stopped unexpectedly ({how})"
+        self._worker = None
+        self._gate.release(self.spec.id)
+        log.error("worker_exited", model=self.spec.id, returncode=returncode, reason=self.error)
+        self._move(Event.WORKER_DIED)
+
+    async def _unload(self) -> None:
+        if self.state is State.LOADING and self._load is not None:
+            attempt = self._load
+            attempt.scope.cancel()
+            await attempt.ended.wait()
+            if attempt.worker is not None:
+                await attempt.worker.aclose(UNLOAD_GRACE)
+                self._gate.release(self.spec.id)
+            attempt.worker = None
+            attempt.error = Conflict("the model was unloaded while it loaded", code="unloaded")
+            await self._finish_load(attempt)
+            self.error = None
+            return
+        if self.state is not State.LOADED:
+            return
+        self._move(Event.UNLOAD_START)
+        await self._stop_worker()
+        self._move(Event.UNLOAD_DONE)
+
+    async def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        await worker.aclose(UNLOAD_GRACE)
+        self._gate.release(self.spec.id)
+        self._load_seconds = None
+        log.info("model_unloaded", model=self.spec.id, pid=worker.pid)
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def _handle_import(self, temp: Path) -> m.ModelView:
+        try:
+            if self.state not in (State.ABSENT, State.DOWNLOADED):
+                raise Conflict(
+                    f"cannot replace the file while the model is {self.state.value}",
+                    code="conflict",
+                )
+            try:
+                info = await trio.to_thread.run_sync(self._inspect, temp)
+            except GGUFInvalid as exc:
+                raise InvalidInput(
+                    f"the file is not a loadable GGUF file: {exc}", code="model_file_invalid"
+                ) from None
+            await trio.to_thread.run_sync(self._store.publish, temp, self.spec.id)
+        finally:
+            await trio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
+        self._facts = attrs.evolve(facts_from(info), size=info.file_size)
+        self._partial = 0
+        self.error = None
+        self._move(Event.FILE_IMPORTED)
+        self._publish_progress(
+            "COMPLETED", percentage=100.0, done=info.file_size, total=info.file_size
+        )
+        log.info("model_imported", model=self.spec.id, bytes=info.file_size)
+        return self.view()
+
+    async def _handle_delete(self) -> m.ModelView:
+        if self._download is not None:
+            attempt = self._download
+            attempt.scope.cancel()
+            await attempt.ended.wait()
+            self._download = None
+            self._move(Event.DOWNLOAD_CANCELLED)
+        await self._unload()
+        await trio.to_thread.run_sync(self._store.delete_model_files, self.spec.id)
+        self._partial = 0
+        self._facts = None
+        self.error = None
+        if self.state is not State.ABSENT:
+            self._move(Event.DELETE)
+        self.progress.publish(self._progress())
+        log.info("model_files_deleted", model=self.spec.id)
+        return self.view()

@@ -1,0 +1,64 @@
+"""What a model is: a catalog entry or a custom record. Immutable; updates make a new one."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import urllib.parse
+
+import attrs
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+MODEL_TYPES = frozenset({"UNKNOWN", "BALANCED", "SPEED", "ACCURACY"})
+# ctransformers 0.2.27 model types; any GGUF file goes to its llama loader.
+RUNTIME_TYPES = frozenset(
+    {"llama", "gpt2", "gptj", "gpt_neox", "dolly-v2", "starcoder", "falcon", "mpt", "replit"}
+)
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+def is_valid_id(model_id: str) -> bool:
+    """True when `model_id` is safe to use as a file name under the storage dir."""
+    return ID_PATTERN.fullmatch(model_id) is not None and ".." not in model_id
+
+
+def check_url(url: str, *, allow_http: bool) -> str | None:
+    """Return why `url` may not be downloaded from, or None when it may."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "the URL cannot be parsed"
+    if parts.scheme == "http" and not allow_http:
+        return "plain http is refused; use https, or set [download] allow_http = true"
+    if parts.scheme not in ("http", "https"):
+        return "only https (or http with [download] allow_http) URLs are allowed"
+    if not parts.hostname:
+        return "the URL has no host"
+    if parts.username is not None or parts.password is not None:
+        return "credentials in URLs are refused"
+    return None
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@attrs.frozen
+class ModelSpec:
+    id: str
+    name: str
+    url: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    model_type: str = "llama"
+    version: str = "1"
+    description: str | None = None
+    quantization: str | None = None
+    foundation: str | None = None
+    type: str = "BALANCED"
+    usage: str = "CODE_CONVERSATION"
+    ram: int | None = None
+    context_length: int | None = None
+    custom: bool = False
+    created: dt.datetime = attrs.field(factory=utcnow)

@@ -1,0 +1,156 @@
+"""On-disk layout of the storage dir, and the only code that writes records.
+
+    <dir>/models/<id>.gguf              published model files: complete and verified
+    <dir>/models/<id>.gguf.partial      a download in progress (and its .partial.json sidecar)
+    <dir>/custom/<id>.json              custom model records
+
+Paths are built only from validated ids and checked to resolve under the storage dir.
+Every write that must survive a crash is: temp file, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+
+from actors.spec import ModelSpec, is_valid_id
+
+log = structlog.get_logger("modeld.store")
+
+
+class StoreError(Exception):
+    pass
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old or the new content."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _record_to_json(spec: ModelSpec) -> bytes:
+    data = attrs.asdict(spec)
+    data["created"] = spec.created.isoformat()
+    return json.dumps(data, indent=2, sort_keys=True).encode()
+
+
+def _record_from_json(raw: bytes) -> ModelSpec:
+    data: dict[str, Any] = json.loads(raw)
+    data["created"] = dt.datetime.fromisoformat(data["created"])
+    spec = ModelSpec(**data)
+    if not is_valid_id(spec.id):
+        raise ValueError(f"invalid id {spec.id!r}")
+    return spec
+
+
+@attrs.frozen
+class Store:
+    root: Path
+
+    @classmethod
+    def open(cls, root: Path) -> Store:
+        """Create the layout if needed (blocking; call before serving)."""
+        root = root.expanduser().resolve()
+        for sub in ("models", "custom"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = cls(root)
+        store._remove_stale_temps()
+        return store
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise StoreError(f"{path} leaves the storage dir")
+        return path
+
+    def _checked_id(self, model_id: str) -> str:
+        if not is_valid_id(model_id):
+            raise StoreError(f"invalid model id {model_id!r}")
+        return model_id
+
+    def model_path(self, model_id: str) -> Path:
+        return self._inside(self.root / "models" / f"{self._checked_id(model_id)}.gguf")
+
+    def record_path(self, model_id: str) -> Path:
+        return self._inside(self.root / "custom" / f"{self._checked_id(model_id)}.json")
+
+    def has_model_file(self, model_id: str) -> bool:
+        path = self.model_path(model_id)
+        return path.is_file() and not path.is_symlink()
+
+    def write_record(self, spec: ModelSpec) -> None:
+        write_atomic(self.record_path(spec.id), _record_to_json(spec))
+
+    def delete_record(self, model_id: str) -> None:
+        path = self.record_path(model_id)
+        if path.exists():
+            path.unlink()
+            fsync_dir(path.parent)
+
+    def load_records(self) -> list[ModelSpec]:
+        specs = []
+        for path in sorted((self.root / "custom").glob("*.json")):
+            try:
+                spec = _record_from_json(path.read_bytes())
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("record_unreadable", path=str(path), reason=str(exc))
+                continue
+            if path.stem != spec.id:
+                log.error("record_unreadable", path=str(path), reason="file name and id differ")
+                continue
+            specs.append(spec)
+        return specs
+
+    def delete_model_files(self, model_id: str) -> None:
+        """Remove the published file, partial, sidecar and any import leftovers."""
+        final = self.model_path(model_id)
+        for path in final.parent.glob(f"{final.name}*"):
+            if path.name == final.name or path.name.startswith(f"{final.name}."):
+                path.unlink(missing_ok=True)
+        fsync_dir(final.parent)
+
+    def import_temp(self, model_id: str) -> Path:
+        """A fresh temp path next to the final file, for an upload being received."""
+        final = self.model_path(model_id)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".import", dir=final.parent)
+        os.close(fd)
+        return Path(tmp)
+
+    def publish(self, temp: Path, model_id: str) -> Path:
+        """fsync `temp`, rename it onto the final path and fsync the directory."""
+        final = self.model_path(model_id)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, final)
+        fsync_dir(final.parent)
+        return final
+
+    def _remove_stale_temps(self) -> None:
+        for sub in ("models", "custom"):
+            for path in (self.root / sub).glob(".*"):
+                if path.suffix in (".tmp", ".import"):
+                    path.unlink(missing_ok=True)

@@ -1,0 +1,500 @@
+"""Parent side of an inference worker process: spawn, request/response, kill.
+
+One worker process holds one loaded model (see actors/worker_main.py for the child). Model
+runtimes never run in the daemon: a crash in the runtime kills the worker, and the owner sees
+it through `Worker.wait_exited()` or `WorkerDied` from a request.
+
+The child's stderr (and what its C runtime prints to stdout, which the child redirects there)
+goes to an unlinked temporary file, not a pipe: nobody has to drain it, so the child can never
+block on a full pipe, and no background task is needed. Its tail is read only for error
+messages (`Worker.stderr_tail()`). The file lives as long as the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import attrs
+import trio
+
+
+class WorkerError(Exception):
+    """Something went wrong with an inference worker process."""
+
+
+class WorkerStartError(WorkerError):
+    """The worker could not load the model; the message comes from the child or its stderr."""
+
+
+class WorkerDied(WorkerError):
+    """The worker process exited while a request was in flight (or before it was sent)."""
+
+    def __init__(self, message: str, *, returncode: int | None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.signal: signal.Signals | None = _signal_of(returncode)
+
+
+class WorkerRequestError(WorkerError):
+    """The worker refused one request (e.g. a prompt longer than the context); it stays up."""
+
+
+MAX_FRAME = 64 * 1024 * 1024
+STDERR_TAIL_BYTES = 4096
+# How long a cancelled request may take to reach "done" before the worker counts as wedged
+# and is killed; generation stops between pieces, so this is one token's time plus slack.
+CANCEL_DRAIN_SECONDS = 5.0
+# After SIGKILL, how long reaping may take before we give up waiting (it should be instant).
+REAP_SECONDS = 5.0
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+Frame = dict[str, Any]
+
+
+@attrs.frozen
+class WorkerInfo:
+    pid: int
+    context_length: int
+    vocab_size: int
+    load_seconds: float
+
+
+@attrs.frozen
+class GenerateParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int = -1
+    stop: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class GenerationResult:
+    """How a generation ended. finish_reason: "stop", "length" or "cancelled"."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def _signal_of(returncode: int | None) -> signal.Signals | None:
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode)
+    except ValueError:
+        return None
+
+
+def describe_exit(returncode: int | None) -> str:
+    """A returncode in words: "exit code 1", "killed by SIGSEGV", "still running"."""
+    if returncode is None:
+        return "still running"
+    sig = _signal_of(returncode)
+    if sig is not None:
+        return f"killed by {sig.name}"
+    if returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _encode_frame(message: Frame) -> bytes:
+    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+class _FrameReader:
+    """Frames from the child's stdout. The buffer outlives a cancelled receive, so a frame
+    interrupted by cancellation is delivered whole to the next receive."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def receive(self) -> Frame | None:
+        """The next frame, or None at end of stream (the child is gone or going)."""
+        while True:
+            if len(self._buffer) >= 4:
+                (length,) = struct.unpack(">I", self._buffer[:4])
+                if length > MAX_FRAME:
+                    raise WorkerError(f"worker sent a {length}-byte frame; the protocol is broken")
+                if len(self._buffer) >= 4 + length:
+                    body = bytes(self._buffer[4 : 4 + length])
+                    del self._buffer[: 4 + length]
+                    message = json.loads(body.decode())
+                    if not isinstance(message, dict):
+                        raise WorkerError("worker sent a frame that is not a JSON object")
+                    return message
+            chunk = await self._stream.receive_some(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+
+class Worker:
+    """A running worker process with a loaded model. Made by `open_worker`.
+
+    One request at a time: `generate` streams wait for the previous one to finish.
+    Close with `aclose()`, which always reaps the process.
+    """
+
+    def __init__(self, process: trio.Process, stderr_file: IO[bytes]) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self._process = process
+        self._stdin: trio.abc.SendStream = process.stdin
+        self._reader = _FrameReader(process.stdout)
+        self._stderr_file = stderr_file
+        self._send_lock = trio.Lock()
+        # A Semaphore, not a Lock: a stream may be opened in one task and closed in another
+        # (a Lock insists that its owner releases it).
+        self._request_slot = trio.Semaphore(1)
+        self._next_id = 1
+        self.info = WorkerInfo(pid=process.pid, context_length=0, vocab_size=0, load_seconds=0.0)
+        self.last_result: GenerationResult | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has been reaped, else None."""
+        return self._process.returncode
+
+    def stderr_tail(self, limit: int = STDERR_TAIL_BYTES) -> str:
+        """The last `limit` bytes the child wrote to stderr (or to stdout from C code).
+
+        Reads a local temporary file with pread (the child shares the file offset, so no seek);
+        a few KB from the page cache, cheap enough to do inline.
+        """
+        try:
+            fd = self._stderr_file.fileno()
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, limit, max(0, size - limit))
+        except (OSError, ValueError):
+            return ""
+        return data.decode(errors="replace")
+
+    def generate(self, prompt: str, params: GenerateParams) -> Generation:
+        """A stream of text pieces generated from prompt. Nothing is sent until iterated.
+
+        Use it as ``async with worker.generate(p, params) as stream: async for piece in
+        stream: ...``; leaving the block early (break, error, cancellation) cancels the request
+        in the worker and drains it, so the next request starts clean. Afterwards
+        `stream.result` (and `worker.last_result`) holds the token counts and finish_reason.
+        Iterating raises WorkerDied if the process exits and WorkerRequestError if the worker
+        refuses the request.
+        """
+        request_id = self._next_id
+        self._next_id += 1
+        return Generation(self, request_id, prompt, params)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The model's tokens for text (with BOS). Raises WorkerDied, WorkerRequestError."""
+        request_id = self._next_id
+        self._next_id += 1
+        async with self._request_slot:
+            await self._send({"type": "tokenize", "id": request_id, "text": text})
+            while True:
+                frame = await self._receive()
+                if frame.get("id") != request_id:
+                    continue
+                if frame.get("type") == "error":
+                    raise WorkerRequestError(str(frame.get("message")))
+                return [int(t) for t in frame["tokens"]]
+
+    async def wait_exited(self) -> int:
+        """Wait until the process exits, for whatever reason, and return its returncode
+        (negative: killed by that signal). Safe to call while requests are running."""
+        return await self._process.wait()
+
+    async def aclose(self, grace: float = 3.0) -> None:
+        """Ask the worker to exit, wait up to grace seconds, then kill it; always reap.
+
+        Idempotent, and completes even when the calling scope is cancelled (shielded, with
+        its own deadline).
+        """
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + grace + REAP_SECONDS):
+            if self._process.returncode is None:
+                with trio.move_on_after(grace):
+                    try:
+                        await self._send({"type": "exit"})
+                    except WorkerDied:
+                        pass
+                    await self._process.wait()
+                if self._process.returncode is None:
+                    self._process.kill()
+                    await self._process.wait()
+            await self._close_pipes()
+        self._stderr_file.close()
+
+    # -------------------------------------------------------- internals
+
+    async def _close_pipes(self) -> None:
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    async def _kill_and_reap(self) -> int | None:
+        """Kill the process and wait (shielded, bounded) until it is reaped."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + REAP_SECONDS):
+            if self._process.returncode is None:
+                self._process.kill()
+            await self._process.wait()
+            await self._close_pipes()
+        return self._process.returncode
+
+    async def _died(self) -> WorkerDied:
+        """The exception for a worker whose stdout ended; reaps it first (bounded)."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + REAP_SECONDS):
+            await self._process.wait()
+        if self._process.returncode is None:
+            # stdout closed but the process lingers: it is no use to anyone now.
+            await self._kill_and_reap()
+        returncode = self._process.returncode
+        tail = self.stderr_tail().strip()
+        detail = f"; stderr ends with:\n{tail}" if tail else ""
+        return WorkerDied(
+            f"worker {self.pid} exited ({describe_exit(returncode)}){detail}",
+            returncode=returncode,
+        )
+
+    async def _send(self, message: Frame) -> None:
+        data = _encode_frame(message)
+        async with self._send_lock:
+            try:
+                await self._stdin.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise await self._died() from None
+
+    async def _receive(self) -> Frame:
+        frame = await self._reader.receive()
+        if frame is None:
+            raise await self._died()
+        return frame
+
+
+class Generation:
+    """One generate request's stream of text pieces (see `Worker.generate`).
+
+    An async iterator of str and an async context manager; belongs to one task at a time.
+    If iterated without `async with`, iterate it to the end or call `aclose()`: an abandoned
+    stream keeps the worker busy.
+    """
+
+    def __init__(
+        self, worker: Worker, request_id: int, prompt: str, params: GenerateParams
+    ) -> None:
+        self._worker = worker
+        self._id = request_id
+        self._prompt = prompt
+        self._params = params
+        self._started = False
+        self._finished = False
+        self.result: GenerationResult | None = None
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._finished:
+            raise StopAsyncIteration
+        if not self._started:
+            await self._start()
+        while True:
+            try:
+                frame = await self._worker._receive()
+            except WorkerError:
+                self._finish()
+                raise
+            if frame.get("id") != self._id:
+                continue  # a stale frame; requests are drained, so this is only defensive
+            kind = frame.get("type")
+            if kind == "piece":
+                return str(frame["text"])
+            if kind == "done":
+                self._record(frame)
+                self._finish()
+                raise StopAsyncIteration
+            if kind == "error":
+                self._finish()
+                raise WorkerRequestError(str(frame.get("message")))
+
+    async def _start(self) -> None:
+        await self._worker._request_slot.acquire()
+        self._started = True
+        p = self._params
+        try:
+            await self._worker._send(
+                {
+                    "type": "generate",
+                    "id": self._id,
+                    "prompt": self._prompt,
+                    "max_new_tokens": p.max_new_tokens,
+                    "temperature": p.temperature,
+                    "top_p": p.top_p,
+                    "top_k": p.top_k,
+                    "seed": p.seed,
+                    "stop": list(p.stop),
+                }
+            )
+        except BaseException:
+            # Cancelled mid-send or the worker died: the frame may be half written, so the
+            # worker cannot be trusted with another request. Killing it makes that loud.
+            await self._worker._kill_and_reap()
+            self._finish()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the request if it is still running and drain it to its end. Idempotent.
+
+        Shielded with its own deadline; a worker that does not finish the request within
+        CANCEL_DRAIN_SECONDS is killed (the next request then raises WorkerDied).
+        """
+        if self._finished:
+            return
+        if not self._started:
+            self._finished = True
+            return
+        with trio.CancelScope(
+            shield=True, deadline=trio.current_time() + CANCEL_DRAIN_SECONDS
+        ) as scope:
+            try:
+                await self._worker._send({"type": "cancel", "id": self._id})
+                while True:
+                    frame = await self._worker._receive()
+                    if frame.get("id") == self._id and frame.get("type") in ("done", "error"):
+                        if frame.get("type") == "done":
+                            self._record(frame)
+                        break
+            except WorkerError:
+                pass  # the process is gone; the owner learns it from wait_exited
+        if scope.cancelled_caught:
+            await self._worker._kill_and_reap()
+        self._finish()
+
+    def _record(self, frame: Frame) -> None:
+        self.result = GenerationResult(
+            prompt_tokens=int(frame["prompt_tokens"]),
+            completion_tokens=int(frame["completion_tokens"]),
+            finish_reason=str(frame["finish_reason"]),
+        )
+        self._worker.last_result = self.result
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._started:
+                self._worker._request_slot.release()
+
+
+async def open_worker(
+    path: Path,
+    *,
+    model_type: str,
+    context_length: int,
+    threads: int,
+    load_timeout: float,
+    python: str = sys.executable,
+) -> Worker:
+    """Start a worker process that loads the model at path; return once it is ready.
+
+    Raises WorkerStartError if the process cannot start, reports a load error, exits or
+    crashes while loading, or is not ready within load_timeout seconds. On every failure,
+    including cancellation, the child is killed and reaped before this returns.
+    """
+    command = [
+        python,
+        "-m",
+        "actors.worker_main",
+        "--model",
+        str(path),
+        "--model-type",
+        model_type,
+        "--context-length",
+        str(context_length),
+        "--threads",
+        str(threads),
+    ]
+    env = dict(os.environ)
+    # -m actors.worker_main must import from this source tree whatever the cwd.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    # An unlinked temp file: creating it is a local metadata operation, not worth a thread.
+    stderr_file = tempfile.TemporaryFile(prefix="modeld-worker-")
+    try:
+        process = await trio.lowlevel.open_process(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr_file.fileno(),
+            env=env,
+        )
+    except BaseException as exc:
+        stderr_file.close()
+        if isinstance(exc, OSError):
+            raise WorkerStartError(f"could not start the worker with {python}: {exc}") from exc
+        raise
+    worker = Worker(process, stderr_file)
+    try:
+        with trio.fail_after(load_timeout):
+            frame = await worker._reader.receive()
+    except trio.TooSlowError:
+        await worker._kill_and_reap()
+        note = _tail_note(worker)
+        await worker.aclose(grace=0)
+        raise WorkerStartError(f"{path} did not load within {load_timeout:g} s{note}") from None
+    except BaseException:
+        await worker.aclose(grace=0)
+        raise
+
+    if frame is not None and frame.get("type") == "ready":
+        worker.info = WorkerInfo(
+            pid=process.pid,
+            context_length=int(frame["context_length"]),
+            vocab_size=int(frame["vocab_size"]),
+            load_seconds=float(frame["load_seconds"]),
+        )
+        return worker
+
+    if frame is not None and frame.get("type") == "error":
+        message = f"could not load {path}: {frame.get('message')}"
+    else:
+        # No answer: the child crashed (the runtime segfaults on some damaged files). Its
+        # stdout is closed, so it is exiting; give it a moment so its own status is reported.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+            await process.wait()
+        await worker._kill_and_reap()
+        message = (
+            f"the worker loading {path} exited without answering "
+            f"({describe_exit(process.returncode)}){_tail_note(worker)}"
+        )
+    await worker.aclose(grace=0)
+    raise WorkerStartError(message)
+
+
+def _tail_note(worker: Worker) -> str:
+    tail = worker.stderr_tail().strip()
+    return f"; stderr ends with:\n{tail}" if tail else ""

@@ -1,0 +1,265 @@
+"""The Pieces Model API routes (CONTRACT.md section 1)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+
+from actors import messages as m
+from actors.errors import Conflict, InvalidInput, ModelError, Unavailable
+from actors.spec import is_valid_id
+from supervisor.api.app import PayloadTooLarge, json_reply
+from supervisor.api.guard import UnsupportedMediaType, is_json_media_type
+from supervisor.config import Config
+from supervisor.registry import Registry
+from supervisor.wire import (
+    model_json,
+    parse_model_body,
+    progress_json,
+    spec_from_create,
+    spec_from_update,
+)
+
+log = structlog.get_logger("modeld.api")
+
+MAX_JSON_BODY = 1024 * 1024
+MAX_JSON_DEPTH = 64
+FILE_CHUNK = 4 * 1024 * 1024
+WS_MIN_INTERVAL = 0.1  # at most ~10 progress messages a second per subscriber
+
+try:  # quart >= 0.23 raises this on receive/send after the client went away
+    from quart.wrappers import ClientDisconnectedError  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - quart 0.22
+
+    class ClientDisconnectedError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+@contextlib.contextmanager
+def answer_within(seconds: float) -> Iterator[None]:
+    """Bound a wait for an actor; a late answer is a 503 the client may retry."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise Unavailable(f"no answer within {seconds:g} s; try again") from None
+
+
+def checked_id(model: str) -> str:
+    if not is_valid_id(model):
+        raise InvalidInput(
+            "malformed model id: use 1-128 characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit",
+            code="invalid_id",
+        )
+    return model
+
+
+def _depth(value: Any, limit: int) -> int:
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_body() -> Any:
+    """The request's JSON body: 415 unless application/json, 413 over 1 MiB, 400 if invalid."""
+    if not is_json_media_type(request.headers.get("content-type")):
+        raise UnsupportedMediaType("send the body as Content-Type: application/json")
+    length = request.content_length
+    if length is not None and length > MAX_JSON_BODY:
+        raise PayloadTooLarge("the JSON body is larger than 1 MiB")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > MAX_JSON_BODY:
+            raise PayloadTooLarge("the JSON body is larger than 1 MiB")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not valid UTF-8", code="invalid_body") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidInput("the body is not valid JSON", code="invalid_body") from None
+    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise InvalidInput("the JSON body is nested too deeply", code="invalid_body")
+    return data
+
+
+async def refuse_body() -> None:
+    """Commands without a body: a body, if any, must still be JSON (no simple CSRF posts)."""
+    if request.content_length or request.headers.get("transfer-encoding"):
+        if not is_json_media_type(request.headers.get("content-type")):
+            raise UnsupportedMediaType("send a body, if any, as Content-Type: application/json")
+        await read_json_body()
+
+
+def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
+    load_wait = config.runtime.load_timeout + 30
+
+    async def call(model: str, make: Any, *, wait: float = 30.0) -> Response:
+        with answer_within(wait):
+            view = await registry.call(checked_id(model), make)
+        return json_reply(model_json(view))
+
+    @app.get("/model/<model>")
+    async def snapshot(model: str) -> Response:
+        return await call(model, lambda r: m.GetSnapshot(reply=r))
+
+    @app.post("/model/<model>/download")
+    async def download(model: str) -> Response:
+        await refuse_body()
+        return await call(model, lambda r: m.StartDownload(reply=r))
+
+    @app.post("/model/<model>/download/cancel")
+    async def cancel(model: str) -> Response:
+        await refuse_body()
+        return await call(model, lambda r: m.CancelDownload(reply=r))
+
+    @app.get("/model/<model>/download/progress")
+    async def progress(model: str) -> Response:
+        broadcaster = registry.broadcaster(checked_id(model))
+        return json_reply(progress_json(broadcaster.value))
+
+    @app.websocket("/model/<model>/download/progress")
+    async def progress_stream(model: str) -> Response | None:
+        broadcaster = registry.broadcaster(checked_id(model))
+        await websocket.accept()
+        try:
+            async for snapshot in broadcaster.subscribe():
+                await websocket.send(json.dumps(progress_json(snapshot)))
+                if snapshot.terminal:
+                    break
+                await trio.sleep(WS_MIN_INTERVAL)
+            await websocket.close(1000)
+        except ClientDisconnectedError:
+            log.debug("progress_subscriber_left", model=model)
+        return None
+
+    @app.post("/model/<model>/load")
+    async def load(model: str) -> Response:
+        await refuse_body()
+        return await call(model, lambda r: m.Load(reply=r), wait=load_wait)
+
+    @app.post("/model/<model>/unload")
+    async def unload(model: str) -> Response:
+        await refuse_body()
+        return await call(model, lambda r: m.Unload(reply=r))
+
+    @app.post("/model/update")
+    async def update() -> Response:
+        body = parse_model_body(await read_json_body())
+        if body.id is None:
+            raise InvalidInput("$.id: required", code="invalid_body")
+        model_id = checked_id(body.id)
+        with answer_within(30):
+            current = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
+        if not current.spec.custom:
+            raise Conflict(
+                "only custom models can be updated; catalog models come from the config file",
+                code="not_custom",
+            )
+        spec = spec_from_update(body, current.spec, allow_http=config.download.allow_http)
+        return await call(model_id, lambda r: m.UpdateSpec(reply=r, spec=spec))
+
+    @app.put("/model/<model>/file")
+    async def put_file(model: str) -> Response:
+        model_id = checked_id(model)
+        with answer_within(30):
+            current = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
+        if not current.spec.custom:
+            raise Conflict("only custom models take an uploaded file", code="not_custom")
+        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media != "application/octet-stream":
+            raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
+        temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
+        try:
+            await _receive_file(temp)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp), wait=load_wait)
+
+    @app.get("/models")
+    async def models() -> Response:
+        views = await registry.snapshot_all()
+        return json_reply({"iterable": [model_json(v) for v in views]})
+
+    @app.post("/models/create")
+    async def create() -> Response:
+        body = parse_model_body(await read_json_body())
+        spec = spec_from_create(body, "new", allow_http=config.download.allow_http)
+        with answer_within(30):
+            view = await registry.create(spec)
+        return json_reply(model_json(view))
+
+    @app.post("/models/<model>/delete")
+    async def delete(model: str) -> Response:
+        await refuse_body()
+        with answer_within(90):
+            await registry.delete(checked_id(model))
+        return Response(status=204)
+
+    @app.post("/models/unload")
+    async def unload_all() -> Response:
+        await refuse_body()
+        async with trio.open_nursery() as nursery:
+            for model_id in registry.ids():
+                nursery.start_soon(_unload_quietly, registry, model_id)
+        return Response(status=204)
+
+
+async def _unload_quietly(registry: Registry, model_id: str) -> None:
+    try:
+        with answer_within(30):
+            await registry.call(model_id, lambda r: m.Unload(reply=r))
+    except ModelError as exc:
+        log.warning("unload_failed", model=model_id, reason=str(exc))
+
+
+async def _receive_file(temp: Path) -> None:
+    """Stream the request body into `temp`, writing in a thread in large blocks."""
+    fd = await trio.to_thread.run_sync(os.open, temp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        buffer = bytearray()
+        async for chunk in request.body:
+            buffer += chunk
+            if len(buffer) >= FILE_CHUNK:
+                data, buffer = bytes(buffer), bytearray()
+                await trio.to_thread.run_sync(_write_all, fd, data)
+        if buffer:
+            await trio.to_thread.run_sync(_write_all, fd, bytes(buffer))
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
