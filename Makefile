@@ -22,7 +22,7 @@ run: deps
 	$(BIN)/modeld serve --config $(CONFIG) --storage-dir $(STATE) --port $(PORT) --log-format console
 
 lint: deps
-	$(BIN)/ruff check supervisor actors tests bench
+	$(BIN)/ruff check .
 
 typecheck: deps
 	$(BIN)/mypy --strict supervisor actors
