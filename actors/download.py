@@ -174,6 +174,7 @@ MAX_REDIRECTS = 10
 MAX_RESTARTS = 3  # content changes in one call before giving up
 SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
 WRITE_BUFFER = 1024 * 1024  # bytes gathered before one pwrite (in a worker thread)
+WRITE_INTERVAL = 0.2  # seconds: the longest a received byte waits to be written
 HASH_CHUNK = 8 * 1024 * 1024
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 30.0
@@ -620,16 +621,26 @@ class _Download:
 
     async def _receive(self, response: httpx.Response, at: _Cursor, end: int | None) -> None:
         buf = bytearray()
+        flushed_at = trio.current_time()
         try:
             async for chunk in response.aiter_bytes():  # identity: see _check_status
                 if end is not None and at.pos + len(buf) + len(chunk) > end:
                     chunk = chunk[: end - at.pos - len(buf)]
                 buf += chunk
-                if len(buf) >= WRITE_BUFFER:
+                # Write in large blocks, but at least every WRITE_INTERVAL so that progress
+                # and the sidecar keep up with slow connections.
+                now = trio.current_time()
+                if len(buf) >= WRITE_BUFFER or now - flushed_at >= WRITE_INTERVAL:
                     at.pos = await self._write(buf, at.pos)
                     buf = bytearray()
+                    flushed_at = now
                 if end is not None and at.pos + len(buf) >= end:
                     break
+        except trio.Cancelled:
+            # Keep what already arrived (at most WRITE_BUFFER bytes, a page-cache copy):
+            # synchronously, since an await here would be cancelled too.
+            at.pos = self._write_now(buf, at.pos)
+            raise
         except httpx.TimeoutException:
             at.pos = await self._write(buf, at.pos)
             raise _Transient(f"no data for {self.req.stall_timeout:g} s") from None
@@ -666,6 +677,24 @@ class _Download:
         self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
         if self.clock() >= self.next_sync and not self.syncing:
             await self._sync_sidecar()
+        return end
+
+    def _write_now(self, buf: bytearray, pos: int) -> int:
+        """Like `_write`, without a thread: for the cancellation path only."""
+        if not buf:
+            return pos
+        try:
+            view, off = memoryview(bytes(buf)), pos
+            while view:
+                n = os.pwrite(self.fd, view, off)
+                view, off = view[n:], off + n
+        except OSError:
+            return pos  # the bytes are simply fetched again next time
+        end = pos + len(buf)
+        if self.probe is not None and self.probe.ranges:
+            _add_range(self.done, pos, end)
+        else:
+            self.done[:] = [(0, end)]
         return end
 
     async def _sync_sidecar(self) -> None:

@@ -53,6 +53,8 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO; modeld logs downloads itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _identity(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
