@@ -63,14 +63,17 @@ class Daemon:
         self.url = ""
         self.port = 0
 
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> Daemon:
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None,
+              prefix: list[str] | None = None) -> Daemon:
+        """Start the daemon (under `prefix`, e.g. a fault injector) and wait until it listens."""
         self.lines.clear()
         self._queue = queue.Queue()
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("STATE_DIRECTORY", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "serve", "--config", str(self.config_path)],
+            [*(prefix or []), sys.executable, "-m", "supervisor", "serve", "--config",
+             str(self.config_path)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
         )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
