@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -313,4 +312,3 @@ async def test_progress_of_an_idle_model_and_unknown_ids(make_daemon: DaemonFact
             r = await client.post(f"{daemon.url}/model/nope/download/cancel")
             assert 410 == r.status_code
         assert 0 == await trio.to_thread.run_sync(daemon.stop)
-        assert os.path.isdir(daemon.storage)
