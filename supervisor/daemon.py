@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import signal
+from typing import TypeVar
 
 import hypercorn.config
 import hypercorn.trio
@@ -19,9 +20,11 @@ import trio
 from supervisor import sdnotify
 from supervisor.api.app import create_app, read_token
 from supervisor.config import Config
+from supervisor.logs import hide_secret
 from supervisor.registry import serve_registry
 
 log = structlog.get_logger("modeld.daemon")
+E = TypeVar("E", bound=BaseException)
 
 
 class StartupError(Exception):
@@ -59,15 +62,25 @@ async def run_daemon(config: Config) -> None:
     try:
         await _serve(config)
     except BaseExceptionGroup as group:
-        startup = group.subgroup(StartupError)
-        if startup is None or startup.exceptions != group.exceptions:
+        startup = _only(group, StartupError)
+        if startup is None:
             raise
-        raise StartupError(str(_first_leaf(startup))) from group
+        raise StartupError(str(startup)) from group
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+def _only(exc: BaseException, kind: type[E]) -> E | None:
+    """`exc` itself, or the first leaf of the group `exc` when every leaf is a `kind`."""
+    if isinstance(exc, kind):
+        return exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    match, rest = exc.split(kind)
+    if match is None or rest is not None:
+        return None
+    first: BaseException = match
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first if isinstance(first, kind) else None
 
 
 async def _serve(config: Config) -> None:
@@ -75,6 +88,8 @@ async def _serve(config: Config) -> None:
         token = read_token(config.server.token_file)
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot read the token file: {exc}") from None
+    if token is not None:
+        hide_secret(token)
     stop = trio.Event()
     hc = hypercorn_config(config)
     async with trio.open_nursery() as root:
@@ -88,10 +103,15 @@ async def _serve(config: Config) -> None:
                         app, hc, shutdown_trigger=stop.wait, task_status=task_status
                     )
                 )
-            except OSError as exc:
+            except (OSError, BaseExceptionGroup) as exc:
+                # hypercorn binds inside its own nurseries: the OSError comes wrapped.
+                bind_error = _only(exc, OSError)
+                if bind_error is None:
+                    raise
                 root.cancel_scope.cancel()
-                raise _listen_error(config, exc) from None
-            log.info("listening", urls=binds, pid=os.getpid())
+                raise _listen_error(config, bind_error) from None
+            activated = any(bind.startswith("fd://") for bind in hc.bind)
+            log.info("listening", urls=binds, pid=os.getpid(), socket_activated=activated)
             sdnotify.notify("READY=1")
             root.start_soon(sdnotify.run_watchdog)
         log.info("http_stopped")
@@ -101,12 +121,26 @@ async def _serve(config: Config) -> None:
 
 def _listen_error(config: Config, exc: OSError) -> StartupError:
     where = f"{config.server.host}:{config.server.port}"
+    if exc.errno == errno.EACCES and 0 < config.server.port < 1024:
+        return StartupError(
+            f"permission denied listening on {where}: ports below 1024 are privileged. "
+            "Either start modeld through its socket unit, which binds the port for it "
+            "(systemctl enable --now modeld.socket), or grant it CAP_NET_BIND_SERVICE "
+            "(AmbientCapabilities=CAP_NET_BIND_SERVICE in the unit), or use a port of 1024 "
+            "or higher ([server] port in the config, or --port 8080)"
+        )
     if exc.errno == errno.EACCES:
         return StartupError(
-            f"permission denied binding {where}: ports below 1024 need socket activation "
-            "(systemctl enable --now modeld.socket) or CAP_NET_BIND_SERVICE; "
-            "or set [server] port to 1024 or higher"
+            f"permission denied listening on {where}: a security policy forbids it; "
+            "pick another [server] host or port"
         )
     if exc.errno == errno.EADDRINUSE:
-        return StartupError(f"{where} is already in use: is another modeld running?")
+        return StartupError(
+            f"{where} is already in use: is another modeld running? "
+            "(stop it, or pick another [server] port)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(
+            f"cannot listen on {where}: no such address on this machine; check [server] host"
+        )
     return StartupError(f"cannot listen on {where}: {exc.strerror or exc}")

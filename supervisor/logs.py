@@ -1,10 +1,13 @@
 """Structured logs: one JSON object a line on stdout (`ts`, `level`, `event`, ...).
 
 Library loggers (hypercorn, quart) go through the same renderer, so stdout stays JSON lines.
+Secrets never reach a line: values under secret-sounding keys are replaced, and so is every
+occurrence of a string registered with `hide_secret` (the API token), wherever a client put it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any
@@ -12,12 +15,30 @@ from typing import Any
 import structlog
 
 SECRET_KEYS = frozenset({"token", "authorization", "password"})
+REDACTED = "[redacted]"
+MIN_SECRET_LENGTH = 4  # shorter strings would blank out ordinary words
+
+_secrets: set[str] = set()
+
+
+def hide_secret(secret: str) -> None:
+    """From now on, replace `secret` (as is and JSON-escaped) in every rendered log line."""
+    if len(secret) >= MIN_SECRET_LENGTH:
+        _secrets.add(secret)
+        _secrets.add(json.dumps(secret)[1:-1])
+
+
+def scrub(line: str) -> str:
+    for secret in _secrets:
+        if secret in line:
+            line = line.replace(secret, REDACTED)
+    return line
 
 
 def _redact(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     for key in list(event):
         if key.lower() in SECRET_KEYS:
-            event[key] = "[redacted]"
+            event[key] = REDACTED
     return event
 
 
@@ -46,6 +67,7 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             tracebacks,
             renderer,
+            _scrub_rendered,
         ],
     )
     handler = logging.StreamHandler(sys.stdout)
@@ -55,6 +77,13 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root.setLevel(level)
     # httpx logs every request at INFO; modeld logs downloads itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # hypercorn's "Running on ..." sentence; modeld logs "listening" with the URLs itself.
+    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
+
+
+def _scrub_rendered(_logger: Any, _name: str, line: Any) -> Any:
+    # The last step sees the whole rendered line, tracebacks included.
+    return scrub(line) if isinstance(line, str) else line
 
 
 def _identity(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,567 @@
+"""The client side of the `modeld` command: talks to a running daemon over its HTTP API.
+
+Simple commands use a synchronous httpx client; `pull` runs under trio, because it follows the
+download's WebSocket progress stream while it listens for Ctrl-C. Everything that goes wrong
+is a `ClientError` whose message is meant for the person at the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import quote
+
+import attrs
+import httpx
+
+from actors.spec import is_valid_id
+
+if TYPE_CHECKING:
+    import trio
+
+DEFAULT_URL = "http://127.0.0.1:1000"
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELED", "UNKNOWN"})
+UPLOAD_CHUNK = 1024 * 1024
+# Quick commands get an answer within seconds; load, import and rm wait as long as the daemon
+# itself allows (it bounds them with [runtime] load_timeout).
+QUICK = httpx.Timeout(60.0, connect=5.0)
+SLOW = httpx.Timeout(None, connect=5.0)
+
+Json = dict[str, Any]
+
+
+class ClientError(Exception):
+    """A command failed; the message says why and, where it can, what to do."""
+
+
+class DaemonUnreachable(ClientError):
+    def __init__(self, url: str) -> None:
+        super().__init__(f"no modeld answering at {url}: is the service running?")
+
+
+class ApiError(ClientError):
+    """The daemon answered with an error status; the message is the daemon's own."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# --- where the daemon is ------------------------------------------------------------------
+
+
+@attrs.frozen
+class Endpoint:
+    url: str
+    token: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.token is None:
+            return {}
+        return {"authorization": f"Bearer {self.token}"}
+
+    def ws_url(self, path: str) -> str:
+        scheme, rest = self.url.split("://", 1)
+        return ("wss" if scheme == "https" else "ws") + "://" + rest + path
+
+
+def normalize_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+def _connectable_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+def _server_section(config_path: Path | None) -> Json:
+    """The [server] table of the daemon's config, or {} when there is none to read."""
+    if config_path is None:
+        return {}
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    server = data.get("server")
+    return server if isinstance(server, dict) else {}
+
+
+def resolve_endpoint(
+    url: str | None, token: str | None, config_path: Path | None
+) -> Endpoint:
+    """Where the daemon is and how to authenticate.
+
+    URL: `url`, else $MODELD_URL, else the config's [server] host and port, else
+    http://127.0.0.1:1000. Token: `token`, else $MODELD_TOKEN, else the config's token_file when
+    this user can read it. An unreadable config is no error: the daemon may run as another user.
+    """
+    server = _server_section(config_path)
+    chosen = url or os.environ.get("MODELD_URL")
+    if not chosen:
+        chosen = DEFAULT_URL
+        host, port = server.get("host", "127.0.0.1"), server.get("port", 1000)
+        if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536:
+            chosen = f"http://{_connectable_host(host)}:{port}"
+    secret = token or os.environ.get("MODELD_TOKEN") or None
+    token_file = server.get("token_file")
+    if secret is None and isinstance(token_file, str) and token_file:
+        try:
+            secret = Path(token_file).expanduser().read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            secret = None
+    return Endpoint(normalize_url(chosen), secret)
+
+
+def model_path(model_id: str, suffix: str = "") -> str:
+    """`/model/<id><suffix>`, after checking the id the way the daemon does."""
+    if not is_valid_id(model_id):
+        raise ClientError(
+            f"malformed model id {model_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit (`modeld ls` lists them)"
+        )
+    return f"/model/{quote(model_id, safe='')}{suffix}"
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+def _error_from(status: int, body: bytes) -> ApiError:
+    code, message = "http_error", ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        code = str(data.get("error") or code)
+        message = str(data.get("message") or "")
+    if not message:
+        text = body.decode("utf-8", "replace").strip()
+        message = f"HTTP {status}" + (f": {text[:200]}" if text else "")
+    if status == 401:
+        message += " (pass --token or set MODELD_TOKEN)"
+    return ApiError(message, status=status, code=code)
+
+
+def checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise _error_from(response.status_code, response.content)
+    return response
+
+
+def model_of(response: httpx.Response) -> Json:
+    try:
+        data = response.json()
+    except ValueError:
+        raise ClientError(f"modeld answered {response.status_code} without JSON") from None
+    if not isinstance(data, dict):
+        raise ClientError("modeld answered with something that is not a model")
+    return data
+
+
+def _transport_error(endpoint: Endpoint, exc: httpx.HTTPError) -> ClientError:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return DaemonUnreachable(endpoint.url)
+    if isinstance(exc, httpx.TimeoutException):
+        return ClientError(f"modeld at {endpoint.url} did not answer in time")
+    return ClientError(f"talking to modeld at {endpoint.url} failed: {exc}")
+
+
+class Api:
+    """Blocking calls to one daemon. Every method raises ClientError on failure."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._http = httpx.Client(
+            base_url=endpoint.url, headers=endpoint.headers(), timeout=QUICK, trust_env=False
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def request(
+        self, method: str, path: str, *, timeout: httpx.Timeout = QUICK, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, timeout=timeout, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.endpoint, exc) from None
+        return checked(response)
+
+    def models(self) -> list[Json]:
+        data = model_of(self.request("GET", "/models"))
+        models = data.get("iterable")
+        if not isinstance(models, list):
+            raise ClientError("modeld answered /models without an 'iterable' list")
+        return [m for m in models if isinstance(m, dict)]
+
+    def model(self, model_id: str) -> Json:
+        return model_of(self.request("GET", model_path(model_id)))
+
+    def command(self, model_id: str, verb: str, *, timeout: httpx.Timeout = QUICK) -> Json:
+        """POST /model/<id>/<verb> (download, download/cancel, load, unload)."""
+        return model_of(self.request("POST", model_path(model_id, f"/{verb}"), timeout=timeout))
+
+    def delete(self, model_id: str) -> None:
+        model_path(model_id)
+        self.request("POST", f"/models/{quote(model_id, safe='')}/delete", timeout=SLOW)
+
+    def create(self, seed: Json) -> Json:
+        return model_of(self.request("POST", "/models/create", json=seed))
+
+    def upload(
+        self, model_id: str, path: Path, on_chunk: Callable[[int], None] | None = None
+    ) -> Json:
+        """Stream `path` as the model's file; the daemon checks it and publishes it atomically."""
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while block := f.read(UPLOAD_CHUNK):
+                    if on_chunk is not None:
+                        on_chunk(len(block))
+                    yield block
+
+        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+        response = self.request(
+            "PUT", model_path(model_id, "/file"), content=chunks(), headers=headers, timeout=SLOW
+        )
+        return model_of(response)
+
+
+# --- pull: follow a download until it ends ------------------------------------------------
+
+
+class PullView(Protocol):
+    """How a pull shows its progress (a rich bar, plain lines, or JSON lines)."""
+
+    def update(self, progress: Json) -> None: ...
+    def pause(self) -> None: ...
+    def close(self) -> None: ...
+
+
+Interrupt = Literal["ask", "leave", "cancel"]
+PullResult = Literal["COMPLETED", "FAILED", "CANCELED", "LOST"]
+
+
+@attrs.define
+class PullOutcome:
+    """How a pull ended. `result`: the terminal status the stream reported, or LOST when it
+    ended without one. `interrupted`: what Ctrl-C decided (cancel, or leave it running)."""
+
+    result: PullResult = "LOST"
+    interrupted: Literal["leave", "cancel"] | None = None
+    progress: Json = attrs.Factory(dict)
+    model: Json = attrs.Factory(dict)
+    error: ClientError | None = None
+
+
+async def run_pull(
+    endpoint: Endpoint,
+    model_id: str,
+    view: PullView,
+    *,
+    interrupt: Interrupt,
+    ask: Callable[[], bool] | None = None,
+) -> PullOutcome:
+    """Start (or join) the download of `model_id` and follow it to its end.
+
+    On SIGINT: `cancel` cancels the download in the daemon; `leave` leaves it running; `ask`
+    calls `ask()` in a thread (True: cancel) while the download goes on; a second SIGINT or
+    the end of the download answers for the user. Raises ClientError when the daemon cannot
+    be asked at all; errors after the download started are in the outcome.
+    """
+    import trio  # only `pull` needs it: the other commands start faster without
+
+    path = model_path(model_id)
+    outcome = PullOutcome()
+    with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+        async with httpx.AsyncClient(
+            base_url=endpoint.url, headers=endpoint.headers(), timeout=QUICK, trust_env=False
+        ) as http:
+
+            async def post(suffix: str) -> Json:
+                try:
+                    response = await http.post(path + suffix)
+                except httpx.HTTPError as exc:
+                    raise _transport_error(endpoint, exc) from None
+                return model_of(checked(response))
+
+            # Even when the file is already here, the stream answers: COMPLETED, then a close.
+            outcome.model = await post("/download")
+
+            async def follow(done: trio.CancelScope) -> None:
+                try:
+                    await _follow_progress(endpoint, path, view, outcome)
+                except ClientError as exc:
+                    outcome.error = exc
+                done.cancel()
+
+            async def on_interrupt(done: trio.CancelScope) -> None:
+                async for _ in interrupts:
+                    decision = interrupt
+                    if decision == "ask":
+                        view.pause()
+                        decision = await _ask(ask, interrupts)
+                    outcome.interrupted = decision
+                    if decision == "cancel":
+                        # The stream may report CANCELED (and end this task) before the
+                        # reply arrives; either way the decision is recorded.
+                        try:
+                            outcome.model = await post("/download/cancel")
+                        except ClientError as exc:
+                            outcome.error = exc
+                    done.cancel()
+                    return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow, nursery.cancel_scope)
+                nursery.start_soon(on_interrupt, nursery.cancel_scope)
+            view.close()
+    return outcome
+
+
+async def _ask(
+    ask: Callable[[], bool] | None, interrupts: Any
+) -> Literal["leave", "cancel"]:
+    """The user's answer; another Ctrl-C while asking means: leave it running."""
+    import trio
+
+    if ask is None:
+        return "leave"
+    answer: Literal["leave", "cancel"] = "leave"
+    async with trio.open_nursery() as nursery:
+
+        async def prompt() -> None:
+            nonlocal answer
+            wanted = await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
+            answer = "cancel" if wanted else "leave"
+            nursery.cancel_scope.cancel()
+
+        async def again() -> None:
+            await interrupts.__anext__()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(prompt)
+        nursery.start_soon(again)
+    return answer
+
+
+async def _follow_progress(endpoint: Endpoint, path: str, view: PullView,
+                           outcome: PullOutcome) -> None:
+    from trio_websocket import (
+        ConnectionClosed,
+        ConnectionRejected,
+        HandshakeError,
+        open_websocket_url,
+    )
+
+    headers = [(k.encode(), v.encode()) for k, v in endpoint.headers().items()]
+    url = endpoint.ws_url(path + "/download/progress")
+    try:
+        async with open_websocket_url(url, extra_headers=headers, connect_timeout=10) as ws:
+            while True:
+                try:
+                    text = await ws.get_message()
+                except ConnectionClosed:
+                    return
+                progress = json.loads(text)
+                if not isinstance(progress, dict):
+                    continue
+                outcome.progress = progress
+                view.update(progress)
+                if progress.get("status") in TERMINAL:
+                    outcome.result = (
+                        progress["status"] if progress["status"] != "UNKNOWN" else "LOST"
+                    )
+                    return
+    except ConnectionRejected as exc:
+        raise _error_from(exc.status_code, exc.body or b"") from None
+    except (OSError, HandshakeError):
+        raise DaemonUnreachable(endpoint.url) from None
+
+
+# --- showing things -----------------------------------------------------------------------
+
+
+def format_bytes(n: float | None) -> str:
+    """Decimal units, as the daemon's `readable` sizes: 469.8 KB, 4.1 GB."""
+    if n is None or n < 0:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    seconds = max(0, round(seconds))
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def model_row(model: Json) -> tuple[str, str, str, str, str]:
+    """(id, name, state, size, loaded) as `modeld ls` shows them."""
+    size = model.get("bytes")
+    readable = size.get("readable") if isinstance(size, dict) else None
+    state = str(model.get("state") or ("downloaded" if model.get("downloaded") else "absent"))
+    if model.get("error"):
+        state += " (error)"
+    elif state == "absent" and model.get("partialBytes"):
+        state += f" ({format_bytes(model['partialBytes'])} partial)"
+    return (
+        str(model.get("id", "")),
+        str(model.get("name", "")),
+        state,
+        str(readable or "-"),
+        "yes" if model.get("loaded") else "no",
+    )
+
+
+def progress_line(progress: Json) -> str:
+    """One plain line: `id  42.0%  1.2 MB / 2.9 MB  1.0 MB/s  ETA 2s`."""
+    status = progress.get("status", "UNKNOWN")
+    parts = [
+        str(progress.get("model", "")),
+        f"{float(progress.get('percentage') or 0):5.1f}%",
+        f"{format_bytes(progress.get('bytes'))} / {format_bytes(progress.get('total'))}",
+    ]
+    if status == "IN-PROGRESS":
+        rate = progress.get("bytesPerSecond")
+        parts.append(f"{format_bytes(rate)}/s" if rate else "-/s")
+        parts.append(f"ETA {format_duration(progress.get('etaSeconds'))}")
+    else:
+        parts.append(status.lower())
+    return "  ".join(parts)
+
+
+class PlainPullView:
+    """Progress lines for logs and pipes: the first, one per 10 % step or 5 s, the last."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+        self._step = -1
+        self._at = -math.inf
+        self._paused = False
+
+    def update(self, progress: Json) -> None:
+        if self._paused:
+            return
+        step = int(float(progress.get("percentage") or 0) // 10)
+        now = time.monotonic()
+        terminal = progress.get("status") in TERMINAL
+        if terminal or step != self._step or now - self._at >= 5:
+            self._step, self._at = step, now
+            self._write(progress_line(progress))
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def close(self) -> None:
+        pass
+
+
+class JsonPullView:
+    """Each progress message as one JSON line, as the daemon sent it."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+
+    def update(self, progress: Json) -> None:
+        self._write(json.dumps(progress, separators=(",", ":")))
+
+    def pause(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RichPullView:
+    """A live bar with size, speed and ETA (the daemon's own figures) for a terminal."""
+
+    def __init__(self, model_id: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[pct]:>5.1f}%"),
+            TextColumn("[progress.download]{task.fields[size]}"),
+            TextColumn("[progress.data.speed]{task.fields[rate]}"),
+            TextColumn("[progress.remaining]{task.fields[eta]}"),
+            TextColumn("{task.fields[status]}"),
+        )
+        self._task = self._progress.add_task(
+            model_id, total=None, pct=0.0, size="", rate="", eta="", status=""
+        )
+        self._state: Literal["new", "running", "closed"] = "new"
+
+    def update(self, progress: Json) -> None:
+        if self._state == "closed":
+            return
+        if self._state == "new":  # drawn from the first message on, never before an error
+            self._progress.start()
+            self._state = "running"
+        status = str(progress.get("status", ""))
+        rate = progress.get("bytesPerSecond")
+        eta = progress.get("etaSeconds")
+        self._progress.update(
+            self._task,
+            completed=int(progress.get("bytes") or 0),
+            total=progress.get("total"),
+            pct=float(progress.get("percentage") or 0),
+            size=f"{format_bytes(progress.get('bytes'))} / {format_bytes(progress.get('total'))}",
+            rate=f"{format_bytes(rate)}/s" if rate else "",
+            eta=f"ETA {format_duration(eta)}" if eta is not None else "",
+            status="" if status == "IN-PROGRESS" else status.lower(),
+        )
+
+    def pause(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._state == "running":
+            self._progress.stop()
+        self._state = "closed"
+
+
+def ask_on_terminal(model_id: str) -> Callable[[], bool]:
+    """A yes/no question on stderr, answered on stdin; runs in a worker thread."""
+
+    def ask() -> bool:
+        sys.stderr.write(
+            f"\nCancel the download of {model_id} in modeld? "
+            "[y/N] (N: it goes on without this command) "
+        )
+        sys.stderr.flush()
+        answer = sys.stdin.readline()
+        return answer.strip().lower() in ("y", "yes")
+
+    return ask
