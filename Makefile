@@ -30,7 +30,10 @@ typecheck: deps
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Benchmarks (not part of `make test`): needs nginx, aria2c and curl from Debian.
 bench: deps
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && command -v aria2c >/dev/null 2>&1 \
+	  || apt-get install -y nginx aria2 curl || { apt-get update && apt-get install -y nginx aria2 curl; }
 	$(BIN)/python -m bench
 
 clean:
