@@ -20,9 +20,10 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import attrs
+import httpcore
 import httpx
 import trio
 
@@ -169,6 +170,11 @@ async def download_file(
 
 # ---------------------------------------------------------------------------------------------
 # Tunables
+
+# httpcore receives at most 64 KiB per read by default; a model file then costs the event loop
+# tens of thousands of wake-ups a second. 1 MiB reads cut that per-byte work sixteen-fold
+# (see BENCHMARKS.md). Only modeld's downloads use httpx in this process.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
 
 MAX_REDIRECTS = 10
 MAX_RESTARTS = 3  # content changes in one call before giving up
@@ -370,6 +376,10 @@ class _Download:
     next_sync: float = 0.0
     syncing: bool = False
     failure: BaseException | None = None
+    wrote: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) after every write
+    fetching: bool = False
+    hasher: Any = None  # sha256 of bytes [0, hashed) while the download runs
+    hashed: int = 0
 
     async def run(self) -> None:
         dest = self.req.dest
@@ -408,7 +418,7 @@ class _Download:
         try:
             self.next_sync = self.clock() + SIDECAR_EVERY
             self.sink.update(_covered(self.done), probe.total)
-            await self._fetch_all()
+            await self._fetch_and_hash()
             await self._finish()
         finally:
             if self.fd >= 0:
@@ -472,6 +482,50 @@ class _Download:
                 nursery.start_soon(self._run_worker, pieces, nursery.cancel_scope)
         if self.failure is not None:
             raise self.failure
+
+    async def _fetch_and_hash(self) -> None:
+        """Fetch everything; with a sha256 to check, hash the complete front of the file while
+        the rest arrives, so that little is left to hash at the end."""
+        if self.req.sha256 is None:
+            await self._fetch_all()
+            return
+        self.hasher, self.hashed, self.fetching = hashlib.sha256(), 0, True
+        failure: DownloadError | _ContentChanged | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hash_along)
+            try:
+                await self._fetch_all()
+            except (DownloadError, _ContentChanged) as exc:
+                failure = exc  # raised below, not as an exception group
+            finally:
+                self.fetching = False
+                self.wrote.set()
+        if failure is not None:
+            raise failure
+
+    async def _hash_along(self) -> None:
+        try:
+            while self.fetching:
+                if _prefix_end(self.done) - self.hashed >= HASH_CHUNK:
+                    await self._hash_upto(self.hashed + HASH_CHUNK)
+                else:
+                    await self.wrote.wait()
+        except OSError:
+            self.hasher = None  # _finish hashes the whole file instead
+
+    async def _hash_upto(self, target: int) -> None:
+        """Extend the running hash to byte `target`, one HASH_CHUNK per thread hop."""
+        fd, h = self.fd, self.hasher
+
+        def step() -> int:
+            data = os.pread(fd, min(HASH_CHUNK, target - self.hashed), self.hashed)
+            h.update(data)
+            self.hashed += len(data)  # in the thread, with the update: never half counted
+            return len(data)
+
+        while self.hashed < target:
+            if not await trio.to_thread.run_sync(step):
+                break
 
     async def _run_worker(self, pieces: list[tuple[int, int | None]],
                           scope: trio.CancelScope) -> None:
@@ -620,81 +674,71 @@ class _Download:
             raise _ContentChanged()
 
     async def _receive(self, response: httpx.Response, at: _Cursor, end: int | None) -> None:
-        buf = bytearray()
+        chunks: list[bytes] = []
+        pending = 0
         flushed_at = trio.current_time()
         try:
-            async for chunk in response.aiter_bytes():  # identity: see _check_status
-                if end is not None and at.pos + len(buf) + len(chunk) > end:
-                    chunk = chunk[: end - at.pos - len(buf)]
-                buf += chunk
+            async for chunk in response.aiter_bytes():  # identity only: see _check_status
+                if end is not None and at.pos + pending + len(chunk) > end:
+                    chunk = chunk[: end - at.pos - pending]
+                chunks.append(chunk)
+                pending += len(chunk)
                 # Write in large blocks, but at least every WRITE_INTERVAL so that progress
                 # and the sidecar keep up with slow connections.
                 now = trio.current_time()
-                if len(buf) >= WRITE_BUFFER or now - flushed_at >= WRITE_INTERVAL:
-                    at.pos = await self._write(buf, at.pos)
-                    buf = bytearray()
-                    flushed_at = now
-                if end is not None and at.pos + len(buf) >= end:
+                if pending >= WRITE_BUFFER or now - flushed_at >= WRITE_INTERVAL:
+                    at.pos = await self._write(chunks, at.pos)
+                    chunks, pending, flushed_at = [], 0, now
+                if end is not None and at.pos + pending >= end:
                     break
         except trio.Cancelled:
             # Keep what already arrived (at most WRITE_BUFFER bytes, a page-cache copy):
             # synchronously, since an await here would be cancelled too.
-            at.pos = self._write_now(buf, at.pos)
+            at.pos = self._write_now(chunks, at.pos)
             raise
         except httpx.TimeoutException:
-            at.pos = await self._write(buf, at.pos)
+            at.pos = await self._write(chunks, at.pos)
             raise _Transient(f"no data for {self.req.stall_timeout:g} s") from None
         except httpx.TransportError as exc:
-            at.pos = await self._write(buf, at.pos)
+            at.pos = await self._write(chunks, at.pos)
             raise _Transient(f"{type(exc).__name__}: {exc or 'connection lost'}") from None
-        at.pos = await self._write(buf, at.pos)
+        at.pos = await self._write(chunks, at.pos)
         if end is not None and at.pos < end:
             raise _Transient("the origin closed the connection early")
 
-    async def _write(self, buf: bytearray, pos: int) -> int:
-        """pwrite `buf` at `pos` in a worker thread, record it, sync the sidecar when due.
-        Returns the position after it."""
-        if not buf:
-            return pos
-        fd = self.fd
-        data = bytes(buf)
-
-        def pwrite_all() -> None:
-            view, off = memoryview(data), pos
-            while view:
-                n = os.pwrite(fd, view, off)
-                view, off = view[n:], off + n
-
-        try:
-            await trio.to_thread.run_sync(pwrite_all)
-        except OSError as exc:
-            raise _disk_error(exc, self.req.dest) from exc
-        end = pos + len(data)
+    def _record(self, pos: int, end: int) -> None:
         if self.probe is not None and self.probe.ranges:
             _add_range(self.done, pos, end)
         else:
             self.done[:] = [(0, end)]
+        self.wrote.set()
+        self.wrote = trio.Event()
+
+    async def _write(self, chunks: list[bytes], pos: int) -> int:
+        """pwrite `chunks` at `pos` in a worker thread, record it, sync the sidecar when due.
+        Returns the position after it."""
+        if not chunks:
+            return pos
+        fd = self.fd
+        try:
+            end = await trio.to_thread.run_sync(_pwrite_all, fd, chunks, pos)
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
+        self._record(pos, end)
         self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
         if self.clock() >= self.next_sync and not self.syncing:
             await self._sync_sidecar()
         return end
 
-    def _write_now(self, buf: bytearray, pos: int) -> int:
+    def _write_now(self, chunks: list[bytes], pos: int) -> int:
         """Like `_write`, without a thread: for the cancellation path only."""
-        if not buf:
+        if not chunks:
             return pos
         try:
-            view, off = memoryview(bytes(buf)), pos
-            while view:
-                n = os.pwrite(self.fd, view, off)
-                view, off = view[n:], off + n
+            end = _pwrite_all(self.fd, chunks, pos)
         except OSError:
             return pos  # the bytes are simply fetched again next time
-        end = pos + len(buf)
-        if self.probe is not None and self.probe.ranges:
-            _add_range(self.done, pos, end)
-        else:
-            self.done[:] = [(0, end)]
+        self._record(pos, end)
         return end
 
     async def _sync_sidecar(self) -> None:
@@ -748,7 +792,14 @@ class _Download:
             raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
                                "url and size")
         if req.sha256 is not None:
-            digest = await self._hash()
+            if self.hasher is not None:
+                try:
+                    await self._hash_upto(size)
+                except OSError as exc:
+                    raise _disk_error(exc, dest) from exc
+                digest = self.hasher.hexdigest()
+            else:
+                digest = await self._hash()
             if digest != req.sha256.lower():
                 await trio.to_thread.run_sync(remove_partial, dest)
                 raise ChecksumMismatch(
@@ -783,6 +834,22 @@ class _Download:
         except OSError as exc:
             raise _disk_error(exc, self.req.dest) from exc
         return h.hexdigest()
+
+
+def _pwrite_all(fd: int, chunks: list[bytes], pos: int) -> int:
+    """Write `chunks` at `pos` (all of them); return the position after them. Blocking."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            n = os.pwrite(fd, view, pos)
+            pos += n
+            view = view[n:]
+    return pos
+
+
+def _prefix_end(done: list[tuple[int, int]]) -> int:
+    """How far the file is complete from byte 0."""
+    return done[0][1] if done and done[0][0] == 0 else 0
 
 
 def _same_validator(side: _Sidecar, probe: _Probe) -> bool:

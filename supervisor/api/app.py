@@ -1,4 +1,10 @@
-"""The Quart-Trio app: guard, error mapping (the one place statuses are chosen), routes."""
+"""The Quart-Trio app: the guard hooks, error mapping (the one place statuses are chosen), routes.
+
+Every request and every WebSocket handshake passes the same checks, in this order, before any
+handler runs (a refused handshake is answered with a plain HTTP error, never accepted):
+Host and Origin (403), token (401), the media type of a mutating request (415), and the model id
+in the path (400). Handlers then read bodies within limits (413, 400) and talk to actors.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from quart import Response, jsonify, request, websocket
+from quart import Response, has_websocket_context, jsonify, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -19,16 +25,25 @@ from actors.errors import (
     OperationFailed,
     Unavailable,
 )
+from actors.store import StoreError
 from supervisor.api.guard import (
     Guard,
+    Incoming,
+    PayloadTooLarge,
     Refused,
     Unauthorized,
     UnsupportedMediaType,
-    lower_headers,
+    body_media_type,
+    check_media_type,
+    check_model_id,
 )
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import BodyError
+
+__all__ = [
+    "PayloadTooLarge", "create_app", "error_response", "json_reply", "no_content", "read_token",
+]
 
 log = structlog.get_logger("modeld.api")
 
@@ -39,18 +54,25 @@ STATUS: list[tuple[type[Exception], int]] = [
     (Conflict, 409),
     (Refused, 403),
     (Unauthorized, 401),
+    (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (InsufficientMemory, 507),
     (Unavailable, 503),
     (OperationFailed, 500),
 ]
 
+HTTP_CODES = {
+    400: ("bad_request", "the request is malformed"),
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "this endpoint does not accept that method"),
+    408: ("request_timeout", "the request body did not arrive in time"),
+    413: ("payload_too_large", "the request body is too large"),
+    415: ("unsupported_media_type", "this endpoint does not accept that Content-Type"),
+}
 
-class PayloadTooLarge(ModelError):
-    code = "payload_too_large"
-
-
-STATUS.insert(0, (PayloadTooLarge, 413))
+# What a browser page on an allowed origin may do (CORS); foreign origins never get this far.
+CORS_METHODS = "GET, POST, PUT, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
 
 
 def error_response(code: str, message: str, status: int) -> Response:
@@ -59,11 +81,30 @@ def error_response(code: str, message: str, status: int) -> Response:
     return response
 
 
+def json_reply(data: Any, status: int = 200) -> Response:
+    response = jsonify(data)
+    response.status_code = status
+    return response
+
+
+def no_content() -> Response:
+    """A 204. Built from bytes: Quart's default empty body is a sync iterable that it drains
+    through asyncio, which fails under trio (after the status line went out)."""
+    response = Response(b"", status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
 def status_for(exc: Exception) -> int:
     for kind, status in STATUS:
         if isinstance(exc, kind):
             return status
     return 500
+
+
+def current_path() -> str:
+    """The path of the request or WebSocket being handled (error handlers serve both)."""
+    return websocket.path if has_websocket_context() else request.path
 
 
 def read_token(path: str) -> str | None:
@@ -76,41 +117,76 @@ def read_token(path: str) -> str | None:
 
 
 def create_app(registry: Registry, config: Config, *, token: str | None = None) -> QuartTrio:
-    app = QuartTrio("modeld")
+    # No static folder: nothing under the working directory may ever be served.
+    app = QuartTrio("modeld", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None  # bodies are limited per route (1 MiB for JSON)
     app.config["JSON_SORT_KEYS"] = False
+    # `//` in a path is not merged into a redirect (308 with an HTML body): it is a 404.
+    app.url_map.merge_slashes = False
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
 
+    def refuse(event: str, exc: ModelError) -> None:
+        # Never the header values: they may hold the token.
+        log.warning(event, path=current_path(), code=exc.code, reason=str(exc))
+
     @app.before_request
-    async def check_request() -> Response | None:
+    async def check_request() -> None:
+        incoming = Incoming.create(
+            request.method,
+            request.headers.items(),
+            target=_raw_target(request.scope),
+        )
         try:
-            guard.check(lower_headers(request.headers.items()))
+            guard.check(incoming)
+            if request.url_rule is not None and request.endpoint is not None:
+                view = app.view_functions.get(request.endpoint)
+                check_media_type(incoming, body_media_type(view))
+            _check_path_ids(request.view_args)
         except ModelError as exc:
-            log.warning("request_refused", path=request.path, code=exc.code, reason=str(exc))
-            return error_response(exc.code, str(exc), status_for(exc))
-        return None
+            refuse("request_refused", exc)
+            raise
 
     @app.before_websocket
-    async def check_websocket() -> Response | None:
-        offered = websocket.headers.get("sec-websocket-protocol", "")
-        protocols = [p.strip() for p in offered.split(",") if p.strip()]
+    async def check_websocket() -> None:
+        incoming = Incoming.create(
+            "GET",
+            websocket.headers.items(),
+            target=_raw_target(websocket.scope),
+            query_token=websocket.args.get("token"),
+            subprotocols=websocket.requested_subprotocols,
+        )
         try:
-            guard.check(
-                lower_headers(websocket.headers.items()),
-                query_token=websocket.args.get("token"),
-                subprotocols=protocols,
-            )
+            guard.check(incoming)
+            _check_path_ids(websocket.view_args)
         except ModelError as exc:
-            log.warning("websocket_refused", path=websocket.path, code=exc.code, reason=str(exc))
-            return error_response(exc.code, str(exc), status_for(exc))
-        return None
+            refuse("websocket_refused", exc)
+            raise
+
+    @app.after_request
+    async def add_headers(response: Response) -> Response:
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        origin = request.headers.get("origin")
+        if origin is not None and guard.origin_allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+                response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+                response.headers["Access-Control-Max-Age"] = "600"
+        return response
 
     @app.errorhandler(ModelError)
     async def on_model_error(exc: ModelError) -> Response:
         status = status_for(exc)
         if status >= 500:
-            log.error("request_failed", path=request.path, code=exc.code, reason=str(exc))
+            log.error("request_failed", path=current_path(), code=exc.code, reason=str(exc))
         return error_response(exc.code, str(exc), status)
+
+    @app.errorhandler(StoreError)
+    async def on_store_error(exc: StoreError) -> Response:
+        # The storage dir holds something modeld will not follow (e.g. a link out of it).
+        log.error("storage_refused", path=current_path(), reason=str(exc))
+        return error_response("storage_refused", str(exc), 500)
 
     @app.errorhandler(BodyError)
     async def on_body_error(exc: BodyError) -> Response:
@@ -119,27 +195,31 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            status, "http_error"
-        )
-        message = {
-            404: "no such endpoint",
-            405: "this endpoint does not accept that method",
-        }.get(status, exc.description or exc.name)
+        code, message = HTTP_CODES.get(status, ("http_error", exc.name))
         return error_response(code, message, status)
 
     @app.errorhandler(Exception)
     async def on_unexpected(exc: Exception) -> Response:
-        log.exception("request_crashed", path=request.path)
+        log.exception("request_crashed", path=current_path())
         return error_response("internal_error", "modeld hit an internal error; see its log", 500)
 
     from supervisor.api.models import register_routes
+    from supervisor.api.openapi import register_openapi
 
     register_routes(app, registry, config)
+    register_openapi(app)
     return app
 
 
-def json_reply(data: Any, status: int = 200) -> Response:
-    response = jsonify(data)
-    response.status_code = status
-    return response
+def _raw_target(scope: Any) -> str:
+    raw = scope.get("raw_path") if isinstance(scope, dict) else None
+    if isinstance(raw, bytes):
+        return raw.decode("latin-1")
+    return "/"
+
+
+def _check_path_ids(view_args: dict[str, Any] | None) -> None:
+    """Every `<model>` in a route is checked here, before the handler or any file system call."""
+    model = (view_args or {}).get("model")
+    if model is not None:
+        check_model_id(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -15,10 +16,25 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
 from actors import messages as m
-from actors.errors import Conflict, InvalidInput, ModelError, Unavailable
-from actors.spec import is_valid_id
-from supervisor.api.app import PayloadTooLarge, json_reply
-from supervisor.api.guard import UnsupportedMediaType, is_json_media_type
+from actors.errors import (
+    Conflict,
+    InsufficientMemory,
+    InvalidInput,
+    ModelError,
+    OperationFailed,
+    Unavailable,
+)
+from supervisor.api.app import json_reply, no_content
+from supervisor.api.guard import (
+    OCTET_STREAM,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    accepts,
+    bearer_subprotocol,
+    check_model_id,
+    is_json_media_type,
+    media_type,
+)
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
@@ -44,6 +60,17 @@ except ImportError:  # pragma: no cover - quart 0.22
         pass
 
 
+# A subscriber that goes away while we send or close. BusyResourceError included: hypercorn's
+# trio server half-closes a dropped connection (send_eof) outside its send lock, so our own
+# close frame can collide with it; the subscriber is gone either way.
+SUBSCRIBER_GONE = (
+    ClientDisconnectedError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.BusyResourceError,
+)
+
+
 @contextlib.contextmanager
 def answer_within(seconds: float) -> Iterator[None]:
     """Bound a wait for an actor; a late answer is a 503 the client may retry."""
@@ -54,29 +81,27 @@ def answer_within(seconds: float) -> Iterator[None]:
         raise Unavailable(f"no answer within {seconds:g} s; try again") from None
 
 
-def checked_id(model: str) -> str:
-    if not is_valid_id(model):
-        raise InvalidInput(
-            "malformed model id: use 1-128 characters from A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit",
-            code="invalid_id",
-        )
-    return model
-
-
-def _depth(value: Any, limit: int) -> int:
+def _check_decoded(value: Any, limit: int) -> None:
+    """Nesting within `limit`; every string (keys too) encodable as UTF-8: JSON escapes can
+    smuggle lone surrogates (`"\\ud800"`) that no file or log line could hold later."""
     stack = [(value, 1)]
-    deepest = 0
     while stack:
         item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
+        if depth > limit:
+            raise InvalidInput("the JSON body is nested too deeply", code="invalid_body")
         if isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
-    return deepest
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    "the body holds a string that is not valid Unicode (a lone surrogate)",
+                    code="invalid_body",
+                ) from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -84,7 +109,8 @@ def _reject_constant(name: str) -> Any:
 
 
 async def read_json_body() -> Any:
-    """The request's JSON body: 415 unless application/json, 413 over 1 MiB, 400 if invalid."""
+    """The request's JSON body: 415 unless application/json, 413 over 1 MiB, 400 if invalid
+    (not UTF-8, not JSON, NaN/Infinity, nested deeper than 64, lone surrogates)."""
     if not is_json_media_type(request.headers.get("content-type")):
         raise UnsupportedMediaType("send the body as Content-Type: application/json")
     length = request.content_length
@@ -104,10 +130,11 @@ async def read_json_body() -> Any:
         raise InvalidInput("the body is not valid UTF-8", code="invalid_body") from None
     try:
         data = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise InvalidInput("the JSON body is nested too deeply", code="invalid_body") from None
+    except ValueError:
         raise InvalidInput("the body is not valid JSON", code="invalid_body") from None
-    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise InvalidInput("the JSON body is nested too deeply", code="invalid_body")
+    _check_decoded(data, MAX_JSON_DEPTH)
     return data
 
 
@@ -124,7 +151,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
 
     async def call(model: str, make: Any, *, wait: float = 30.0) -> Response:
         with answer_within(wait):
-            view = await registry.call(checked_id(model), make)
+            view = await registry.call(check_model_id(model), make)
         return json_reply(model_json(view))
 
     @app.get("/model/<model>")
@@ -143,13 +170,13 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
 
     @app.get("/model/<model>/download/progress")
     async def progress(model: str) -> Response:
-        broadcaster = registry.broadcaster(checked_id(model))
+        broadcaster = registry.broadcaster(check_model_id(model))
         return json_reply(progress_json(broadcaster.value))
 
     @app.websocket("/model/<model>/download/progress")
     async def progress_stream(model: str) -> Response | None:
-        broadcaster = registry.broadcaster(checked_id(model))
-        await websocket.accept()
+        broadcaster = registry.broadcaster(check_model_id(model))
+        await websocket.accept(subprotocol=bearer_subprotocol(websocket.requested_subprotocols))
         try:
             async for snapshot in broadcaster.subscribe():
                 await websocket.send(json.dumps(progress_json(snapshot)))
@@ -157,7 +184,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
                     break
                 await trio.sleep(WS_MIN_INTERVAL)
             await websocket.close(1000)
-        except ClientDisconnectedError:
+        except SUBSCRIBER_GONE:
             log.debug("progress_subscriber_left", model=model)
         return None
 
@@ -176,7 +203,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
         body = parse_model_body(await read_json_body())
         if body.id is None:
             raise InvalidInput("$.id: required", code="invalid_body")
-        model_id = checked_id(body.id)
+        model_id = check_model_id(body.id)
         with answer_within(30):
             current = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
         if not current.spec.custom:
@@ -188,21 +215,22 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
         return await call(model_id, lambda r: m.UpdateSpec(reply=r, spec=spec))
 
     @app.put("/model/<model>/file")
+    @accepts(OCTET_STREAM)
     async def put_file(model: str) -> Response:
-        model_id = checked_id(model)
+        model_id = check_model_id(model)
         with answer_within(30):
             current = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
         if not current.spec.custom:
             raise Conflict("only custom models take an uploaded file", code="not_custom")
-        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if media != "application/octet-stream":
+        if media_type(request.headers.get("content-type")) != OCTET_STREAM:
             raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
-        temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
-        try:
-            await _receive_file(temp)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        with disk_errors_reported():
+            temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
+            try:
+                await _receive_file(temp)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
         return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp), wait=load_wait)
 
     @app.get("/models")
@@ -222,8 +250,8 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
     async def delete(model: str) -> Response:
         await refuse_body()
         with answer_within(90):
-            await registry.delete(checked_id(model))
-        return Response(status=204)
+            await registry.delete(check_model_id(model))
+        return no_content()
 
     @app.post("/models/unload")
     async def unload_all() -> Response:
@@ -231,7 +259,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
         async with trio.open_nursery() as nursery:
             for model_id in registry.ids():
                 nursery.start_soon(_unload_quietly, registry, model_id)
-        return Response(status=204)
+        return no_content()
 
 
 async def _unload_quietly(registry: Registry, model_id: str) -> None:
@@ -240,6 +268,22 @@ async def _unload_quietly(registry: Registry, model_id: str) -> None:
             await registry.call(model_id, lambda r: m.Unload(reply=r))
     except ModelError as exc:
         log.warning("unload_failed", model=model_id, reason=str(exc))
+
+
+@contextlib.contextmanager
+def disk_errors_reported() -> Iterator[None]:
+    """OSError while storing an upload: 507 disk_full when out of space, else 500 disk_error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientMemory(
+                "no space left in the storage dir for this file; free some space and retry",
+                code="disk_full",
+            ) from None
+        raise OperationFailed(
+            f"cannot store the file: {exc.strerror or exc}", code="disk_error"
+        ) from None
 
 
 async def _receive_file(temp: Path) -> None:

@@ -1,0 +1,388 @@
+"""The OpenAPI 3.1 document of modeld's HTTP API, served at GET /openapi.json.
+
+Built here, in code, so the enumerations come from the same sets the daemon validates with;
+`supervisor/api/openapi.json` is the same document checked in for readers and tools
+(regenerate it with `python -m supervisor.api.openapi > supervisor/api/openapi.json`).
+tests/e2e/test_openapi.py keeps the document, the checked-in file, the app's routes and the
+wire shapes from drifting apart, and runs schemathesis against a live daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from quart import Response
+from quart_trio import QuartTrio
+
+from actors.spec import ID_PATTERN, MODEL_TYPES, RUNTIME_TYPES
+from actors.state import State
+from supervisor.enums import FOUNDATIONS, USAGES
+
+API_VERSION = "1"
+PROGRESS_STATUSES = [
+    "INITIALIZED", "IN-PROGRESS", "COMPLETED", "FAILED", "CANCELED", "RESET", "UNKNOWN",
+]
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(properties: dict[str, Schema], required: Sequence[str] = (), **extra: Any) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties,
+                      "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    schema.update(extra)
+    return schema
+
+
+NON_NEGATIVE_INT: Schema = {"type": "integer", "minimum": 0}
+SIZE: Schema = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+ANY: Schema = {"description": "accepted for compatibility with the Pieces SDK and ignored"}
+
+
+def _schemas() -> dict[str, Schema]:
+    model_types = sorted(MODEL_TYPES)
+    usages = sorted(USAGES)
+    foundations = sorted(FOUNDATIONS)
+    states = [s.value for s in State]
+    readable = {"type": "string", "description": "e.g. \"1.2 GB\" (powers of 1000)"}
+    model_props: dict[str, Schema] = {
+        "id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "cloud": {"type": "boolean", "const": False},
+        "created": _ref("GroupedTimestamp"),
+        "type": {"type": "string", "enum": model_types},
+        "usage": {"type": "string", "enum": usages},
+        "downloaded": {"type": "boolean"},
+        "downloading": {"type": "boolean"},
+        "loaded": {"type": "boolean"},
+        "custom": {"type": "boolean", "description": "registered through /models/create"},
+        "cpu": {"type": "boolean", "const": True},
+        "state": {"type": "string", "enum": states,
+                  "description": "modeld: the actor state, transient ones included"},
+        "partialBytes": {**NON_NEGATIVE_INT,
+                         "description": "modeld: bytes of a partial download kept on disk"},
+        "modelType": {"type": "string", "enum": sorted(RUNTIME_TYPES),
+                      "description": "modeld: the ctransformers model type"},
+        "bytes": _ref("ByteDescriptor"),
+        "ram": _ref("ByteDescriptor"),
+        "foundation": {"type": "string", "enum": foundations},
+        "quantization": {"type": "string"},
+        "description": {"type": "string"},
+        "maxTokens": _ref("ModelMaxTokens"),
+        "parameters": {"type": "number", "minimum": 0,
+                       "description": "billions of parameters, from the GGUF header"},
+        "url": {"type": "string", "description": "modeld: where the file is downloaded from"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "error": {"type": "string", "description": "modeld: why the last operation failed"},
+        "loadSeconds": {"type": "number", "minimum": 0},
+        "unique": {"type": "string"},
+    }
+    model_required = [
+        "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
+        "downloading", "loaded", "custom", "cpu", "state", "partialBytes", "modelType",
+    ]
+
+    # What create and update read: the Pieces Model keys (read-only ones ignored) plus the
+    # modeld extras that may be set; unknown keys are refused with 400.
+    body_props: dict[str, Schema] = {
+        "name": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "\\S"},
+        "version": {"type": "string", "maxLength": 4096},
+        "cloud": {"type": "boolean", "const": False},
+        "created": _ref("GroupedTimestampInput"),
+        "type": {"type": "string", "enum": model_types},
+        "usage": {"type": "string", "enum": usages},
+        "foundation": {"type": "string", "enum": foundations},
+        "description": {"type": "string", "maxLength": 4096},
+        "quantization": {"type": "string", "maxLength": 4096},
+        "cpu": {"type": "boolean"},
+        "custom": {"type": "boolean"},
+        "denied": {"type": "boolean"},
+        "downloaded": {"type": "boolean"},
+        "downloading": {"type": "boolean"},
+        "loaded": {"type": "boolean"},
+        "bytes": _ref("ByteDescriptorInput"),
+        "ram": _ref("ByteDescriptorInput"),
+        "maxTokens": _ref("ModelMaxTokensInput"),
+        "parameters": {"type": "number"},
+        "capabilities": ANY,
+        "organization": ANY,
+        "provider": ANY,
+        "schema": ANY,
+        "score": ANY,
+        "unique": ANY,
+        "url": {
+            "type": "string",
+            "maxLength": 4096,
+            "pattern": "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$",
+            "description": "https; http only with [download] allow_http; no credentials",
+        },
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "modelType": {"type": "string", "enum": sorted(RUNTIME_TYPES)},
+        "state": ANY,
+        "error": ANY,
+        "partialBytes": ANY,
+        "loadSeconds": ANY,
+    }
+    update_props = {"id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
+                    **body_props}
+    nullable_number = {"type": ["number", "null"]}
+
+    return {
+        "Error": _obj(
+            {
+                "error": {"type": "string", "description": "machine-readable code"},
+                "message": {"type": "string", "description": "a sentence a person can act on"},
+            },
+            ["error", "message"],
+        ),
+        "GroupedTimestamp": _obj({"value": {"type": "string", "format": "date-time"}},
+                                 ["value"]),
+        "ByteDescriptor": _obj({"value": SIZE, "readable": readable}, ["value", "readable"]),
+        "ModelMaxTokens": _obj(
+            {"total": NON_NEGATIVE_INT, "input": NON_NEGATIVE_INT, "output": NON_NEGATIVE_INT},
+            ["total"],
+        ),
+        "Model": _obj(model_props, model_required,
+                      description="a model as modeld reports it (Pieces Model + modeld extras)"),
+        "Models": _obj({"iterable": {"type": "array", "items": _ref("Model")}}, ["iterable"]),
+        "ModelDownloadProgress": _obj(
+            {
+                "status": {"type": "string", "enum": PROGRESS_STATUSES},
+                "percentage": {"type": "number", "minimum": 0, "maximum": 100},
+                "model": {"type": "string"},
+                "bytes": NON_NEGATIVE_INT,
+                "total": NON_NEGATIVE_INT,
+                "bytesPerSecond": {"type": "number", "minimum": 0},
+                "etaSeconds": {"type": "number", "minimum": 0},
+                "error": {"type": "string"},
+            },
+            ["status", "percentage", "model", "bytes"],
+        ),
+        "GroupedTimestampInput": _obj(
+            {"value": {"type": ["string", "null"]}, "readable": {"type": ["string", "null"]},
+             "schema": ANY},
+        ),
+        "ByteDescriptorInput": _obj(
+            {"value": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**63 - 1},
+             "readable": {"type": ["string", "null"]}, "schema": ANY},
+        ),
+        "ModelMaxTokensInput": _obj(
+            {"total": nullable_number, "input": nullable_number, "output": nullable_number,
+             "schema": ANY},
+        ),
+        "SeededModel": _obj(body_props, ["name"],
+                            description="a new custom model: a Model without id"),
+        "ModelUpdate": _obj(update_props, ["id"],
+                            description="a Model as the SDK sends it; only custom models"),
+    }
+
+
+ERRORS = {
+    400: "malformed model id, or a body that is not valid (the message names the field)",
+    401: "the token is missing or wrong ([server] token_file is set)",
+    403: "the Host, Origin or Sec-Fetch-Site is not allowed",
+    404: "no such endpoint (e.g. a model id with a '/' in it)",
+    409: "the model's state does not allow this command, or the model is not custom",
+    410: "no model with this id",
+    413: "the JSON body is larger than 1 MiB",
+    415: "the body's Content-Type is not the one this endpoint reads",
+    500: "the operation itself failed (e.g. the worker died while loading)",
+    503: "the model did not answer in time; try again",
+    507: "not enough memory (or disk space) for this model",
+}
+ALWAYS = (401, 403, 500)
+
+
+def _responses(ok: int, ok_schema: str | None, *errors: int,
+               ok_description: str = "the model after the command") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ok_schema is None:
+        out[str(ok)] = {"description": ok_description}
+    else:
+        out[str(ok)] = {"description": ok_description,
+                        "content": {"application/json": {"schema": _ref(ok_schema)}}}
+    for status in sorted({*errors, *ALWAYS}):
+        out[str(status)] = {"$ref": f"#/components/responses/E{status}"}
+    return out
+
+
+def _op(operation_id: str, summary: str, responses: dict[str, Any], *,
+        tags: list[str], model: bool = True, body: Schema | None = None,
+        description: str | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": tags}
+    if description:
+        op["description"] = description
+    if model:
+        op["parameters"] = [{"$ref": "#/components/parameters/model"}]
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": body}
+    op["responses"] = responses
+    return op
+
+
+def _json_body(name: str) -> Schema:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+COMMAND = (400, 404, 410, 413, 415, 503)
+
+
+def build_document() -> dict[str, Any]:
+    """The whole document, as a JSON-ready dict."""
+    model_tag, models_tag = ["Model"], ["Models"]
+    paths: dict[str, Any] = {
+        "/model/{model}": {
+            "get": _op("models_specific_model_snapshot", "The model now",
+                       _responses(200, "Model", 400, 404, 410, 503), tags=model_tag),
+        },
+        "/model/{model}/download": {
+            "post": _op(
+                "model_specific_model_download", "Start the download (or join the running one)",
+                _responses(200, "Model", *COMMAND, 409), tags=model_tag,
+                description="Returns at once with downloading: true, or downloaded: true when "
+                "the file is already there. 409 when the model has no url.",
+            ),
+        },
+        "/model/{model}/download/cancel": {
+            "post": _op("model_specific_model_download_cancel",
+                        "Stop the running download (idempotent)",
+                        _responses(200, "Model", *COMMAND), tags=model_tag),
+        },
+        "/model/{model}/download/progress": {
+            "get": _op(
+                "model_specific_model_download_progress", "Download progress",
+                _responses(200, "ModelDownloadProgress", 400, 404, 410,
+                           ok_description="one progress snapshot"),
+                tags=model_tag,
+                description="A plain GET returns one snapshot. A WebSocket upgrade on the same "
+                "path streams ModelDownloadProgress messages (text frames): the current "
+                "snapshot at once, then changes (at most ~10 a second), then a terminal one "
+                "(COMPLETED, FAILED or CANCELED; COMPLETED or UNKNOWN when nothing runs) and a "
+                "normal close (1000). A refused handshake gets the HTTP error instead of 101. "
+                "With a token, a WebSocket may pass it as the subprotocol bearer.<token> or the "
+                "query parameter token.",
+            ),
+        },
+        "/model/{model}/load": {
+            "post": _op("model_specific_model_load", "Load a downloaded model into memory",
+                        _responses(200, "Model", *COMMAND, 409, 507), tags=model_tag,
+                        description="Returns when loaded, or fails (409 when not downloaded)."),
+        },
+        "/model/{model}/unload": {
+            "post": _op("model_specific_model_unload", "Free the model's memory (idempotent)",
+                        _responses(200, "Model", *COMMAND), tags=model_tag),
+        },
+        "/model/{model}/file": {
+            "put": _op(
+                "modeld_model_import_file", "Upload the GGUF file of a custom model",
+                _responses(200, "Model", 400, 404, 409, 410, 415, 503, 507), tags=model_tag,
+                body={"application/octet-stream": {
+                    "schema": {"type": "string", "contentMediaType": "application/octet-stream"}
+                }},
+                description="The body is checked (GGUF header) and published atomically. "
+                "400 model_file_invalid when it is not a loadable GGUF file; 409 for a "
+                "catalog model or while the model is busy.",
+            ),
+        },
+        "/model/update": {
+            "post": _op("model_update", "Update the metadata of a custom model",
+                        _responses(200, "Model", 400, 409, 410, 413, 415, 503),
+                        tags=model_tag, model=False, body=_json_body("ModelUpdate")),
+        },
+        "/models": {
+            "get": _op("models_snapshot", "Every model",
+                       _responses(200, "Models", ok_description="every model"),
+                       tags=models_tag, model=False),
+        },
+        "/models/create": {
+            "post": _op("models_create_new_model", "Register a custom model",
+                        _responses(200, "Model", 400, 413, 415, 503,
+                                   ok_description="the new model, with its id"),
+                        tags=models_tag, model=False, body=_json_body("SeededModel")),
+        },
+        "/models/{model}/delete": {
+            "post": _op("models_delete_specific_model",
+                        "Unload, cancel, remove the files (and a custom model's record)",
+                        _responses(204, None, *COMMAND, ok_description="deleted"),
+                        tags=models_tag),
+        },
+        "/models/unload": {
+            "post": _op("unload_models", "Unload every model",
+                        _responses(204, None, 400, 413, 415, ok_description="all unloaded"),
+                        tags=models_tag, model=False),
+        },
+        "/openapi.json": {
+            "get": _op("modeld_openapi", "This document",
+                       {"200": {"description": "the OpenAPI document",
+                                "content": {"application/json": {"schema": {"type": "object"}}}},
+                        **{str(s): {"$ref": f"#/components/responses/E{s}"} for s in (401, 403)}},
+                       tags=["modeld"], model=False),
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "modeld",
+            "version": API_VERSION,
+            "summary": "A local model-supervisor daemon behind the Pieces OS Model API",
+            "description": "The Pieces OS Model API (and the parts of its Models API that go "
+            "with it), so the official pieces-os-client SDK works unchanged, plus modeld's own "
+            "extras. Every error is JSON: {\"error\": code, \"message\": sentence}. Requests "
+            "must name a loopback Host (or one in [server] allowed_hosts) and carry no foreign "
+            "Origin; a mutating request's body must be application/json (the file upload: "
+            "application/octet-stream).",
+        },
+        "servers": [{"url": "http://127.0.0.1:1000"}],
+        "security": [{}, {"bearer": []}],
+        "tags": [{"name": "Model"}, {"name": "Models"}, {"name": "modeld"}],
+        "paths": paths,
+        "components": {
+            "schemas": _schemas(),
+            "parameters": {
+                "model": {
+                    "name": "model",
+                    "in": "path",
+                    "required": True,
+                    "description": "a model id: 1-128 characters from A-Z a-z 0-9 . _ - "
+                    "starting with a letter or digit, without '..' (else 400)",
+                    "schema": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
+                },
+            },
+            "responses": {
+                f"E{status}": {
+                    "description": why,
+                    "content": {"application/json": {"schema": _ref("Error")}},
+                }
+                for status, why in ERRORS.items()
+            },
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "required on every request when [server] token_file is set",
+                },
+            },
+        },
+    }
+
+
+DOCUMENT_TEXT = json.dumps(build_document(), indent=2) + "\n"
+
+
+def register_openapi(app: QuartTrio) -> None:
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return Response(DOCUMENT_TEXT, content_type="application/json")
+
+
+if __name__ == "__main__":
+    sys.stdout.write(DOCUMENT_TEXT)
