@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import quart.wrappers
 import structlog
 import trio
 from quart import Response, request, websocket
@@ -52,12 +53,15 @@ MAX_JSON_DEPTH = 64
 FILE_CHUNK = 4 * 1024 * 1024
 WS_MIN_INTERVAL = 0.1  # at most ~10 progress messages a second per subscriber
 
-try:  # quart >= 0.23 raises this on receive/send after the client went away
-    from quart.wrappers import ClientDisconnectedError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - quart 0.22
+class _NeverRaised(Exception):
+    pass
 
-    class ClientDisconnectedError(Exception):  # type: ignore[no-redef]
-        pass
+
+# quart >= 0.23 (Python 3.13) raises ClientDisconnectedError on receive/send after the client
+# went away; quart 0.22 has no such class.
+ClientDisconnectedError: type[Exception] = getattr(
+    quart.wrappers, "ClientDisconnectedError", _NeverRaised
+)
 
 
 # A subscriber that goes away while we send or close. BusyResourceError included: hypercorn's
