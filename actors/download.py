@@ -438,7 +438,7 @@ class _Download:
             free = shutil.disk_usage(dest.parent).free
             if free < total - have:
                 raise OSError(errno.ENOSPC, f"need {total - have} bytes, {free} free")
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             if total is not None:
                 try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,10 @@ class Store:
         return store
 
     def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root):
+        """`path` when its directory is inside the storage dir. The name itself may be a link
+        (planted by someone else): it then counts as no file (`has_model_file`), is replaced
+        on publish and removed on delete, and is never followed."""
+        if not path.parent.resolve().is_relative_to(self.root):
             raise StoreError(f"{path} leaves the storage dir")
         return path
 
@@ -99,8 +102,11 @@ class Store:
         return self._inside(self.root / "custom" / f"{self._checked_id(model_id)}.json")
 
     def has_model_file(self, model_id: str) -> bool:
-        path = self.model_path(model_id)
-        return path.is_file() and not path.is_symlink()
+        """A regular file (never a link) at the model's final path."""
+        try:
+            return stat.S_ISREG(os.lstat(self.model_path(model_id)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def write_record(self, spec: ModelSpec) -> None:
         write_atomic(self.record_path(spec.id), _record_to_json(spec))

@@ -458,9 +458,6 @@ def test_symlinks_in_storage_are_never_followed_out(make_daemon: DaemonFactory,
     assert 0 == daemon.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="actors/store.py: a link out of the storage dir raises "
-                   "StoreError in the actor, which crashes and is restarted, so the daemon "
-                   "never starts listening; it should count as no file")
 def test_daemon_starts_with_a_link_out_of_storage(make_daemon: DaemonFactory,
                                                   tmp_path: Path) -> None:
     daemon = make_daemon(CATALOG)
