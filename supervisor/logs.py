@@ -60,7 +60,12 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    tracebacks: Any = structlog.processors.dict_tracebacks if fmt != "console" else _identity
+    # Tracebacks as data, without frame locals: those can hold request headers (a token).
+    tracebacks: Any = _identity
+    if fmt != "console":
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
         processors=[
