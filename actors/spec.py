@@ -24,11 +24,21 @@ def is_valid_id(model_id: str) -> bool:
 
 
 def check_url(url: str, *, allow_http: bool) -> str | None:
-    """Return why `url` may not be downloaded from, or None when it may."""
+    """Return why `url` may not be downloaded from, or None when it may.
+
+    Only http(s) with a host, no credentials, a port in range, at most 4096 characters, and
+    no whitespace or control characters (urllib drops some silently: what is checked must be
+    what is fetched).
+    """
+    if len(url) > 4096:
+        return "at most 4096 characters"
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        return "must not contain whitespace or control characters"
     try:
         parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
-        return "the URL cannot be parsed"
+        return "the URL cannot be parsed (or its port is not a number between 0 and 65535)"
     if parts.scheme == "http" and not allow_http:
         return "plain http is refused; use https, or set [download] allow_http = true"
     if parts.scheme not in ("http", "https"):

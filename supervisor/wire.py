@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
-import urllib.parse
 from typing import Any
 
 import attrs
@@ -320,7 +319,7 @@ def _check_fields(body: ModelBody, *, allow_http: bool) -> None:
     if body.foundation is not None and body.foundation not in FOUNDATIONS:
         problems.append("$.foundation: not a known Pieces model foundation")
     if body.url is not None:
-        why = _url_problem(body.url, allow_http=allow_http)
+        why = check_url(body.url, allow_http=allow_http)
         if why:
             problems.append(f"$.url: {why}")
     if body.sha256 is not None and not SHA256_PATTERN.fullmatch(body.sha256):
@@ -339,27 +338,6 @@ def _check_fields(body: ModelBody, *, allow_http: bool) -> None:
             problems.append(f"$.{name}: at most 4096 characters")
     if problems:
         raise BodyError("; ".join(problems))
-
-
-def _url_problem(url: str, *, allow_http: bool) -> str | None:
-    """Why `url` may not be stored as a download origin, or None.
-
-    Besides `check_url` (scheme, host, no credentials): no whitespace or control characters
-    (urllib drops some of them silently, so what is checked would differ from what is
-    fetched), at most 4096 characters, and a numeric port in range.
-    """
-    if len(url) > 4096:
-        return "at most 4096 characters"
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        return "must not contain whitespace or control characters"
-    why = check_url(url, allow_http=allow_http)
-    if why:
-        return why
-    try:
-        urllib.parse.urlsplit(url).port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        return "the port is not a number between 0 and 65535"
-    return None
 
 
 def slug_id(name: str, seed: str) -> str:
