@@ -11,7 +11,8 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, TypeVar
 
 import attrs
 import psutil
@@ -33,14 +34,35 @@ from actors.progress import Broadcaster
 from actors.spec import ModelSpec
 from actors.state import Event, State, transition
 from actors.store import Store
-from actors.worker import WorkerError, WorkerInfo
+from actors.worker import (
+    GenerateParams,
+    GenerationResult,
+    WorkerError,
+    WorkerExiting,
+    WorkerInfo,
+    WorkerRequestError,
+)
 
 log = structlog.get_logger("modeld.actor")
 
+T = TypeVar("T")
 Fetcher = Callable[[DownloadRequest, ProgressSink], Awaitable[None]]
 PROGRESS_INTERVAL = 0.05  # seconds between published progress snapshots during a download
-UNLOAD_GRACE = 3.0
+UNLOAD_GRACE = 3.0  # seconds a worker gets to exit when asked, before it is killed
+STOP_BOUND = UNLOAD_GRACE + 5.0  # the most a worker's stop may take, reaping included
 MEMORY_MARGIN = 256 * 1024 * 1024
+# Without a context length in the spec, a worker gets the one the file was trained with, up to
+# this: the KV cache grows with it, and some files claim 32k or more.
+MAX_DEFAULT_CONTEXT = 4096
+
+
+class TextStream(Protocol):
+    """One generation's text pieces, as a worker streams them (actors.worker.Generation)."""
+
+    @property
+    def result(self) -> GenerationResult | None: ...
+    async def __anext__(self) -> str: ...
+    async def aclose(self) -> None: ...
 
 
 class WorkerHandle(Protocol):
@@ -50,6 +72,7 @@ class WorkerHandle(Protocol):
     def info(self) -> WorkerInfo: ...
     async def wait_exited(self) -> int: ...
     async def aclose(self, grace: float = ...) -> None: ...
+    def generate(self, prompt: str, params: GenerateParams) -> TextStream: ...
 
 
 Spawner = Callable[[Path, ModelSpec], Awaitable[WorkerHandle]]
@@ -83,6 +106,85 @@ class ActorSettings:
     stall_timeout: float = 30.0
     allow_http: bool = False
     load_timeout: float = 300.0
+
+
+class GenerationStream:
+    """The text a loaded model generates for one prompt: what a `Generate` command answers.
+
+    Use it as ``async with stream: async for piece in stream: ...``. Nothing runs until it is
+    iterated; leaving the block early stops the generation in the worker. Errors are
+    ModelErrors: InvalidInput when the model refuses the prompt (longer than its context),
+    Unavailable when the model is unloaded mid-stream, OperationFailed when its worker dies
+    (killed, crashed). `result` holds the token counts once the stream has ended.
+    """
+
+    def __init__(self, model_id: str, inner: TextStream) -> None:
+        self.model_id = model_id
+        self._inner = inner
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._inner.result
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._inner.__anext__()
+        except WorkerRequestError as exc:
+            raise InvalidInput(str(exc), code="generation_refused") from None
+        except WorkerExiting:
+            raise Unavailable(
+                "the model was unloaded while it generated; load it and try again",
+                code="model_unloaded",
+            ) from None
+        except WorkerError as exc:
+            log.error("generation_failed", model=self.model_id, reason=str(exc))
+            raise OperationFailed(
+                f"the model's worker stopped while generating: {exc}", code="worker_exited"
+            ) from None
+
+    async def aclose(self) -> None:
+        """Stop the generation if it still runs (idempotent; never raises WorkerError)."""
+        await self._inner.aclose()
+
+
+@attrs.frozen(kw_only=True)
+class Generate:
+    """Borrow a loaded model for one prompt; the reply is a `GenerationStream` or the refusal
+    (Conflict when the model is not loaded). Touches the model in the LRU."""
+
+    prompt: str
+    params: GenerateParams
+    reply: trio.MemorySendChannel[GenerationStream | ModelError]
+
+
+def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
+    """Answer without waiting; a caller that gave up already just misses the answer."""
+    try:
+        reply.send_nowait(value)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    reply.close()
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 def held_marker(dest: Path) -> Path:
@@ -122,6 +224,8 @@ class _LoadAttempt:
     waiters: list[trio.MemorySendChannel[m.Reply]]
     worker: WorkerHandle | None = None
     error: ModelError | None = None
+    facts: m.FileFacts | None = None
+    seconds: float = 0.0  # from spawning the worker to its ready message
 
 
 @attrs.frozen
@@ -135,7 +239,7 @@ class _WorkerExited:
     returncode: int
 
 
-Message = m.Command | _DownloadEnded | _LoadEnded | _WorkerExited
+Message = m.Command | Generate | _DownloadEnded | _LoadEnded | _WorkerExited
 
 
 class _Sink:
@@ -260,9 +364,15 @@ class ModelActor:
                 async for msg in self._inbox:
                     await self._dispatch(msg)
         finally:
+            # Whatever ended the actor (cancellation at shutdown, a crash), its workers go with
+            # it: the loaded one, and one whose load finished but was not taken over yet.
             self._close_waiters()
-            with trio.CancelScope(shield=True), trio.move_on_after(UNLOAD_GRACE + 2):
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_BOUND):
                 await self._stop_worker()
+                if self._load is not None and self._load.worker is not None:
+                    orphan, self._load.worker = self._load.worker, None
+                    await orphan.aclose(UNLOAD_GRACE)
+                    self._gate.release(self.spec.id)
 
     async def _recover(self) -> bool:
         """Set the state from disk; True when an interrupted download should resume."""
@@ -285,9 +395,11 @@ class ModelActor:
                 await self._finish_load(msg.attempt)
         elif isinstance(msg, _WorkerExited):
             if msg.worker is self._worker:
-                self._worker_died(msg.returncode)
+                self._worker_died(msg.worker, msg.returncode)
         elif isinstance(msg, m.Load):
             self._handle_load(msg)
+        elif isinstance(msg, Generate):
+            self._handle_generate(msg)
         else:
             async with msg.reply:
                 try:
@@ -355,12 +467,13 @@ class ModelActor:
         )
 
     async def _refresh_facts(self) -> None:
+        """Read the published file's header; a bad file is reported here and refused at load."""
         try:
             info = await trio.to_thread.run_sync(self._inspect, self.dest)
-        except GGUFInvalid as exc:
+        except (GGUFInvalid, OSError) as exc:
             log.warning("model_file_invalid", model=self.spec.id, reason=str(exc))
-            size = await trio.to_thread.run_sync(os.path.getsize, self.dest)
-            self._facts = m.FileFacts(size=size)
+            size = await trio.to_thread.run_sync(_size_or_none, self.dest)
+            self._facts = None if size is None else m.FileFacts(size=size)
         else:
             self._facts = facts_from(info)
 
@@ -411,7 +524,9 @@ class ModelActor:
             if attempt.previous is not None:
                 # The last attempt may still be unwinding; it must not write into our partial.
                 await attempt.previous.wait()
-            held_marker(request.dest).unlink(missing_ok=True)
+            await trio.to_thread.run_sync(
+                lambda: held_marker(request.dest).unlink(missing_ok=True)
+            )
             with attempt.scope:
                 await self._fetch(request, _Sink(self))
         except DownloadError as exc:
@@ -477,7 +592,7 @@ class ModelActor:
     def _handle_load(self, cmd: m.Load) -> None:
         if self.state is State.LOADED:
             self._gate.touch(self.spec.id)
-            self._reply_now(cmd.reply, self.view())
+            _reply_now(cmd.reply, self.view())
         elif self.state is State.LOADING:
             assert self._load is not None
             self._load.waiters.append(cmd.reply)
@@ -496,14 +611,17 @@ class ModelActor:
                 State.DOWNLOADING: "the model is still downloading; load it when it is done",
                 State.UNLOADING: "the model is being unloaded; try again in a moment",
             }[self.state]
-            self._reply_now(cmd.reply, Conflict(why, code="not_loadable"))
+            _reply_now(cmd.reply, Conflict(why, code="not_loadable"))
 
-    def _reply_now(self, reply: trio.MemorySendChannel[m.Reply], value: m.Reply) -> None:
-        try:
-            reply.send_nowait(value)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the caller gave up waiting
-        reply.close()
+    def _handle_generate(self, cmd: Generate) -> None:
+        worker = self._worker
+        if self.state is not State.LOADED or worker is None:
+            why = f"the model is {self.state.value}, not loaded; load it first"
+            _reply_now(cmd.reply, Conflict(why, code="not_loaded"))
+            return
+        self._gate.touch(self.spec.id)
+        stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params))
+        _reply_now(cmd.reply, stream)
 
     def _close_waiters(self) -> None:
         if self._load is not None:
@@ -512,21 +630,28 @@ class ModelActor:
             self._load.waiters.clear()
 
     async def _run_load(self, attempt: _LoadAttempt) -> None:
+        """Check the file, make room, start the worker; the end goes to the mailbox."""
         admitted = False
         try:
             with attempt.scope:
                 info = await trio.to_thread.run_sync(self._inspect, self.dest)
-                self._facts = facts_from(info)
+                attempt.facts = facts_from(info)
                 self._check_memory(info.file_size)
                 await self._gate.admit(self.spec.id)
                 admitted = True
-                attempt.worker = await self._spawn(self.dest, self.spec)
+                spawned_at = trio.current_time()
+                attempt.worker = await self._spawn(self.dest, self._runtime_spec(info))
+                attempt.seconds = trio.current_time() - spawned_at
         except GGUFInvalid as exc:
             attempt.error = OperationFailed(
                 f"the model file is not a loadable GGUF file: {exc}", code="model_file_invalid"
             )
         except WorkerError as exc:
             attempt.error = OperationFailed(f"the model failed to load: {exc}", code="load_failed")
+        except OSError as exc:
+            attempt.error = OperationFailed(
+                f"the model file cannot be read: {exc}", code="model_file_unreadable"
+            )
         except ModelError as exc:
             attempt.error = exc
         finally:
@@ -535,24 +660,41 @@ class ModelActor:
             attempt.ended.set()
         await self._send.send(_LoadEnded(attempt))
 
+    def _runtime_spec(self, info: GGUFInfo) -> ModelSpec:
+        """The spec the worker is started with: a context length always set."""
+        if self.spec.context_length or not info.context_length:
+            return self.spec
+        return attrs.evolve(
+            self.spec, context_length=min(info.context_length, MAX_DEFAULT_CONTEXT)
+        )
+
     def _check_memory(self, file_size: int) -> None:
+        """Refuse a model that cannot fit: its catalog `ram`, else its file size (the worker
+        reads the weights into memory), plus a margin, against what is available now."""
         need = self.spec.ram or file_size
         available = psutil.virtual_memory().available
         if need + MEMORY_MARGIN > available:
             raise InsufficientMemory(
-                f"loading needs about {need} bytes but only {available} are available; "
-                "unload other models or free memory",
+                f"loading needs about {need / 1e9:.1f} GB ({need} bytes) but only "
+                f"{available / 1e9:.1f} GB are available; unload other models or free memory",
             )
 
     async def _finish_load(self, attempt: _LoadAttempt) -> None:
         self._load = None
+        if attempt.facts is not None:
+            self._facts = attempt.facts
         worker = attempt.worker
         if worker is not None:
             self._worker = worker
-            self._load_seconds = round(worker.info.load_seconds, 4)
+            self._load_seconds = round(attempt.seconds, 4)
             self._move(Event.LOAD_DONE)
             log.info(
-                "model_loaded", model=self.spec.id, pid=worker.pid, load_seconds=self._load_seconds
+                "model_loaded",
+                model=self.spec.id,
+                pid=worker.pid,
+                load_seconds=self._load_seconds,
+                runtime_load_seconds=round(worker.info.load_seconds, 4),
+                context_length=worker.info.context_length,
             )
             assert self._nursery is not None
             self._nursery.start_soon(self._watch_worker, worker)
@@ -564,19 +706,29 @@ class ModelActor:
             log.error("load_failed", model=self.spec.id, reason=self.error, code=error.code)
             result = error
         for waiter in attempt.waiters:
-            self._reply_now(waiter, result)
+            _reply_now(waiter, result)
 
     async def _watch_worker(self, worker: WorkerHandle) -> None:
         code = await worker.wait_exited()
         await self._send.send(_WorkerExited(worker, code))
 
-    def _worker_died(self, returncode: int) -> None:
+    def _worker_died(self, worker: WorkerHandle, returncode: int) -> None:
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
         self.error = f"the worker process stopped unexpectedly ({how})"
         self._worker = None
+        self._load_seconds = None
         self._gate.release(self.spec.id)
-        log.error("worker_exited", model=self.spec.id, returncode=returncode, reason=self.error)
+        log.error(
+            "worker_exited",
+            model=self.spec.id,
+            pid=worker.pid,
+            returncode=returncode,
+            reason=self.error,
+        )
         self._move(Event.WORKER_DIED)
+        # Reap it and free its pipes; it is gone already, so this does not wait.
+        assert self._nursery is not None
+        self._nursery.start_soon(worker.aclose, 0)
 
     async def _unload(self) -> None:
         if self.state is State.LOADING and self._load is not None:

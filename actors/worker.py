@@ -48,6 +48,10 @@ class WorkerRequestError(WorkerError):
     """The worker refused one request (e.g. a prompt longer than the context); it stays up."""
 
 
+class WorkerExiting(WorkerError):
+    """The worker was told to exit (unload, shutdown) while this request was running."""
+
+
 MAX_FRAME = 64 * 1024 * 1024
 STDERR_TAIL_BYTES = 4096
 # How long a cancelled request may take to reach "done" before the worker counts as wedged
@@ -109,7 +113,14 @@ def describe_exit(returncode: int | None) -> str:
 
 
 def _encode_frame(message: Frame) -> bytes:
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    """The frame's bytes. Raises WorkerRequestError for text that UTF-8 cannot carry (lone
+    surrogates, which json.loads accepts from "\\ud83d" escapes), before anything is sent."""
+    try:
+        body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError as exc:
+        raise WorkerRequestError(
+            f"the text is not valid Unicode ({exc.reason} at position {exc.start})"
+        ) from None
     return struct.pack(">I", len(body)) + body
 
 
@@ -159,6 +170,7 @@ class Worker:
         # (a Lock insists that its owner releases it).
         self._request_slot = trio.Semaphore(1)
         self._next_id = 1
+        self._closing = False
         self.info = WorkerInfo(pid=process.pid, context_length=0, vocab_size=0, load_seconds=0.0)
         self.last_result: GenerationResult | None = None
 
@@ -192,8 +204,9 @@ class Worker:
         stream: ...``; leaving the block early (break, error, cancellation) cancels the request
         in the worker and drains it, so the next request starts clean. Afterwards
         `stream.result` (and `worker.last_result`) holds the token counts and finish_reason.
-        Iterating raises WorkerDied if the process exits and WorkerRequestError if the worker
-        refuses the request.
+        Iterating raises WorkerDied if the process exits, WorkerExiting if `aclose` stops the
+        worker mid-stream (from another task; the text is then cut short), and
+        WorkerRequestError if the worker refuses the request or its text cannot be encoded.
         """
         request_id = self._next_id
         self._next_id += 1
@@ -203,8 +216,9 @@ class Worker:
         """The model's tokens for text (with BOS). Raises WorkerDied, WorkerRequestError."""
         request_id = self._next_id
         self._next_id += 1
+        data = _encode_frame({"type": "tokenize", "id": request_id, "text": text})
         async with self._request_slot:
-            await self._send({"type": "tokenize", "id": request_id, "text": text})
+            await self._send_bytes(data)
             while True:
                 frame = await self._receive()
                 if frame.get("id") != request_id:
@@ -222,8 +236,9 @@ class Worker:
         """Ask the worker to exit, wait up to grace seconds, then kill it; always reap.
 
         Idempotent, and completes even when the calling scope is cancelled (shielded, with
-        its own deadline).
+        its own deadline). A request running meanwhile ends with WorkerExiting.
         """
+        self._closing = True
         with trio.CancelScope(shield=True, deadline=trio.current_time() + grace + REAP_SECONDS):
             if self._process.returncode is None:
                 with trio.move_on_after(grace):
@@ -269,18 +284,30 @@ class Worker:
             returncode=returncode,
         )
 
+    async def _gone(self) -> WorkerError:
+        """The exception for a worker whose pipes ended: closed by us, or it died."""
+        if self._closing:
+            return WorkerExiting(f"worker {self.pid} was closed (the model was unloaded)")
+        return await self._died()
+
     async def _send(self, message: Frame) -> None:
-        data = _encode_frame(message)
+        await self._send_bytes(_encode_frame(message))
+
+    async def _send_bytes(self, data: bytes) -> None:
         async with self._send_lock:
             try:
                 await self._stdin.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise await self._died() from None
+                raise await self._gone() from None
 
     async def _receive(self) -> Frame:
-        frame = await self._reader.receive()
+        try:
+            frame = await self._reader.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # Closed under us: `aclose` ran (from another task) while this one was reading.
+            frame = None
         if frame is None:
-            raise await self._died()
+            raise await self._gone()
         return frame
 
 
@@ -336,29 +363,37 @@ class Generation:
             if kind == "done":
                 self._record(frame)
                 self._finish()
+                if self.result is not None and self.result.finish_reason == "cancelled":
+                    # Not cancelled by us (that happens only in aclose): the worker was told
+                    # to exit. Text cut short must not look like a complete answer.
+                    raise WorkerExiting(
+                        f"worker {self._worker.pid} was stopped while generating "
+                        "(the model was unloaded)"
+                    )
                 raise StopAsyncIteration
             if kind == "error":
                 self._finish()
                 raise WorkerRequestError(str(frame.get("message")))
 
     async def _start(self) -> None:
+        p = self._params
+        data = _encode_frame(
+            {
+                "type": "generate",
+                "id": self._id,
+                "prompt": self._prompt,
+                "max_new_tokens": p.max_new_tokens,
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "top_k": p.top_k,
+                "seed": p.seed,
+                "stop": list(p.stop),
+            }
+        )
         await self._worker._request_slot.acquire()
         self._started = True
-        p = self._params
         try:
-            await self._worker._send(
-                {
-                    "type": "generate",
-                    "id": self._id,
-                    "prompt": self._prompt,
-                    "max_new_tokens": p.max_new_tokens,
-                    "temperature": p.temperature,
-                    "top_p": p.top_p,
-                    "top_k": p.top_k,
-                    "seed": p.seed,
-                    "stop": list(p.stop),
-                }
-            )
+            await self._worker._send_bytes(data)
         except BaseException:
             # Cancelled mid-send or the worker died: the frame may be half written, so the
             # worker cannot be trusted with another request. Killing it makes that loud.

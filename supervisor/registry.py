@@ -19,12 +19,20 @@ import trio
 
 from actors import messages as m
 from actors.download import download_file
-from actors.errors import ModelNotFound, Unavailable
-from actors.model import ActorSettings, Fetcher, ModelActor, Spawner, WorkerHandle
+from actors.errors import ModelError, ModelNotFound, Unavailable
+from actors.model import (
+    ActorSettings,
+    Fetcher,
+    Generate,
+    GenerationStream,
+    ModelActor,
+    Spawner,
+    WorkerHandle,
+)
 from actors.progress import Broadcaster
 from actors.spec import ModelSpec, is_valid_id
 from actors.store import Store
-from actors.worker import open_worker
+from actors.worker import GenerateParams, open_worker
 from supervisor.config import CatalogEntry, Config
 from supervisor.wire import slug_id
 
@@ -203,6 +211,29 @@ class Registry:
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
             raise Unavailable("the model's actor stopped; try again") from None
         if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def generate(
+        self, model_id: str, prompt: str, params: GenerateParams
+    ) -> GenerationStream:
+        """Borrow a loaded model for one prompt (the caller bounds the wait for the actor).
+
+        The stream's text comes straight from the model's worker; nothing is generated until
+        it is iterated, and it must be closed (``async with``). Raises ModelNotFound, Conflict
+        when the model is not loaded, Unavailable when its actor stops first.
+        """
+        entry = self._entries.get(model_id)
+        if entry is None:
+            raise ModelNotFound(f"no model with id {model_id!r}")
+        send, recv = trio.open_memory_channel[GenerationStream | ModelError](1)
+        try:
+            await entry.actor.mailbox.send(Generate(prompt=prompt, params=params, reply=send))
+            async with recv:
+                result = await recv.receive()
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise Unavailable("the model's actor stopped; try again") from None
+        if isinstance(result, ModelError):
             raise result
         return result
 
