@@ -76,7 +76,14 @@ CORS_HEADERS = "Authorization, Content-Type"
 
 
 def error_response(code: str, message: str, status: int) -> Response:
-    response = jsonify({"error": code, "message": message})
+    """modeld's error JSON; on the OpenAI-compatible /v1 paths, OpenAI's error shape."""
+    if current_path().startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None,
+                                          "code": code}}
+    else:
+        body = {"error": code, "message": message}
+    response = jsonify(body)
     response.status_code = status
     return response
 
@@ -204,10 +211,12 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
         return error_response("internal_error", "modeld hit an internal error; see its log", 500)
 
     from supervisor.api.models import register_routes
+    from supervisor.api.openai import register_openai
     from supervisor.api.openapi import register_openapi
 
     register_routes(app, registry, config)
     register_openapi(app)
+    register_openai(app, registry, config)
     return app
 
 

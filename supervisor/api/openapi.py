@@ -144,6 +144,13 @@ def _schemas() -> dict[str, Schema]:
             },
             ["error", "message"],
         ),
+        "OpenAIError": _obj(
+            {"error": _obj({"message": {"type": "string"}, "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]}},
+                           ["message", "type", "param", "code"])},
+            ["error"],
+        ),
         "GroupedTimestamp": _obj({"value": {"type": "string", "format": "date-time"}},
                                  ["value"]),
         "ByteDescriptor": _obj({"value": SIZE, "readable": readable}, ["value", "readable"]),
@@ -236,6 +243,64 @@ def _json_body(name: str) -> Schema:
 COMMAND = (400, 404, 410, 413, 415, 503)
 
 
+OPENAI_ERRORS = (400, 401, 403, 404, 409, 413, 415, 429, 500, 503, 507)
+
+
+def _openai_op(operation_id: str, summary: str, ok: Schema, *, body: Schema | None = None,
+               stream: bool = False, model: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": ok}}
+    if stream:
+        content["text/event-stream"] = {"schema": {
+            "type": "string",
+            "description": "server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`",
+        }}
+    op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": ["OpenAI"]}
+    if model:
+        op["parameters"] = [{"name": "model", "in": "path", "required": True,
+                             "schema": {"type": "string"}}]
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    op["responses"] = {"200": {"description": "OpenAI's shape", "content": content},
+                       **{str(st): {"$ref": f"#/components/responses/EOpenAI{st}"}
+                          for st in OPENAI_ERRORS}}
+    return op
+
+
+def _openai_paths() -> dict[str, Any]:
+    sampling: dict[str, Schema] = {
+        "model": {"type": "string"},
+        "max_tokens": {"type": ["integer", "null"]},
+        "temperature": {"type": ["number", "null"]},
+        "top_p": {"type": ["number", "null"]},
+        "top_k": {"type": ["integer", "null"]},
+        "seed": {"type": ["integer", "null"]},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                           {"type": "null"}]},
+        "stream": {"type": ["boolean", "null"]},
+    }
+    loose: Schema = {"type": "object"}
+    completion_body = {"type": "object", "required": ["model", "prompt"],
+                       "properties": {**sampling, "prompt": {"type": "string"}}}
+    chat_body = {"type": "object", "required": ["model", "messages"], "properties": {
+        **sampling,
+        "messages": {"type": "array", "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}},
+    }}
+    return {
+        "/v1/models": {"get": _openai_op("openai_list_models",
+                                         "Downloaded and loaded models (OpenAI)", loose)},
+        "/v1/models/{model}": {"get": _openai_op("openai_retrieve_model", "One model (OpenAI)",
+                                                 loose, model=True)},
+        "/v1/completions": {"post": _openai_op(
+            "openai_completions", "Complete a prompt (OpenAI)", loose, body=completion_body,
+            stream=True)},
+        "/v1/chat/completions": {"post": _openai_op(
+            "openai_chat_completions", "Answer a conversation (OpenAI)", loose, body=chat_body,
+            stream=True)},
+    }
+
+
 def build_document() -> dict[str, Any]:
     """The whole document, as a JSON-ready dict."""
     model_tag, models_tag = ["Model"], ["Models"]
@@ -320,6 +385,7 @@ def build_document() -> dict[str, Any]:
                         _responses(204, None, 400, 413, 415, ok_description="all unloaded"),
                         tags=models_tag, model=False),
         },
+        **_openai_paths(),
         "/openapi.json": {
             "get": _op("modeld_openapi", "This document",
                        {"200": {"description": "the OpenAPI document",
@@ -343,7 +409,7 @@ def build_document() -> dict[str, Any]:
         },
         "servers": [{"url": "http://127.0.0.1:1000"}],
         "security": [{}, {"bearer": []}],
-        "tags": [{"name": "Model"}, {"name": "Models"}, {"name": "modeld"}],
+        "tags": [{"name": "Model"}, {"name": "Models"}, {"name": "OpenAI"}, {"name": "modeld"}],
         "paths": paths,
         "components": {
             "schemas": _schemas(),
@@ -363,6 +429,12 @@ def build_document() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("Error")}},
                 }
                 for status, why in ERRORS.items()
+            } | {
+                f"EOpenAI{status}": {
+                    "description": f"OpenAI's error shape (HTTP {status})",
+                    "content": {"application/json": {"schema": _ref("OpenAIError")}},
+                }
+                for status in OPENAI_ERRORS
             },
             "securitySchemes": {
                 "bearer": {

@@ -168,6 +168,10 @@ schema = fuzz_schema()
 def test_api_conforms_to_its_document(case: schemathesis.Case[Any], daemon: Daemon,
                                       real_ids: list[str]) -> None:
     model = (case.path_parameters or {}).get("model")
+    if isinstance(model, str) and ("#" in model or "?" in model):
+        # The test client puts these into the URL unencoded: the request would name another
+        # path (a fragment or a query cuts it short), not this operation.
+        return
     if model in STAND_INS:
         assert case.path_parameters is not None
         case.path_parameters["model"] = real_ids[STAND_INS.index(model)]
