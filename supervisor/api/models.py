@@ -52,6 +52,7 @@ MAX_JSON_BODY = 1024 * 1024
 MAX_JSON_DEPTH = 64
 FILE_CHUNK = 4 * 1024 * 1024
 WS_MIN_INTERVAL = 0.1  # at most ~10 progress messages a second per subscriber
+WS_SENDS_PER_SECOND = 2000  # all subscribers of one model together
 
 class _NeverRaised(Exception):
     pass
@@ -177,19 +178,37 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
         broadcaster = registry.broadcaster(check_model_id(model))
         return json_reply(progress_json(broadcaster.value))
 
+    subscribers: dict[str, int] = {}
+    encoded: dict[str, tuple[m.Progress, str]] = {}
+
+    def encode(snapshot: m.Progress) -> str:
+        """One JSON text per snapshot, shared by every subscriber of the model."""
+        cached = encoded.get(snapshot.model)
+        if cached is None or cached[0] is not snapshot:
+            cached = encoded[snapshot.model] = (snapshot, json.dumps(progress_json(snapshot)))
+        return cached[1]
+
     @app.websocket("/model/<model>/download/progress")
     async def progress_stream(model: str) -> Response | None:
         broadcaster = registry.broadcaster(check_model_id(model))
         await websocket.accept(subprotocol=bearer_subprotocol(websocket.requested_subprotocols))
+        subscribers[model] = subscribers.get(model, 0) + 1
         try:
             async for snapshot in broadcaster.subscribe():
-                await websocket.send(json.dumps(progress_json(snapshot)))
+                await websocket.send(encode(snapshot))
                 if snapshot.terminal:
                     break
-                await trio.sleep(WS_MIN_INTERVAL)
+                # At most ~10 a second each; with many subscribers fewer, so that all of
+                # them together stay within WS_SENDS_PER_SECOND (latest value wins).
+                await trio.sleep(max(WS_MIN_INTERVAL, subscribers[model] / WS_SENDS_PER_SECOND))
             await websocket.close(1000)
         except SUBSCRIBER_GONE:
             log.debug("progress_subscriber_left", model=model)
+        finally:
+            subscribers[model] -= 1
+            if not subscribers[model]:
+                del subscribers[model]
+                encoded.pop(model, None)
         return None
 
     @app.post("/model/<model>/load")
