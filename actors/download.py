@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -518,6 +519,7 @@ class _Download:
         fd, h = self.fd, self.hasher
 
         def step() -> int:
+            _background_thread()
             data = os.pread(fd, min(HASH_CHUNK, target - self.hashed), self.hashed)
             h.update(data)
             self.hashed += len(data)  # in the thread, with the update: never half counted
@@ -836,8 +838,24 @@ class _Download:
         return h.hexdigest()
 
 
+_thread_state = threading.local()
+BACKGROUND_NICENESS = 10
+
+
+def _background_thread() -> None:
+    """Lower this worker thread's CPU priority (once per thread). Writing and hashing model
+    files can use a whole core; the event loop thread must still get the CPU at once to
+    answer requests. Raising one's own niceness needs no privilege."""
+    if getattr(_thread_state, "lowered", False):
+        return
+    _thread_state.lowered = True
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+
+
 def _pwrite_all(fd: int, chunks: list[bytes], pos: int) -> int:
     """Write `chunks` at `pos` (all of them); return the position after them. Blocking."""
+    _background_thread()
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
