@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import ctypes
+import importlib.util
 import json
 import os
 import queue
@@ -131,6 +132,25 @@ def _safe_tokenize(self: Any, text: str, add_bos_token: bool | None = None) -> l
     return list(slots[:n_tokens])
 
 
+def import_runtime() -> tuple[Any, Any]:
+    """ctransformers' `LLM` and `Config` classes, without running the package's __init__.
+
+    That __init__ imports its Hugging Face hub client (huggingface_hub and an HTTP stack): about
+    0.25 s, most of a small model's load time, for nothing when the model is a local file. A bare
+    package module in its place lets `ctransformers.llm` import with its own few dependencies.
+    """
+    if "ctransformers" not in sys.modules:
+        spec = importlib.util.find_spec("ctransformers")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("the ctransformers package is not installed")
+        package = types.ModuleType("ctransformers")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["ctransformers"] = package
+    from ctransformers.llm import LLM, Config
+
+    return LLM, Config
+
+
 class RequestRefused(Exception):
     """A request this model cannot serve; the worker stays up."""
 
@@ -142,23 +162,22 @@ class Backend:
         self, path: Path, *, model_type: str, context_length: int, threads: int, lib: str
     ) -> None:
         # Imported here so that a broken runtime install is reported as a load error.
-        from ctransformers import AutoModelForCausalLM
+        llm_class, config_class = import_runtime()
 
         self._lock = threading.Lock()
         started = time.perf_counter()
         with self._lock:
+            # What AutoModelForCausalLM.from_pretrained does for a local file, minus the hub.
             # mmap=False: a truncated file then fails with an exception instead of garbage or
             # SIGSEGV, the weights are resident and show in this process's RSS (what memory
             # policy measures), and a file replaced on disk cannot SIGBUS a loaded model.
-            self._llm = AutoModelForCausalLM.from_pretrained(
-                str(path),
+            self._llm = llm_class(
+                model_path=str(path),
                 model_type=model_type,
+                config=config_class(
+                    context_length=context_length, threads=threads, gpu_layers=0, mmap=False
+                ),
                 lib=lib,
-                local_files_only=True,
-                context_length=context_length,
-                threads=threads,
-                gpu_layers=0,
-                mmap=False,
             )
             self._llm.tokenize = types.MethodType(_safe_tokenize, self._llm)
             self.context_length = int(self._llm.context_length)

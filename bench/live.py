@@ -53,7 +53,7 @@ def _latencies(http: httpx.Client, path: str, n: int, until: Any = None) -> list
 
 def bench_latency() -> Result:
     """p50/p99 of GET /model/{id} while 4 downloads run at full speed, against idle."""
-    size = env_int("BENCH_LATENCY_BYTES", 256 * MiB)
+    size = env_int("BENCH_LATENCY_BYTES", 1024 * MiB)
     n_requests = env_int("BENCH_LATENCY_REQUESTS", 300)
     path, digest = random_file(f"download-{size}.gguf", size)
     warm_page_cache(path)
