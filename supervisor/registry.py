@@ -12,6 +12,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import structlog
@@ -40,6 +41,7 @@ log = structlog.get_logger("modeld.registry")
 
 RESTART_DELAYS = (0.1, 0.5, 2.0, 5.0)
 CommandFactory = Callable[[trio.MemorySendChannel[m.Reply]], m.Command]
+R = TypeVar("R")
 
 
 def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
@@ -194,25 +196,33 @@ class Registry:
         finally:
             entry.stopped.set()
 
-    async def call(self, model_id: str, make: CommandFactory) -> m.ModelView:
-        """Send a command to a model's actor and wait for its answer (the caller bounds it).
+    async def _ask(
+        self,
+        model_id: str,
+        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | Generate],
+    ) -> R:
+        """Send a message with a reply channel to a model's actor and wait for the answer.
 
         Raises ModelNotFound for an unknown id, Unavailable when the actor stops first, and
-        the actor's own ModelError otherwise.
+        the actor's own ModelError when that is its answer.
         """
         entry = self._entries.get(model_id)
         if entry is None:
             raise ModelNotFound(f"no model with id {model_id!r}")
-        send, recv = trio.open_memory_channel[m.Reply](1)
+        send, recv = trio.open_memory_channel[R | ModelError](1)
         try:
             await entry.actor.mailbox.send(make(send))
             async with recv:
                 result = await recv.receive()
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
             raise Unavailable("the model's actor stopped; try again") from None
-        if isinstance(result, Exception):
+        if isinstance(result, ModelError):
             raise result
         return result
+
+    async def call(self, model_id: str, make: CommandFactory) -> m.ModelView:
+        """Send a command to a model's actor and wait for its answer (the caller bounds it)."""
+        return await self._ask(model_id, make)
 
     async def generate(
         self, model_id: str, prompt: str, params: GenerateParams
@@ -223,19 +233,9 @@ class Registry:
         it is iterated, and it must be closed (``async with``). Raises ModelNotFound, Conflict
         when the model is not loaded, Unavailable when its actor stops first.
         """
-        entry = self._entries.get(model_id)
-        if entry is None:
-            raise ModelNotFound(f"no model with id {model_id!r}")
-        send, recv = trio.open_memory_channel[GenerationStream | ModelError](1)
-        try:
-            await entry.actor.mailbox.send(Generate(prompt=prompt, params=params, reply=send))
-            async with recv:
-                result = await recv.receive()
-        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
-            raise Unavailable("the model's actor stopped; try again") from None
-        if isinstance(result, ModelError):
-            raise result
-        return result
+        return await self._ask(
+            model_id, lambda reply: Generate(prompt=prompt, params=params, reply=reply)
+        )
 
     async def snapshot_all(self) -> list[m.ModelView]:
         views = []
