@@ -168,7 +168,7 @@ schema = fuzz_schema()
 def test_api_conforms_to_its_document(case: schemathesis.Case[Any], daemon: Daemon,
                                       real_ids: list[str]) -> None:
     model = (case.path_parameters or {}).get("model")
-    if isinstance(model, str) and ("#" in model or "?" in model):
+    if model is not None and ("#" in str(model) or "?" in str(model)):
         # The test client puts these into the URL unencoded: the request would name another
         # path (a fragment or a query cuts it short), not this operation.
         return
