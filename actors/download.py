@@ -230,8 +230,9 @@ def _check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> htt
     """The URL modeld may fetch, or UrlRefused."""
     what = "the download URL" if previous is None else "a redirect target"
     try:
-        url = httpx.URL(raw)
-    except (httpx.InvalidURL, TypeError) as exc:
+        # A redirect's Location is resolved against the URL that sent it.
+        url = httpx.URL(raw) if previous is None else previous.join(raw)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise UrlRefused(f"{what} is not a valid URL: {exc}") from None
     if url.scheme not in ("https", "http"):
         raise UrlRefused(f"{what} uses {url.scheme or 'no'} scheme; only https (or http) is used")
@@ -591,7 +592,7 @@ class _Download:
                 try:
                     status = response.status_code
                     if status in (301, 302, 303, 307, 308) and "location" in response.headers:
-                        url = _check_url(str(url.join(response.headers["location"])),
+                        url = _check_url(response.headers["location"],
                                          allow_http=self.req.allow_http, previous=url)
                         continue
                     self._check_status(response)

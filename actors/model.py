@@ -7,6 +7,7 @@ as a message in the same mailbox; the loop alone then moves the state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,13 @@ import structlog
 import trio
 
 from actors import messages as m
-from actors.download import DownloadError, DownloadRequest, ProgressSink, partial_bytes
+from actors.download import (
+    DownloadError,
+    DownloadRequest,
+    ProgressSink,
+    partial_bytes,
+    remove_partial,
+)
 from actors.errors import (
     Conflict,
     InsufficientMemory,
@@ -364,15 +371,28 @@ class ModelActor:
                 async for msg in self._inbox:
                     await self._dispatch(msg)
         finally:
-            # Whatever ended the actor (cancellation at shutdown, a crash), its workers go with
-            # it: the loaded one, and one whose load finished but was not taken over yet.
+            # Whatever ended the actor (cancellation at shutdown, a crash), nobody waits on it:
+            # commands still in the mailbox get their reply channels closed (503 at once).
             self._close_waiters()
+            self._close_mailbox()
+            # And its workers go with it: the loaded one, and one whose load finished but was
+            # not taken over yet.
             with trio.CancelScope(shield=True), trio.move_on_after(STOP_BOUND):
                 await self._stop_worker()
                 if self._load is not None and self._load.worker is not None:
                     orphan, self._load.worker = self._load.worker, None
                     await orphan.aclose(UNLOAD_GRACE)
                     self._gate.release(self.spec.id)
+
+    def _close_mailbox(self) -> None:
+        self._send.close()
+        while True:
+            try:
+                msg = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if isinstance(msg, m.Command | Generate):
+                msg.reply.close()
 
     async def _recover(self) -> bool:
         """Set the state from disk; True when an interrupted download should resume."""
@@ -401,12 +421,11 @@ class ModelActor:
         elif isinstance(msg, Generate):
             self._handle_generate(msg)
         else:
-            async with msg.reply:
-                try:
-                    reply: m.Reply = await self._handle(msg)
-                except ModelError as exc:
-                    reply = exc
-                await msg.reply.send(reply)
+            try:
+                reply: m.Reply = await self._handle(msg)
+            except ModelError as exc:
+                reply = exc
+            _reply_now(msg.reply, reply)  # a caller that gave up just misses it
 
     async def _handle(self, cmd: m.Command) -> m.ModelView:
         if isinstance(cmd, m.GetSnapshot):
@@ -531,7 +550,7 @@ class ModelActor:
                 await self._fetch(request, _Sink(self))
         except DownloadError as exc:
             attempt.error = exc
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
             log.exception("download_crashed", model=self.spec.id)
             attempt.error = exc
         finally:
@@ -581,9 +600,10 @@ class ModelActor:
         attempt = self._download
         if attempt is None:
             return self.view()
+        # Wait for the attempt's real end (at most one thread hop: a write, a hash step, the
+        # publish): deciding earlier could call a published file absent.
         attempt.scope.cancel()
-        with trio.move_on_after(5):
-            await attempt.ended.wait()
+        await attempt.ended.wait()
         await self._finish_download(attempt)
         return self.view()
 
@@ -769,14 +789,21 @@ class ModelActor:
                 )
             try:
                 info = await trio.to_thread.run_sync(self._inspect, temp)
+                await trio.to_thread.run_sync(self._publish_import, temp)
             except GGUFInvalid as exc:
                 raise InvalidInput(
                     f"the file is not a loadable GGUF file: {exc}", code="model_file_invalid"
                 ) from None
-            await trio.to_thread.run_sync(self._store.publish, temp, self.spec.id)
+            except OSError as exc:  # e.g. the upload was abandoned and its file removed
+                raise OperationFailed(
+                    f"the uploaded file could not be published: {exc.strerror or exc}",
+                    code="import_failed",
+                ) from None
         finally:
-            await trio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
-        self._facts = attrs.evolve(facts_from(info), size=info.file_size)
+            # Synchronous (an await here could be cancelled) and cheap: one unlink.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        self._facts = facts_from(info)
         self._partial = 0
         self.error = None
         self._move(Event.FILE_IMPORTED)
@@ -785,6 +812,12 @@ class ModelActor:
         )
         log.info("model_imported", model=self.spec.id, bytes=info.file_size)
         return self.view()
+
+    def _publish_import(self, temp: Path) -> None:
+        """Publish an uploaded file; an earlier download's partial is no longer needed."""
+        self._store.publish(temp, self.spec.id)
+        remove_partial(self.dest)
+        held_marker(self.dest).unlink(missing_ok=True)
 
     async def _handle_delete(self) -> m.ModelView:
         if self._download is not None:

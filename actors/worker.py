@@ -142,7 +142,10 @@ class _FrameReader:
                 if len(self._buffer) >= 4 + length:
                     body = bytes(self._buffer[4 : 4 + length])
                     del self._buffer[: 4 + length]
-                    message = json.loads(body.decode())
+                    try:
+                        message = json.loads(body.decode())
+                    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+                        raise WorkerError("worker sent a frame that is not JSON") from None
                     if not isinstance(message, dict):
                         raise WorkerError("worker sent a frame that is not a JSON object")
                     return message
@@ -506,12 +509,16 @@ async def open_worker(
         raise
 
     if frame is not None and frame.get("type") == "ready":
-        worker.info = WorkerInfo(
-            pid=process.pid,
-            context_length=int(frame["context_length"]),
-            vocab_size=int(frame["vocab_size"]),
-            load_seconds=float(frame["load_seconds"]),
-        )
+        try:
+            worker.info = WorkerInfo(
+                pid=process.pid,
+                context_length=int(frame["context_length"]),
+                vocab_size=int(frame["vocab_size"]),
+                load_seconds=float(frame["load_seconds"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            await worker.aclose(grace=0)
+            raise WorkerStartError(f"worker for {path} sent a malformed ready frame") from None
         return worker
 
     if frame is not None and frame.get("type") == "error":

@@ -88,12 +88,17 @@ class LruGate:
                     break
                 victim = others[0]
                 log.info("model_evicted", model=victim, to_make_room_for=model_id)
-                self._order.pop(victim, None)
                 with trio.move_on_after(30):
                     try:
+                        # Its actor releases it here (`release`) once its worker is gone.
                         await self._registry.call(victim, lambda r: m.Unload(reply=r))
                     except (ModelNotFound, Unavailable):
-                        pass
+                        self._order.pop(victim, None)  # no actor left to hold memory
+                if victim in self._order:
+                    raise Unavailable(
+                        f"could not unload {victim} to make room for {model_id} "
+                        "([runtime] max_loaded); try again"
+                    )
             self._order[model_id] = None
             self._order.move_to_end(model_id)
 

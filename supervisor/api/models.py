@@ -249,12 +249,16 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
             raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
         with disk_errors_reported():
             temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
-            try:
+        try:
+            with disk_errors_reported():
                 await _receive_file(temp)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
-        return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp), wait=load_wait)
+            return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp),
+                              wait=load_wait)
+        finally:
+            # The actor takes the file (publishing or deleting it); if the command never
+            # reached it (model deleted meanwhile, timeout, disconnect), it is removed here.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
     @app.get("/models")
     async def models() -> Response:

@@ -566,3 +566,17 @@ def test_origin_in_a_thread_serves_files_from_disk(tmp_path: Path) -> None:
     assert (206, data[-5:]) == (fresh.status_code, fresh.content)
     assert (str(len(data)), "bytes") == (head.headers["content-length"],
                                          head.headers["accept-ranges"])
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "https://exa mple.test/x",
+                                      "https://example.test:99999/x", "//"])
+async def test_malformed_redirect_location_fails_cleanly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, location: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": location})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(DownloadError):  # a download failure, never a crash
+            await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), Sink(),
+                                client=client)

@@ -643,3 +643,33 @@ async def test_refused_prompt_is_invalid_input() -> None:
     with pytest.raises(InvalidInput) as caught:
         await collect(GenerationStream(MODEL_ID, Refusing()))
     assert "generation_refused" == caught.value.code
+
+
+# -- callers that give up, and the end of an actor ------------------------------------------
+
+
+async def test_a_caller_that_gave_up_does_not_crash_the_actor(
+    autojump_clock: trio.abc.Clock, start: Start, store: Store, gguf: bytes
+) -> None:
+    published(store, gguf)
+    async with start() as rig:
+        send, recv = trio.open_memory_channel[m.Reply](1)
+        await recv.aclose()  # e.g. an HTTP client that disconnected
+        await rig.actor.mailbox.send(m.GetSnapshot(reply=send))
+        assert State.DOWNLOADED == (await rig.view()).state
+
+
+async def test_commands_left_in_the_mailbox_are_answered_when_the_actor_stops(
+    autojump_clock: trio.abc.Clock, start: Start
+) -> None:
+    first_send, first = trio.open_memory_channel[m.Reply](1)
+    second_send, second = trio.open_memory_channel[m.Reply](1)
+    async with start() as rig:
+        rig.actor.mailbox.send_nowait(m.GetSnapshot(reply=first_send))
+        rig.actor.mailbox.send_nowait(m.GetSnapshot(reply=second_send))
+        # The block ends (the actor is cancelled) before the actor reads its mailbox: it
+        # wakes up with the first command, then stops at its next checkpoint.
+    with trio.fail_after(1):
+        assert isinstance(await first.receive(), m.ModelView)
+        with pytest.raises(trio.EndOfChannel):  # closed, not left waiting
+            await second.receive()
