@@ -28,6 +28,8 @@ import httpcore
 import httpx
 import trio
 
+from actors.store import fsync_dir
+
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +320,9 @@ def _read_sidecar(dest: Path) -> _Sidecar | None:
 
 
 def _write_sidecar(dest: Path, side: _Sidecar) -> None:
-    """Atomically: temp file, fsync, rename. Blocking."""
+    """Atomically: temp file, fsync, rename. Blocking. (Not `store.write_atomic`: this runs every
+    second while bytes flow, so it skips the directory fsync; a sidecar lost in a crash only
+    costs re-fetching what it described.)"""
     path = sidecar_path(dest)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -328,14 +332,6 @@ def _write_sidecar(dest: Path, side: _Sidecar) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _disk_error(exc: OSError, dest: Path) -> DownloadError:
@@ -812,7 +808,7 @@ class _Download:
         def publish() -> None:
             os.fsync(fd)
             os.replace(partial_path(dest), dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             with contextlib.suppress(FileNotFoundError):
                 sidecar_path(dest).unlink()
 
