@@ -197,3 +197,19 @@ def test_a_disconnecting_stream_frees_the_worker(make_daemon: DaemonFactory,
     assert 200 == r.status_code, r.text
     assert elapsed < 3.0, elapsed
     assert 0 == daemon.stop()
+
+
+def test_stop_sequences_end_the_text_early(served: tuple[Daemon, str, str]) -> None:
+    daemon, _chat, plain = served
+    client = client_for(daemon)
+    full = client.completions.create(model=plain, prompt="Hello", max_tokens=24, seed=11,
+                                     temperature=0.5).choices[0].text
+    assert len(full) > 4
+    stop = full[len(full) // 2:][:2]  # two characters from the second half
+    cut = client.completions.create(model=plain, prompt="Hello", max_tokens=24, seed=11,
+                                    temperature=0.5, stop=[stop])
+    text = cut.choices[0].text
+    assert "stop" == cut.choices[0].finish_reason
+    assert stop not in text
+    assert full.startswith(text)
+    assert len(text) < len(full)
