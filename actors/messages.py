@@ -18,7 +18,7 @@ from actors.state import State
 
 @attrs.frozen
 class Progress:
-    """A download progress snapshot (CONTRACT.md section 3)."""
+    """A download progress snapshot (the ModelDownloadProgress of the API)."""
 
     model: str
     status: str = "UNKNOWN"

@@ -103,5 +103,5 @@ _FLAGS: dict[State, Flags] = {
 
 
 def flags(state: State) -> Flags:
-    """The three wire booleans for `state` (CONTRACT.md section 2)."""
+    """The three wire booleans (downloaded, downloading, loaded) for `state`."""
     return _FLAGS[state]

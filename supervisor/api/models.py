@@ -1,4 +1,4 @@
-"""The Pieces Model API routes (CONTRACT.md section 1)."""
+"""The Pieces Model API routes (documented in supervisor/api/openapi.json)."""
 
 from __future__ import annotations
 

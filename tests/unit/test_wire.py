@@ -1,4 +1,4 @@
-"""The converter: every field of CONTRACT.md section 2 through the real SDK's pydantic models."""
+"""The converter: every field of the Model object through the real SDK's pydantic models."""
 
 from __future__ import annotations
 
