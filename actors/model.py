@@ -259,8 +259,10 @@ class _Sink:
         self._rate_at = trio.current_time()
         self._rate_bytes: int | None = None
         self._floor = 0.0
+        self._done = 0
 
     def update(self, done: int, total: int | None) -> None:
+        self._done = done
         now = trio.current_time()
         if self._rate_bytes is None:
             self._rate_bytes, self._rate_at = done, now
@@ -302,6 +304,7 @@ class _Sink:
             attempt=attempt,
             delay=round(delay, 3),
             reason=reason,
+            bytes=self._done,
         )
 
 

@@ -87,6 +87,7 @@ def test_every_line_is_json_with_the_events_that_matter(make_daemon: DaemonFacto
     retry = daemon.events("download_retry")[0]
     assert ("flaky", 1) == (retry["model"], retry["attempt"])
     assert "503" in retry["reason"]
+    assert isinstance(retry["bytes"], int)
 
     loaded_event = daemon.events("model_loaded")[0]
     assert isinstance(loaded_event["load_seconds"], float)
