@@ -11,19 +11,24 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import socket
+import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import attrs
+import certifi
+import h11
 import httpcore
 import httpx
 import trio
@@ -157,18 +162,23 @@ async def download_file(
     (see `code`); cancellation leaves the partial and its sidecar for the next call.
     """
     url = _check_url(req.url, allow_http=req.allow_http, previous=None)
-    if client is not None:
-        await _Download(req, sink, client, clock, url).run()
+    if client is not None:  # a given client (tests, proxies) carries every byte itself
+        await _Download(req, sink, client, clock, url, pump=False).run()
         return
-    async with httpx.AsyncClient(
+    own_client = httpx.AsyncClient(
         follow_redirects=False,
         timeout=_timeout(req),
         limits=httpx.Limits(max_connections=req.connections + 1,
                             max_keepalive_connections=req.connections + 1),
         headers={"Accept-Encoding": "identity"},
         trust_env=False,
-    ) as own_client:
-        await _Download(req, sink, own_client, clock, url).run()
+    )
+    try:
+        await _Download(req, sink, own_client, clock, url, pump=True).run()
+    finally:
+        # Shielded and bounded: a cancelled download still closes its idle connections.
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await own_client.aclose()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +188,10 @@ async def download_file(
 # tens of thousands of wake-ups a second. 1 MiB reads cut that per-byte work sixteen-fold
 # (see BENCHMARKS.md). Only modeld's downloads use httpx in this process.
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
+PUMP_BUFFER = 1024 * 1024
+# Pump threads hold a thread for a whole piece: their own limiter, so they never starve the
+# short jobs (writes, hashing, fsync) that share trio's default one.
+PUMP_THREADS = trio.CapacityLimiter(64)
 
 MAX_REDIRECTS = 10
 MAX_RESTARTS = 3  # content changes in one call before giving up
@@ -366,6 +380,7 @@ class _Download:
     client: httpx.AsyncClient
     clock: Callable[[], float]
     url: httpx.URL
+    pump: bool = False  # ranged pieces' bytes moved by worker threads (see `_pump`)
     rng: random.Random = attrs.Factory(random.Random)
     # per attempt
     probe: _Probe | None = None
@@ -653,12 +668,136 @@ class _Download:
             self.sink.reset()
             self.done.clear()
             at.pos = 0
+        if self.pump and probe.ranges and end is not None:
+            await self._pump_range(probe.url, headers, at, end)
+            return
         async with self._open(probe.url, headers) as (_url, response):
             if probe.ranges:
                 self._check_range_answer(response, at.pos)
             elif response.status_code != 200:
                 raise _ContentChanged()
             await self._receive(response, at, end)
+
+    async def _pump_range(self, url: httpx.URL, headers: dict[str, str], at: _Cursor,
+                          end: int) -> None:
+        """Fetch [at.pos, end) with a worker thread moving the bytes from socket to file
+        (`_pump`), so that the event loop does no work per byte: it only records progress.
+        A cancel stops the thread within one read (a flag, and its socket shut down under
+        it); the thread has ended when this returns, whatever ended it."""
+        stop = threading.Event()
+        sockets: list[socket.socket] = []
+        recorded = at.pos
+        failure: DownloadError | _ContentChanged | _Transient | None = None
+
+        def note() -> None:
+            nonlocal recorded
+            if at.pos > recorded:
+                self._record(recorded, at.pos)
+                recorded = at.pos
+                self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
+
+        async def report() -> None:
+            try:
+                while True:
+                    await trio.sleep(WRITE_INTERVAL)
+                    note()
+                    if self.clock() >= self.next_sync and not self.syncing:
+                        await self._sync_sidecar()
+            finally:
+                stop.set()
+                for sock in sockets:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(report)
+                try:
+                    await trio.to_thread.run_sync(self._pump, url, headers, at, end, stop,
+                                                  sockets, limiter=PUMP_THREADS)
+                except (DownloadError, _ContentChanged, _Transient) as exc:
+                    failure = exc  # raised below, not as an exception group
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            note()  # synchronous: this runs when cancelled too
+        if failure is not None:
+            raise failure
+
+    def _pump(self, url: httpx.URL, headers: dict[str, str], at: _Cursor, end: int,
+              stop: threading.Event, sockets: list[socket.socket]) -> None:
+        """In a worker thread: one ranged GET over a socket of its own. h11 reads the status
+        and headers; the body goes from `recv_into` to `pwrite` without Python touching the
+        bytes (both calls release the GIL)."""
+        _background_thread()
+        host = url.host
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            raw = socket.create_connection((host, port), timeout=self.req.stall_timeout)
+        except OSError as exc:
+            raise _Transient(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        sockets.append(raw)  # from here on, a cancel can shut it down under the thread
+        sock: socket.socket = raw
+        try:
+            if stop.is_set():
+                return
+            if url.scheme == "https":
+                sock = _tls_context().wrap_socket(raw, server_hostname=host)
+            conn = h11.Connection(h11.CLIENT)
+            target = url.raw_path.decode("ascii")
+            request = h11.Request(method="GET", target=target, headers=[
+                ("Host", url.netloc.decode("ascii")), ("User-Agent", "modeld"),
+                ("Accept-Encoding", "identity"), *headers.items()])
+            sock.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
+            response = self._pump_head(conn, sock)
+            answer = httpx.Response(response.status_code, headers=[
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers])
+            if 300 <= answer.status_code < 400:
+                raise _ContentChanged()  # moved since the probe: probe again
+            self._check_status(answer)
+            self._check_range_answer(answer, at.pos)
+            if "chunked" in answer.headers.get("transfer-encoding", "").lower():
+                raise _Transient("the origin answered a range request with a chunked body")
+            # What h11 already holds, then the socket directly.
+            while at.pos < end:
+                event = conn.next_event()
+                if event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
+                    break
+                if isinstance(event, h11.Data):
+                    self._pump_write(memoryview(event.data)[: end - at.pos], at)
+            buffer = memoryview(bytearray(PUMP_BUFFER))
+            while at.pos < end and not stop.is_set():
+                n = sock.recv_into(buffer[: min(PUMP_BUFFER, end - at.pos)])
+                if not n:
+                    raise _Transient("the origin closed the connection early")
+                self._pump_write(buffer[:n], at)  # kept even when told to stop
+        except TimeoutError:
+            if not stop.is_set():
+                raise _Transient(f"no data for {self.req.stall_timeout:g} s") from None
+        except (OSError, h11.ProtocolError) as exc:
+            if not stop.is_set():
+                raise _Transient(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            sock.close()
+
+    def _pump_head(self, conn: h11.Connection, sock: socket.socket) -> h11.Response:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                if not data:
+                    raise _Transient("the origin closed the connection before answering")
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                return event
+            elif not isinstance(event, h11.InformationalResponse):
+                raise _Transient(f"unexpected {type(event).__name__} from the origin")
+
+    def _pump_write(self, data: memoryview, at: _Cursor) -> None:
+        try:
+            at.pos = _pwrite_all(self.fd, [data], at.pos)
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
 
     def _check_range_answer(self, response: httpx.Response, pos: int) -> None:
         probe = self.probe
@@ -850,7 +989,13 @@ def _background_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
-def _pwrite_all(fd: int, chunks: list[bytes], pos: int) -> int:
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The pump's TLS settings: httpx's (certifi's CA bundle, hostname checked)."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:
     """Write `chunks` at `pos` (all of them); return the position after them. Blocking."""
     _background_thread()
     for chunk in chunks:
