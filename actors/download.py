@@ -172,6 +172,7 @@ async def download_file(
                             max_keepalive_connections=req.connections + 1),
         headers={"Accept-Encoding": "identity"},
         trust_env=False,
+        verify=_tls_context(),  # the same trust as the pump's own connections
     )
     try:
         await _Download(req, sink, own_client, clock, url, pump=True).run()
@@ -617,7 +618,7 @@ class _Download:
             raise _Transient(f"no data for {self.req.stall_timeout:g} s ({type(exc).__name__})"
                              ) from None
         except httpx.TransportError as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc or 'connection failed'}") from None
+            raise _Transient(_describe(exc, "connection failed")) from None
 
     def _check_status(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -839,7 +840,7 @@ class _Download:
             raise _Transient(f"no data for {self.req.stall_timeout:g} s") from None
         except httpx.TransportError as exc:
             at.pos = await self._write(chunks, at.pos)
-            raise _Transient(f"{type(exc).__name__}: {exc or 'connection lost'}") from None
+            raise _Transient(_describe(exc, "connection lost")) from None
         at.pos = await self._write(chunks, at.pos)
         if end is not None and at.pos < end:
             raise _Transient("the origin closed the connection early")
@@ -989,10 +990,24 @@ def _background_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
+def _describe(exc: BaseException, fallback: str) -> str:
+    """`Kind: reason` for a transport error; httpx's often has an empty message and keeps
+    the reason (e.g. a certificate that does not verify) in its cause."""
+    reason, seen = "", exc
+    for _ in range(8):  # the first non-empty message down the chain of causes
+        reason = str(seen)
+        following = seen.__cause__ or seen.__context__
+        if reason or following is None:
+            break
+        seen = following
+    return f"{type(exc).__name__}: {reason or fallback}"
+
+
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
-    """The pump's TLS settings: httpx's (certifi's CA bundle, hostname checked)."""
-    return ssl.create_default_context(cafile=certifi.where())
+    """How downloads check origins' certificates: the CA bundle in $SSL_CERT_FILE when set
+    (a local mirror, a company CA), else certifi's (as httpx); hostnames always checked."""
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
 
 
 def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:

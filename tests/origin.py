@@ -20,18 +20,21 @@ import hashlib
 import os
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import attrs
 import h11
 import trio
 
 _CHUNK = 256 * 1024
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 @attrs.define
@@ -102,6 +105,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 @attrs.define(eq=False)
 class Origin:
     port: int = 0
+    scheme: str = "http"
     resources: dict[str, Resource] = attrs.Factory(dict)
     requests: list[Seen] = attrs.Factory(list)
     bytes_sent: int = 0
@@ -113,7 +117,7 @@ class Origin:
     _clock: int = 1_700_000_000
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def add(self, path: str, data: bytes | Path, etag: str | None = None) -> Resource:
         self._clock += 10
@@ -149,7 +153,7 @@ class Origin:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
+    async def serve_connection(self, stream: Stream) -> None:
         self.connections_opened += 1
         conn_id = self.connections_opened
         self.active_connections += 1
@@ -171,10 +175,12 @@ class Origin:
             pass
         finally:
             self.active_connections -= 1
-            stream.socket.close()
+            plain = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+            assert isinstance(plain, trio.SocketStream)
+            plain.socket.close()
 
     async def _answer(
-        self, conn: h11.Connection, stream: trio.SocketStream, req: h11.Request, conn_id: int
+        self, conn: h11.Connection, stream: Stream, req: h11.Request, conn_id: int
     ) -> bool:
         """Send one response; False when the connection must end (fault injected)."""
         headers = {k.decode().lower(): v.decode() for k, v in req.headers}
@@ -274,7 +280,7 @@ async def _read(data: bytes | Path, offset: int, n: int) -> bytes:
     return await trio.to_thread.run_sync(pread)
 
 
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
+async def _next_event(conn: h11.Connection, stream: Stream) -> object:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -284,7 +290,7 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object
 
 
 async def _send_simple(
-    conn: h11.Connection, stream: trio.SocketStream, status: int, extra: list[tuple[str, str]]
+    conn: h11.Connection, stream: Stream, status: int, extra: list[tuple[str, str]]
 ) -> None:
     body = f"status {status}\n".encode()
     headers = [("Content-Length", str(len(body))), ("Content-Type", "text/plain"), *extra]
@@ -294,10 +300,18 @@ async def _send_simple(
 
 
 @contextlib.asynccontextmanager
-async def open_origin() -> AsyncIterator[Origin]:
-    """Serve on 127.0.0.1 (a free port) until the block ends; connections are closed then."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    origin = Origin(port=listeners[0].socket.getsockname()[1])
+async def open_origin(tls: ssl.SSLContext | None = None) -> AsyncIterator[Origin]:
+    """Serve on 127.0.0.1 (a free port) until the block ends; connections are closed then.
+    With `tls` (a server context), over https."""
+    listeners: list[Any]
+    if tls is None:
+        listeners = list(await trio.open_tcp_listeners(0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+    else:
+        listeners = list(await trio.open_ssl_over_tcp_listeners(
+            0, tls, host="127.0.0.1", https_compatible=True))
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+    origin = Origin(port=port, scheme="http" if tls is None else "https")
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, origin.serve_connection, listeners)
         try:

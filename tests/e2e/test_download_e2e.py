@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import ssl
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from pieces_os_client.exceptions import ApiException
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -312,3 +316,50 @@ async def test_progress_of_an_idle_model_and_unknown_ids(make_daemon: DaemonFact
             r = await client.post(f"{daemon.url}/model/nope/download/cancel")
             assert 410 == r.status_code
         assert 0 == await trio.to_thread.run_sync(daemon.stop)
+
+
+def make_certificate(where: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
+    cert, key = where / "origin.pem", where / "origin.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=modeld test origin", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_https_download_checks_the_certificate(make_daemon: DaemonFactory,
+                                                     tmp_path: Path) -> None:
+    data = payload(12 * MiB, seed=9)
+    cert, key = make_certificate(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    with trio.fail_after(60):
+        async with open_origin(tls=server) as origin:
+            origin.add("/s.gguf", data)
+            origin.faults("/s.gguf").throttle = 2 * MiB  # slow enough for several connections
+            model = entry(origin, "/s.gguf", data)
+            assert model["url"].startswith("https://")
+            # Trusted through SSL_CERT_FILE: a verified download over several TLS connections.
+            daemon = make_daemon([model], download={"allow_http": False})
+            await trio.to_thread.run_sync(
+                lambda: daemon.start(env={"SSL_CERT_FILE": str(cert)}))
+            await sdk_call(daemon, "model_specific_model_download", "s")
+            messages, _ = await watch(daemon, "s")
+            assert "COMPLETED" == messages[-1]["status"]
+            assert data == (daemon.storage / "models" / "s.gguf").read_bytes()
+            assert origin.max_active_connections >= 2
+            assert 0 == await trio.to_thread.run_sync(daemon.stop)
+
+            # Not trusted: the download fails, nothing is published.
+            untrusted = make_daemon([model], download={"allow_http": False, "retries": 0})
+            await started(untrusted)
+            await sdk_call(untrusted, "model_specific_model_download", "s")
+            messages, _ = await watch(untrusted, "s")
+            assert "FAILED" == messages[-1]["status"]
+            assert "CERTIFICATE" in messages[-1]["error"].upper()
+            assert not (untrusted.storage / "models" / "s.gguf").exists()
+            assert 0 == await trio.to_thread.run_sync(untrusted.stop)
