@@ -931,14 +931,13 @@ class _Download:
             raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
                                "url and size")
         if req.sha256 is not None:
-            if self.hasher is not None:
-                try:
-                    await self._hash_upto(size)
-                except OSError as exc:
-                    raise _disk_error(exc, dest) from exc
-                digest = self.hasher.hexdigest()
-            else:
-                digest = await self._hash()
+            if self.hasher is None:  # hashing along the download gave up: start from byte 0
+                self.hasher, self.hashed = hashlib.sha256(), 0
+            try:
+                await self._hash_upto(size)
+            except OSError as exc:
+                raise _disk_error(exc, dest) from exc
+            digest = self.hasher.hexdigest()
             if digest != req.sha256.lower():
                 await trio.to_thread.run_sync(remove_partial, dest)
                 raise ChecksumMismatch(
@@ -957,22 +956,6 @@ class _Download:
         except OSError as exc:
             raise _disk_error(exc, dest) from exc
         self.sink.update(size, size)
-
-    async def _hash(self) -> str:
-        """sha256 of the partial, in worker threads, one chunk per hop (cancellable between)."""
-        h, fd, pos = hashlib.sha256(), self.fd, 0
-
-        def step(offset: int) -> int:
-            data = os.pread(fd, HASH_CHUNK, offset)
-            h.update(data)
-            return len(data)
-
-        try:
-            while n := await trio.to_thread.run_sync(step, pos):
-                pos += n
-        except OSError as exc:
-            raise _disk_error(exc, self.req.dest) from exc
-        return h.hexdigest()
 
 
 _thread_state = threading.local()
