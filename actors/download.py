@@ -11,28 +11,25 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
-import functools
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
-import socket
-import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import attrs
-import certifi
-import h11
 import httpcore
 import httpx
 import trio
 
+from actors.pump import PumpFailed, PumpProcess, with_pump
+from actors.pump_main import tls_context
 from actors.store import fsync_dir
 
 T = TypeVar("T")
@@ -172,7 +169,7 @@ async def download_file(
                             max_keepalive_connections=req.connections + 1),
         headers={"Accept-Encoding": "identity"},
         trust_env=False,
-        verify=_tls_context(),  # the same trust as the pump's own connections
+        verify=tls_context(),  # the same trust as the pump's own connections
     )
     try:
         await _Download(req, sink, own_client, clock, url, pump=True).run()
@@ -189,10 +186,6 @@ async def download_file(
 # tens of thousands of wake-ups a second. 1 MiB reads cut that per-byte work sixteen-fold
 # (see BENCHMARKS.md). Only modeld's downloads use httpx in this process.
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
-PUMP_BUFFER = 1024 * 1024
-# Pump threads hold a thread for a whole piece: their own limiter, so they never starve the
-# short jobs (writes, hashing, fsync) that share trio's default one.
-PUMP_THREADS = trio.CapacityLimiter(64)
 
 MAX_REDIRECTS = 10
 MAX_RESTARTS = 3  # content changes in one call before giving up
@@ -381,7 +374,7 @@ class _Download:
     client: httpx.AsyncClient
     clock: Callable[[], float]
     url: httpx.URL
-    pump: bool = False  # ranged pieces' bytes moved by worker threads (see `_pump`)
+    pump: bool = False  # ranged pieces' bytes moved by a pump process (actors/pump.py)
     rng: random.Random = attrs.Factory(random.Random)
     # per attempt
     probe: _Probe | None = None
@@ -392,8 +385,9 @@ class _Download:
     failure: BaseException | None = None
     wrote: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) after every write
     fetching: bool = False
-    hasher: Any = None  # sha256 of bytes [0, hashed) while the download runs
-    hashed: int = 0
+    pumper: PumpProcess | None = None
+    hasher: _Hasher | None = None  # sha256 of the file's front while the download runs
+    hash_broken: bool = False  # hashing along failed: _finish starts again from byte 0
 
     async def run(self) -> None:
         dest = self.req.dest
@@ -432,8 +426,17 @@ class _Download:
         try:
             self.next_sync = self.clock() + SIDECAR_EVERY
             self.sink.update(_covered(self.done), probe.total)
-            await self._fetch_and_hash()
-            await self._finish()
+            if not self.pump:
+                await self._fetch_and_hash()
+                await self._finish()
+                return
+
+            async def body(pumper: PumpProcess) -> None:
+                self.pumper = pumper
+                await self._fetch_and_hash()
+                await self._finish()
+
+            await with_pump(self.fd, body)
         finally:
             if self.fd >= 0:
                 self._final_sidecar_sync()
@@ -503,7 +506,8 @@ class _Download:
         if self.req.sha256 is None:
             await self._fetch_all()
             return
-        self.hasher, self.hashed, self.fetching = hashlib.sha256(), 0, True
+        self.hasher = self.pumper or _LocalHash(self.fd)
+        self.hash_broken, self.fetching = False, True
         failure: DownloadError | _ContentChanged | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._hash_along)
@@ -518,29 +522,17 @@ class _Download:
             raise failure
 
     async def _hash_along(self) -> None:
+        hasher = self.hasher
+        assert hasher is not None
         try:
             while self.fetching:
-                if _prefix_end(self.done) - self.hashed >= HASH_CHUNK:
-                    await self._hash_upto(self.hashed + HASH_CHUNK)
+                ready = _prefix_end(self.done)
+                if ready - hasher.hashed >= HASH_CHUNK:
+                    await hasher.hash_upto(ready)
                 else:
                     await self.wrote.wait()
-        except OSError:
-            self.hasher = None  # _finish hashes the whole file instead
-
-    async def _hash_upto(self, target: int) -> None:
-        """Extend the running hash to byte `target`, one HASH_CHUNK per thread hop."""
-        fd, h = self.fd, self.hasher
-
-        def step() -> int:
-            _background_thread()
-            data = os.pread(fd, min(HASH_CHUNK, target - self.hashed), self.hashed)
-            h.update(data)
-            self.hashed += len(data)  # in the thread, with the update: never half counted
-            return len(data)
-
-        while self.hashed < target:
-            if not await trio.to_thread.run_sync(step):
-                break
+        except (OSError, PumpFailed):
+            self.hash_broken = True
 
     async def _run_worker(self, pieces: list[tuple[int, int | None]],
                           scope: trio.CancelScope) -> None:
@@ -681,12 +673,12 @@ class _Download:
 
     async def _pump_range(self, url: httpx.URL, headers: dict[str, str], at: _Cursor,
                           end: int) -> None:
-        """Fetch [at.pos, end) with a worker thread moving the bytes from socket to file
-        (`_pump`), so that the event loop does no work per byte: it only records progress.
-        A cancel stops the thread within one read (a flag, and its socket shut down under
-        it); the thread has ended when this returns, whatever ended it."""
-        stop = threading.Event()
-        sockets: list[socket.socket] = []
+        """Fetch [at.pos, end) through the pump process (actors/pump.py), which moves the
+        bytes from socket to file outside this process: the event loop judges the response
+        head and records progress, nothing per byte. A cancel stops the child's thread within
+        one read; it has stopped writing when this returns, whatever ended it."""
+        pumper = self.pumper
+        assert pumper is not None
         recorded = at.pos
         failure: DownloadError | _ContentChanged | _Transient | None = None
 
@@ -698,24 +690,33 @@ class _Download:
                 self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
 
         async def report() -> None:
-            try:
-                while True:
-                    await trio.sleep(WRITE_INTERVAL)
-                    note()
-                    if self.clock() >= self.next_sync and not self.syncing:
-                        await self._sync_sidecar()
-            finally:
-                stop.set()
-                for sock in sockets:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
+            while True:
+                await trio.sleep(WRITE_INTERVAL)
+                note()
+                if self.clock() >= self.next_sync and not self.syncing:
+                    await self._sync_sidecar()
+
+        def judge(status: int, head: list[tuple[str, str]]) -> None:
+            answer = httpx.Response(status, headers=head)
+            if 300 <= status < 400:
+                raise _ContentChanged()  # moved since the probe: probe again
+            self._check_status(answer)
+            self._check_range_answer(answer, at.pos)
+            if "chunked" in answer.headers.get("transfer-encoding", "").lower():
+                raise _Transient("the origin answered a range request with a chunked body")
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(report)
                 try:
-                    await trio.to_thread.run_sync(self._pump, url, headers, at, end, stop,
-                                                  sockets, limiter=PUMP_THREADS)
+                    await pumper.fetch(
+                        scheme=url.scheme, host=url.host,
+                        port=url.port or (443 if url.scheme == "https" else 80),
+                        target=url.raw_path.decode("ascii"),
+                        netloc=url.netloc.decode("ascii"), headers=headers, at=at, end=end,
+                        stall_timeout=self.req.stall_timeout, judge=judge, moved=note)
+                except PumpFailed as exc:
+                    failure = _pump_failure(exc, self.req.dest)
                 except (DownloadError, _ContentChanged, _Transient) as exc:
                     failure = exc  # raised below, not as an exception group
                 finally:
@@ -724,81 +725,6 @@ class _Download:
             note()  # synchronous: this runs when cancelled too
         if failure is not None:
             raise failure
-
-    def _pump(self, url: httpx.URL, headers: dict[str, str], at: _Cursor, end: int,
-              stop: threading.Event, sockets: list[socket.socket]) -> None:
-        """In a worker thread: one ranged GET over a socket of its own. h11 reads the status
-        and headers; the body goes from `recv_into` to `pwrite` without Python touching the
-        bytes (both calls release the GIL)."""
-        _background_thread()
-        host = url.host
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            raw = socket.create_connection((host, port), timeout=self.req.stall_timeout)
-        except OSError as exc:
-            raise _Transient(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-        sockets.append(raw)  # from here on, a cancel can shut it down under the thread
-        sock: socket.socket = raw
-        try:
-            if stop.is_set():
-                return
-            if url.scheme == "https":
-                sock = _tls_context().wrap_socket(raw, server_hostname=host)
-            conn = h11.Connection(h11.CLIENT)
-            target = url.raw_path.decode("ascii")
-            request = h11.Request(method="GET", target=target, headers=[
-                ("Host", url.netloc.decode("ascii")), ("User-Agent", "modeld"),
-                ("Accept-Encoding", "identity"), *headers.items()])
-            sock.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
-            response = self._pump_head(conn, sock)
-            answer = httpx.Response(response.status_code, headers=[
-                (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers])
-            if 300 <= answer.status_code < 400:
-                raise _ContentChanged()  # moved since the probe: probe again
-            self._check_status(answer)
-            self._check_range_answer(answer, at.pos)
-            if "chunked" in answer.headers.get("transfer-encoding", "").lower():
-                raise _Transient("the origin answered a range request with a chunked body")
-            # What h11 already holds, then the socket directly.
-            while at.pos < end:
-                event = conn.next_event()
-                if event is h11.NEED_DATA or isinstance(event, h11.EndOfMessage):
-                    break
-                if isinstance(event, h11.Data):
-                    self._pump_write(memoryview(event.data)[: end - at.pos], at)
-            buffer = memoryview(bytearray(PUMP_BUFFER))
-            while at.pos < end and not stop.is_set():
-                n = sock.recv_into(buffer[: min(PUMP_BUFFER, end - at.pos)])
-                if not n:
-                    raise _Transient("the origin closed the connection early")
-                self._pump_write(buffer[:n], at)  # kept even when told to stop
-        except TimeoutError:
-            if not stop.is_set():
-                raise _Transient(f"no data for {self.req.stall_timeout:g} s") from None
-        except (OSError, h11.ProtocolError) as exc:
-            if not stop.is_set():
-                raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        finally:
-            sock.close()
-
-    def _pump_head(self, conn: h11.Connection, sock: socket.socket) -> h11.Response:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = sock.recv(65536)
-                if not data:
-                    raise _Transient("the origin closed the connection before answering")
-                conn.receive_data(data)
-            elif isinstance(event, h11.Response):
-                return event
-            elif not isinstance(event, h11.InformationalResponse):
-                raise _Transient(f"unexpected {type(event).__name__} from the origin")
-
-    def _pump_write(self, data: memoryview, at: _Cursor) -> None:
-        try:
-            at.pos = _pwrite_all(self.fd, [data], at.pos)
-        except OSError as exc:
-            raise _disk_error(exc, self.req.dest) from exc
 
     def _check_range_answer(self, response: httpx.Response, pos: int) -> None:
         probe = self.probe
@@ -931,13 +857,16 @@ class _Download:
             raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
                                "url and size")
         if req.sha256 is not None:
-            if self.hasher is None:  # hashing along the download gave up: start from byte 0
-                self.hasher, self.hashed = hashlib.sha256(), 0
+            hasher = self.hasher or self.pumper or _LocalHash(fd)
             try:
-                await self._hash_upto(size)
+                if self.hash_broken:  # hashing along the download gave up: from byte 0
+                    await hasher.hash_reset()
+                await hasher.hash_upto(size)
+                digest = await hasher.hexdigest()
             except OSError as exc:
                 raise _disk_error(exc, dest) from exc
-            digest = self.hasher.hexdigest()
+            except PumpFailed as exc:
+                raise _pump_failure(exc, dest) from None
             if digest != req.sha256.lower():
                 await trio.to_thread.run_sync(remove_partial, dest)
                 raise ChecksumMismatch(
@@ -973,6 +902,14 @@ def _background_thread() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
+def _pump_failure(exc: PumpFailed, dest: Path) -> DownloadError | _Transient:
+    if exc.kind == "disk":
+        return _disk_error(OSError(exc.errno, exc.reason), dest)
+    if exc.kind == "died":
+        return DownloadError(f"{exc.reason}; the partial is kept: download again to resume")
+    return _Transient(exc.reason)
+
+
 def _describe(exc: BaseException, fallback: str) -> str:
     """`Kind: reason` for a transport error; httpx's often has an empty message and keeps
     the reason (e.g. a certificate that does not verify) in its cause."""
@@ -986,11 +923,49 @@ def _describe(exc: BaseException, fallback: str) -> str:
     return f"{type(exc).__name__}: {reason or fallback}"
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """How downloads check origins' certificates: the CA bundle in $SSL_CERT_FILE when set
-    (a local mirror, a company CA), else certifi's (as httpx); hostnames always checked."""
-    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+class _Hasher(Protocol):
+    """The running sha256 of the file's front, [0, hashed)."""
+
+    hashed: int
+
+    async def hash_upto(self, target: int) -> int: ...
+
+    async def hash_reset(self) -> None: ...
+
+    async def hexdigest(self) -> str: ...
+
+
+class _LocalHash:
+    """`_Hasher` in this process's worker threads, for downloads through a given client (the
+    pump process hashes the others: `PumpProcess`)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+
+    async def hash_upto(self, target: int) -> int:
+        """Extend the hash to byte `target` (or the end of the file), one HASH_CHUNK per
+        thread hop. Raises OSError."""
+        fd, h = self.fd, self.hasher
+
+        def step() -> int:
+            _background_thread()
+            data = os.pread(fd, min(HASH_CHUNK, target - self.hashed), self.hashed)
+            h.update(data)
+            self.hashed += len(data)  # in the thread, with the update: never half counted
+            return len(data)
+
+        while self.hashed < target:
+            if not await trio.to_thread.run_sync(step):
+                break
+        return self.hashed
+
+    async def hash_reset(self) -> None:
+        self.hasher, self.hashed = hashlib.sha256(), 0
+
+    async def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
 
 
 def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:

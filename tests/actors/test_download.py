@@ -12,6 +12,7 @@ from pathlib import Path
 
 import attrs
 import httpx
+import psutil
 import pytest
 import trio
 import trio.testing
@@ -194,6 +195,51 @@ async def test_sidecar_survives_cancel(tmp_path: Path) -> None:
     remove_partial(dest)
     assert 0 == partial_bytes(dest)
     assert not partial_path(dest).exists()
+
+
+def _pump_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children()
+            if "actors.pump_main" in " ".join(p.cmdline())]
+
+
+async def test_killed_pump_process_fails_the_download_and_keeps_the_partial(
+        tmp_path: Path) -> None:
+    """The bytes move in a child process; if it dies (OOM killer, a signal), the download fails
+    at once with a clear error, what was recorded stays, and the next call resumes."""
+    data = payload(6 * MiB)
+    dest = tmp_path / "m"
+    with trio.fail_after(20):
+        async with open_origin() as origin:
+            origin.add("/m", data)
+            origin.faults("/m").throttle = 4 * MiB
+            req = request(origin, "/m", dest, sha256=sha(data), connections=1)
+            failure: list[BaseException] = []
+
+            async def run() -> None:
+                try:
+                    await download_file(req, Sink())
+                except DownloadError as exc:
+                    failure.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await origin.wait_bytes_sent(2 * MiB)  # the pump child is running
+                await trio.sleep(0.3)  # a progress frame or more has been recorded
+                (child,) = _pump_children()
+                child.kill()
+                killed_at = trio.current_time()
+            assert trio.current_time() - killed_at < 2
+            (exc,) = failure
+            assert "pump process exited unexpectedly" in str(exc)
+            assert "download again to resume" in str(exc)
+            assert "download_error" == exc.code  # type: ignore[attr-defined]
+            kept = partial_bytes(dest)
+            assert MiB <= kept < len(data)
+            assert [] == _pump_children()  # reaped
+            origin.faults("/m").throttle = None
+            await download_file(req, Sink())
+    assert data == dest.read_bytes()
+    assert any(s.range == f"bytes={kept}-{len(data) - 1}" for s in origin.seen("/m"))
 
 
 def test_partial_bytes_ignores_invalid_sidecar(tmp_path: Path) -> None:

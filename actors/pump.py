@@ -1,0 +1,228 @@
+"""Parent side of a download's byte pump: a child process (actors/pump_main.py) that moves
+ranged bodies from sockets to the partial file and hashes its front, while the daemon decides
+which ranges to fetch, judges every response head, and records progress.
+
+The bytes never enter the daemon's process, so its interpreter lock and its event loop are free
+for requests however many downloads run (see BENCHMARKS.md). A cancel is one `stop` frame: the
+child shuts the socket down under its thread, and the origin sees the connection close within
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from actors.worker import WorkerError, _FrameReader
+from actors.worker_main import Frame, encode_frame
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE = 1.0  # seconds a stopped pump (or the child at exit) gets before being given up
+
+
+class Cursor(Protocol):
+    pos: int
+
+
+class PumpFailed(Exception):
+    """A pump ended without its range: `kind` is `transient` (network; retry), `disk`
+    (`errno` tells which) or `died` (the child process is gone: this attempt cannot go on)."""
+
+    def __init__(self, kind: str, reason: str, errno: int = 0) -> None:
+        super().__init__(reason)
+        self.kind, self.reason, self.errno = kind, reason, errno
+
+
+class _Job:
+    def __init__(self, at: Cursor, moved: Callable[[], None]) -> None:
+        self.at = at
+        self.moved = moved
+        self.send, self.receive = trio.open_memory_channel[Frame](math.inf)
+
+
+class PumpProcess:
+    """One child per download attempt; made by `open_pump`."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self._process = process
+        assert process.stdout is not None
+        self._reader = _FrameReader(process.stdout)
+        self._send_lock = trio.Lock()
+        self._jobs: dict[int, _Job] = {}
+        self._next_id = 0
+        self._hash_lock = trio.Lock()
+        self._hash_send, self._hash_receive = trio.open_memory_channel[Frame](math.inf)
+        self._alive = True
+        self._gone = "the download's pump process exited unexpectedly"
+        self.hashed = 0  # bytes [0, hashed) are in the child's running sha256
+
+    # -- requests
+
+    async def _send(self, frame: Frame) -> None:
+        if not self._alive:
+            return
+        assert self._process.stdin is not None
+        async with self._send_lock:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._process.stdin.send_all(encode_frame(frame))
+
+    async def fetch(self, *, scheme: str, host: str, port: int, target: str, netloc: str,
+                    headers: dict[str, str], at: Cursor, end: int, stall_timeout: float,
+                    judge: Callable[[int, list[tuple[str, str]]], None],
+                    moved: Callable[[], None]) -> None:
+        """GET [at.pos, end) into the file; `at.pos` follows what is written, and `moved()`
+        is called whenever it moves. `judge(status, headers)` sees the response head before any
+        body byte is written and raises to refuse it (that exception propagates). Raises
+        PumpFailed when the pump ends early. Whatever ends this, the child's thread has stopped
+        writing when it returns."""
+        if not self._alive:
+            raise PumpFailed("died", self._gone)
+        self._next_id += 1
+        job_id, job = self._next_id, _Job(at, moved)
+        self._jobs[job_id] = job
+        sent = ended = False
+        try:
+            await self._send({"op": "pump", "id": job_id, "scheme": scheme, "host": host,
+                              "port": port, "target": target, "netloc": netloc,
+                              "headers": [[k, v] for k, v in headers.items()],
+                              "start": at.pos, "end": end, "timeout": stall_timeout})
+            sent = True
+            async for frame in job.receive:
+                if "end" in frame:
+                    ended = True
+                    kind = frame["end"]
+                    if kind in ("ok", "stopped"):
+                        return
+                    raise PumpFailed(str(kind), str(frame.get("reason") or kind),
+                                     int(frame.get("errno") or 0))
+                head = frame["head"]
+                try:
+                    judge(int(head["status"]),
+                          [(str(k), str(v)) for k, v in head["headers"]])
+                except BaseException:
+                    await self._send({"op": "stop", "id": job_id})
+                    raise
+                await self._send({"op": "go", "id": job_id})
+        finally:
+            if sent and not ended:
+                # Cancelled or refused: stop the thread and wait for its last position, so
+                # that what it wrote is recorded. Shielded and bounded.
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
+                    await self._send({"op": "stop", "id": job_id})
+                    async for frame in job.receive:
+                        if "end" in frame:
+                            break
+            del self._jobs[job_id]
+
+    async def hash_upto(self, target: int) -> int:
+        """Extend the child's running sha256 to byte `target` (or the end of the file);
+        returns how far it reaches. Raises OSError for a read error."""
+        reply = await self._hash_request({"op": "hash", "upto": target})
+        self.hashed = int(reply["hashed"])
+        if reply.get("errno"):
+            raise OSError(int(reply["errno"]), str(reply.get("reason")))
+        return self.hashed
+
+    async def hash_reset(self) -> None:
+        self.hashed = 0
+        await self._send({"op": "hash_reset"})
+
+    async def hexdigest(self) -> str:
+        return str((await self._hash_request({"op": "digest"}))["digest"])
+
+    async def _hash_request(self, frame: Frame) -> Frame:
+        async with self._hash_lock:
+            if not self._alive:
+                raise PumpFailed("died", self._gone)
+            await self._send(frame)
+            reply = await self._hash_receive.receive()
+        if "hashed" not in reply and "digest" not in reply:
+            raise PumpFailed("died", str(reply.get("reason") or self._gone))
+        return reply
+
+    # -- the child's frames
+
+    async def _read(self, scope: trio.CancelScope) -> None:
+        reason = self._gone
+        try:
+            with scope:
+                while True:
+                    frame = await self._reader.receive()
+                    if frame is None:
+                        break
+                    self._dispatch(frame)
+        except (WorkerError, KeyError, TypeError, ValueError) as exc:
+            reason = f"the download's pump process broke the protocol: {exc}"
+        finally:
+            self._alive, self._gone = False, reason
+            for job in self._jobs.values():
+                job.send.send_nowait({"end": "died", "reason": reason})
+            self._hash_send.send_nowait({"reason": reason})
+
+    def _dispatch(self, frame: Frame) -> None:
+        if "id" not in frame:
+            self._hash_send.send_nowait(frame)
+            return
+        job = self._jobs.get(int(frame["id"]))
+        if job is None:
+            return
+        if "pos" in frame and int(frame["pos"]) > job.at.pos:
+            job.at.pos = int(frame["pos"])
+            job.moved()
+        if "end" in frame or "head" in frame:
+            job.send.send_nowait(frame)
+
+
+async def with_pump(fd: int, body: Callable[[PumpProcess], Awaitable[None]],
+                    python: str = sys.executable) -> None:
+    """Run `body` with a pump child writing to (and hashing) the open file `fd`; the child is
+    stopped and reaped when `body` ends, however it ends. `body`'s exception propagates as
+    itself, never inside an exception group."""
+    env = dict(os.environ)
+    # -m actors.pump_main must import from this source tree whatever the cwd.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    process = await trio.lowlevel.open_process(
+        [python, "-m", "actors.pump_main", str(fd)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, pass_fds=(fd,), env=env)
+    pump = PumpProcess(process)
+    failure: Exception | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            # Shielded: while a cancelled download stops its pumps, their last frames must
+            # still be read. Cancelled here, once the pumps have stopped.
+            reading = trio.CancelScope(shield=True)
+            nursery.start_soon(pump._read, reading)
+            try:
+                await body(pump)
+            except Exception as exc:
+                failure = exc  # raised below, not as an exception group
+            finally:
+                reading.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(process)
+    if failure is not None:
+        raise failure
+
+
+async def _stop(process: trio.Process) -> None:
+    """Close the child's stdin (it exits at once), wait a moment, then kill; always reaped."""
+    if process.stdin is not None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await process.stdin.aclose()
+    with trio.move_on_after(STOP_GRACE):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    if process.stdout is not None:
+        await process.stdout.aclose()
