@@ -284,20 +284,19 @@ class Server:
 
     def _hash(self, hasher: hashlib._Hash, hashed: int, upto: int) -> int:
         """Extend `hasher` from byte `hashed` to `upto` (or the end of the file); returns how
-        far it got. The bytes are read where they lie, in the page cache (a read-only map):
-        no copy. A file shortened under the map would kill this process with SIGBUS, which
-        the parent sees as a failed attempt."""
-        size = os.fstat(self.fd).st_size
-        upto = min(upto, size)
-        if hashed >= upto:
-            return hashed
-        with mmap.mmap(self.fd, size, access=mmap.ACCESS_READ) as mapped:
-            while hashed < upto:
-                n = min(HASH_CHUNK, upto - hashed)
-                with memoryview(mapped)[hashed : hashed + n] as view:
-                    hasher.update(view)
-                start_writeback(self.fd, hashed, n)
-                hashed += n
+        far it got. The bytes are read where they lie, in the page cache, through a read-only
+        map of one chunk at a time: no copy, and no more than a chunk of the file counted in
+        this process's resident memory. A file shortened under the map would kill this
+        process with SIGBUS, which the parent sees as a failed attempt."""
+        upto = min(upto, os.fstat(self.fd).st_size)
+        while hashed < upto:
+            base = hashed - hashed % mmap.ALLOCATIONGRANULARITY
+            n = min(HASH_CHUNK, upto - hashed)
+            with mmap.mmap(self.fd, hashed + n - base, access=mmap.ACCESS_READ,
+                           offset=base) as mapped, memoryview(mapped) as view:
+                hasher.update(view[hashed - base :])
+            start_writeback(self.fd, hashed, n)
+            hashed += n
         return hashed
 
 

@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from supervisor import sdnotify
-from supervisor.api.app import create_app, read_token
+from supervisor.api.app import create_asgi, read_token
 from supervisor.config import Config
 from supervisor.logs import hide_secret
 from supervisor.registry import serve_registry
@@ -95,7 +95,7 @@ async def _serve(config: Config) -> None:
     async with trio.open_nursery() as root:
         root.start_soon(_watch_signals, stop)
         registry = await root.start(serve_registry, config)
-        app = create_app(registry, config, token=token)
+        app = create_asgi(registry, config, token=token)
         async with trio.open_nursery() as http:
             try:
                 binds = await http.start(

@@ -37,15 +37,18 @@ from supervisor.api.guard import (
     check_media_type,
     check_model_id,
 )
+from supervisor.api.progress import ASGIApp, ProgressFeed, with_lean_progress
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import BodyError
 
 __all__ = [
-    "PayloadTooLarge", "create_app", "error_response", "json_reply", "no_content", "read_token",
+    "PayloadTooLarge", "create_app", "create_asgi", "error_response", "json_reply", "no_content",
+    "read_token",
 ]
 
 log = structlog.get_logger("modeld.api")
+FEED = "modeld.progress_feed"
 
 STATUS: list[tuple[type[Exception], int]] = [
     (ModelNotFound, 410),
@@ -131,6 +134,8 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     # `//` in a path is not merged into a redirect (308 with an HTML body): it is a 404.
     app.url_map.merge_slashes = False
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
+    feed = ProgressFeed()
+    app.extensions[FEED] = feed
 
     def refuse(event: str, exc: ModelError) -> None:
         # Never the header values: they may hold the token.
@@ -214,10 +219,18 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     from supervisor.api.openai import register_openai
     from supervisor.api.openapi import register_openapi
 
-    register_routes(app, registry, config)
+    register_routes(app, registry, config, feed)
     register_openapi(app)
     register_openai(app, registry, config)
     return app
+
+
+def create_asgi(registry: Registry, config: Config, *, token: str | None = None) -> ASGIApp:
+    """What the daemon serves: the Quart-Trio app, with progress WebSockets served lean (see
+    supervisor/api/progress.py)."""
+    app = create_app(registry, config, token=token)
+    guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
+    return with_lean_progress(app, registry, guard, app.extensions[FEED])
 
 
 def _raw_target(scope: Any) -> str:

@@ -36,6 +36,7 @@ from supervisor.api.guard import (
     is_json_media_type,
     media_type,
 )
+from supervisor.api.progress import ProgressFeed
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
@@ -51,8 +52,6 @@ log = structlog.get_logger("modeld.api")
 MAX_JSON_BODY = 1024 * 1024
 MAX_JSON_DEPTH = 64
 FILE_CHUNK = 4 * 1024 * 1024
-WS_MIN_INTERVAL = 0.1  # at most ~10 progress messages a second per subscriber
-WS_SENDS_PER_SECOND = 2000  # all subscribers of one model together
 
 class _NeverRaised(Exception):
     pass
@@ -151,7 +150,8 @@ async def refuse_body() -> None:
         await read_json_body()
 
 
-def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
+def register_routes(app: QuartTrio, registry: Registry, config: Config,
+                    feed: ProgressFeed) -> None:
     load_wait = config.runtime.load_timeout + 30
 
     async def call(model: str, make: Any, *, wait: float = 30.0) -> Response:
@@ -178,37 +178,17 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config) -> None:
         broadcaster = registry.broadcaster(check_model_id(model))
         return json_reply(progress_json(broadcaster.value))
 
-    subscribers: dict[str, int] = {}
-    encoded: dict[str, tuple[m.Progress, str]] = {}
-
-    def encode(snapshot: m.Progress) -> str:
-        """One JSON text per snapshot, shared by every subscriber of the model."""
-        cached = encoded.get(snapshot.model)
-        if cached is None or cached[0] is not snapshot:
-            cached = encoded[snapshot.model] = (snapshot, json.dumps(progress_json(snapshot)))
-        return cached[1]
-
     @app.websocket("/model/<model>/download/progress")
     async def progress_stream(model: str) -> Response | None:
+        # Accepted handshakes are served by supervisor/api/progress.py before Quart sees them;
+        # this route answers the rest (and any ASGI server that calls the Quart app itself).
         broadcaster = registry.broadcaster(check_model_id(model))
         await websocket.accept(subprotocol=bearer_subprotocol(websocket.requested_subprotocols))
-        subscribers[model] = subscribers.get(model, 0) + 1
         try:
-            async for snapshot in broadcaster.subscribe():
-                await websocket.send(encode(snapshot))
-                if snapshot.terminal:
-                    break
-                # At most ~10 a second each; with many subscribers fewer, so that all of
-                # them together stay within WS_SENDS_PER_SECOND (latest value wins).
-                await trio.sleep(max(WS_MIN_INTERVAL, subscribers[model] / WS_SENDS_PER_SECOND))
+            await feed.stream(model, broadcaster, websocket.send)
             await websocket.close(1000)
         except SUBSCRIBER_GONE:
             log.debug("progress_subscriber_left", model=model)
-        finally:
-            subscribers[model] -= 1
-            if not subscribers[model]:
-                del subscribers[model]
-                encoded.pop(model, None)
         return None
 
     @app.post("/model/<model>/load")
