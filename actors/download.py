@@ -436,7 +436,10 @@ class _Download:
                 await self._fetch_and_hash()
                 await self._finish()
 
-            await with_pump(self.fd, body)
+            try:
+                await with_pump(self.fd, body)
+            except PumpFailed as exc:
+                raise _pump_failure(exc, dest) from None
         finally:
             if self.fd >= 0:
                 self._final_sidecar_sync()

@@ -185,14 +185,19 @@ async def with_pump(fd: int, body: Callable[[PumpProcess], Awaitable[None]],
                     python: str = sys.executable) -> None:
     """Run `body` with a pump child writing to (and hashing) the open file `fd`; the child is
     stopped and reaped when `body` ends, however it ends. `body`'s exception propagates as
-    itself, never inside an exception group."""
+    itself, never inside an exception group. Raises PumpFailed (`died`) when the child cannot
+    start."""
     env = dict(os.environ)
     # -m actors.pump_main must import from this source tree whatever the cwd.
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    process = await trio.lowlevel.open_process(
-        [python, "-m", "actors.pump_main", str(fd)], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, pass_fds=(fd,), env=env)
+    try:
+        process = await trio.lowlevel.open_process(
+            [python, "-m", "actors.pump_main", str(fd)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, pass_fds=(fd,), env=env)
+    except OSError as exc:
+        raise PumpFailed("died", f"cannot start the download's pump process ({python}): "
+                         f"{exc.strerror or exc}") from None
     pump = PumpProcess(process)
     failure: Exception | None = None
     try:

@@ -1,0 +1,54 @@
+"""actors/pump.py: the child that moves a download's bytes, where it fails to start or dies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.pump import PumpFailed, PumpProcess, with_pump
+
+
+async def test_a_pump_that_cannot_start_is_a_clear_failure(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    ran: list[PumpProcess] = []
+
+    async def body(pump: PumpProcess) -> None:
+        ran.append(pump)
+
+    try:
+        with pytest.raises(PumpFailed) as err:
+            await with_pump(fd, body, python=str(tmp_path / "no-python"))
+    finally:
+        os.close(fd)
+    assert "died" == err.value.kind
+    assert "cannot start the download's pump process" in err.value.reason
+    assert [] == ran
+
+
+async def test_hashing_in_the_child_matches_hashlib(tmp_path: Path) -> None:
+    import hashlib
+
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    got: list[tuple[int, str]] = []
+
+    async def body(pump: PumpProcess) -> None:
+        assert 1000 == await pump.hash_upto(1000)  # a part, then the rest from there
+        reached = await pump.hash_upto(10 * len(data))  # stops at the end of the file
+        got.append((reached, await pump.hexdigest()))
+        await pump.hash_reset()
+        await pump.hash_upto(len(data))
+        got.append((pump.hashed, await pump.hexdigest()))
+
+    try:
+        with trio.fail_after(20):
+            await with_pump(fd, body)
+    finally:
+        os.close(fd)
+    digest = hashlib.sha256(data).hexdigest()
+    assert [(len(data), digest), (len(data), digest)] == got
