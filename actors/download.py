@@ -29,6 +29,7 @@ import httpx
 import trio
 
 from actors.pump import PumpFailed, PumpProcess, with_pump
+from actors.pump_main import content_range as _content_range
 from actors.pump_main import tls_context
 from actors.store import fsync_dir
 
@@ -717,7 +718,9 @@ class _Download:
                         port=url.port or (443 if url.scheme == "https" else 80),
                         target=url.raw_path.decode("ascii"),
                         netloc=url.netloc.decode("ascii"), headers=headers, at=at, end=end,
-                        stall_timeout=self.req.stall_timeout, judge=judge, moved=note)
+                        stall_timeout=self.req.stall_timeout, judge=judge, moved=note,
+                        expect=(self.probe.total if self.probe else None,
+                                self.probe.etag if self.probe else None))
                 except PumpFailed as exc:
                     failure = _pump_failure(exc, self.req.dest)
                 except (DownloadError, _ContentChanged, _Transient) as exc:
@@ -992,22 +995,3 @@ def _same_validator(side: _Sidecar, probe: _Probe) -> bool:
     if probe.etag or side.etag:
         return side.etag == probe.etag
     return probe.last_modified is not None and side.last_modified == probe.last_modified
-
-
-def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """(first, last, total or None) of `bytes first-last/total`; first = last = -1 for
-    `bytes */total`."""
-    if value is None:
-        return None
-    unit, _, rest = value.strip().partition(" ")
-    span, _, total = rest.partition("/")
-    first, _, last = span.partition("-")
-    try:
-        if unit != "bytes":
-            return None
-        size = None if total == "*" else int(total)
-        if span == "*":
-            return -1, -1, size
-        return int(first), int(last), size
-    except ValueError:
-        return None

@@ -77,10 +77,12 @@ class PumpProcess:
     async def fetch(self, *, scheme: str, host: str, port: int, target: str, netloc: str,
                     headers: dict[str, str], at: Cursor, end: int, stall_timeout: float,
                     judge: Callable[[int, list[tuple[str, str]]], None],
-                    moved: Callable[[], None]) -> None:
+                    moved: Callable[[], None],
+                    expect: tuple[int | None, str | None] = (None, None)) -> None:
         """GET [at.pos, end) into the file; `at.pos` follows what is written, and `moved()`
-        is called whenever it moves. `judge(status, headers)` sees the response head before any
-        body byte is written and raises to refuse it (that exception propagates). Raises
+        is called whenever it moves. A response that is exactly that range of a file of `expect`
+        (total size, ETag) goes on at once; `judge(status, headers)` sees any other response
+        head before a body byte is written, and raises to refuse it (that propagates). Raises
         PumpFailed when the pump ends early. Whatever ends this, the child's thread has stopped
         writing when it returns."""
         if not self._alive:
@@ -93,7 +95,8 @@ class PumpProcess:
             await self._send({"op": "pump", "id": job_id, "scheme": scheme, "host": host,
                               "port": port, "target": target, "netloc": netloc,
                               "headers": [[k, v] for k, v in headers.items()],
-                              "start": at.pos, "end": end, "timeout": stall_timeout})
+                              "start": at.pos, "end": end, "timeout": stall_timeout,
+                              "total": expect[0], "etag": expect[1]})
             sent = True
             async for frame in job.receive:
                 if "end" in frame:

@@ -10,12 +10,13 @@ however many downloads run.
 
 Frames as in actors/worker_main.py (4-byte big-endian length, UTF-8 JSON).
 Parent -> child:
-  pump {id, scheme, host, port, target, netloc, headers: [[k, v]...], start, end, timeout}
-  go {id} | stop {id}          the verdict on a pump's response head, or stop at once
+  pump {id, scheme, host, port, target, netloc, headers: [[k, v]...], start, end, timeout,
+        total, etag}           a response that is exactly [start, end) of that file goes on
+  go {id} | stop {id}          the verdict on any other response head, or stop at once
   hash {upto} | hash_reset {}  extend (or restart) the running sha256 of bytes [0, hashed)
   digest {}
 Child -> parent:
-  {id, head: {status, headers}}   a pump's response head; the pump waits for go or stop
+  {id, head: {status, headers}}   an unexpected response head; the pump waits for go or stop
   {id, pos}                        bytes [start, pos) are written (at most every 50 ms)
   {id, end: ok|stopped|transient|disk, pos, reason, errno}   the pump's last frame
   {hashed, errno?, reason?} | {digest, hashed}
@@ -82,6 +83,48 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     fsync before publishing finds little left to write. Best effort: a no-op elsewhere."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total or None) of `bytes first-last/total`; first = last = -1 for
+    `bytes */total`."""
+    if value is None:
+        return None
+    unit, _, rest = value.strip().partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, last = span.partition("-")
+    try:
+        if unit != "bytes":
+            return None
+        size = None if total == "*" else int(total)
+        if span == "*":
+            return -1, -1, size
+        return int(first), int(last), size
+    except ValueError:
+        return None
+
+
+def expected_answer(msg: Frame, pos: int, headers: list[tuple[str, str]], status: int) -> bool:
+    """Whether a response head is exactly the range asked for: then the pump goes on without
+    asking the parent. Anything else is judged by the parent (which holds every rule: errors,
+    retries, a changed file), so this check may only ever be stricter than the parent's."""
+    total, etag = msg.get("total"), msg.get("etag")
+    if status != 206 or total is None:
+        return False
+    fields: dict[str, list[str]] = {}
+    for name, value in headers:
+        fields.setdefault(name.lower(), []).append(value.strip())
+    ranges = fields.get("content-range", [])
+    if len(ranges) != 1:
+        return False
+    crange = content_range(ranges[0])
+    if crange is None or crange[0] != pos or crange[2] != total:
+        return False
+    if etag and any(value != etag for value in fields.get("etag", [])):
+        return False
+    if any(value.lower() != "identity" for value in fields.get("content-encoding", [])):
+        return False
+    return not any("chunked" in value.lower() for value in fields.get("transfer-encoding", []))
 
 
 class _Stopped(Exception):
@@ -165,11 +208,11 @@ class _Pump:
                 *((str(k), str(v)) for k, v in msg["headers"])])
             sock.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
             response = self._head(conn, sock)
-            self.server.send({"id": self.id, "head": {
-                "status": response.status_code,
-                "headers": [[k.decode("latin-1"), v.decode("latin-1")]
-                            for k, v in response.headers]}})
-            self.decided.wait()
+            head = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers]
+            if not expected_answer(msg, self.pos, head, response.status_code):
+                self.server.send({"id": self.id, "head": {
+                    "status": response.status_code, "headers": [list(h) for h in head]}})
+                self.decided.wait()
             if self.stop.is_set():
                 raise _Stopped()
             # What h11 already holds, then the socket directly.

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from actors.pump import PumpFailed, PumpProcess, with_pump
+from actors.pump_main import expected_answer
 
 
 async def test_a_pump_that_cannot_start_is_a_clear_failure(tmp_path: Path) -> None:
@@ -52,3 +53,26 @@ async def test_hashing_in_the_child_matches_hashlib(tmp_path: Path) -> None:
         os.close(fd)
     digest = hashlib.sha256(data).hexdigest()
     assert [(len(data), digest), (len(data), digest)] == got
+
+
+GOOD = [("Content-Range", "bytes 100-199/1000"), ("ETag", '"abc"'), ("Content-Length", "100")]
+
+
+@pytest.mark.parametrize(("status", "headers", "expected"), [
+    (206, GOOD, True),
+    (206, [*GOOD, ("Content-Encoding", "identity")], True),
+    (200, GOOD, False),  # the whole file: the parent decides (start over)
+    (206, [("Content-Range", "bytes 0-99/1000")], False),  # not the range asked for
+    (206, [("Content-Range", "bytes 100-199/2000")], False),  # another size: changed
+    (206, [("Content-Range", "bytes 100-199/*")], False),
+    (206, [("Content-Range", "bytes 100-199/1000"), ("ETag", '"new"')], False),
+    (206, [*GOOD, ("Content-Range", "bytes 100-199/1000")], False),  # two ranges
+    (206, [*GOOD, ("Content-Encoding", "gzip")], False),
+    (206, [*GOOD, ("Transfer-Encoding", "chunked")], False),
+    (206, [("ETag", '"abc"')], False),
+])
+def test_only_exactly_the_range_asked_for_skips_the_parents_judgement(
+        status: int, headers: list[tuple[str, str]], expected: bool) -> None:
+    msg = {"total": 1000, "etag": '"abc"'}
+    assert expected == expected_answer(msg, 100, headers, status)
+    assert not expected_answer({"total": None, "etag": None}, 100, GOOD, 206)
