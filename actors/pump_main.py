@@ -34,6 +34,7 @@ import hashlib
 import mmap
 import os
 import queue
+import signal
 import socket
 import ssl
 import struct
@@ -344,6 +345,9 @@ class Server:
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C at a terminal reaches the whole process group; the daemon stops its children
+    # itself (it closes their stdin), after recording where each download stands.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: python -m actors.pump_main FD", file=sys.stderr)
         return 2

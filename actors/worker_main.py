@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import re
+import signal
 import struct
 import sys
 import threading
@@ -378,6 +379,9 @@ def _serve(backend: Backend, inbox: Inbox, out: FrameWriter) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C at a terminal reaches the whole process group; the daemon stops its workers
+    # itself (it closes their stdin), so the model is unloaded in order, not killed mid-answer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Protocol output goes to a private copy of fd 1; fd 1 itself becomes stderr, so text the
     # C runtime prints to stdout can never corrupt a frame.
     protocol_fd = os.dup(1)

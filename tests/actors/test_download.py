@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -240,6 +241,25 @@ async def test_killed_pump_process_fails_the_download_and_keeps_the_partial(
             await download_file(req, Sink())
     assert data == dest.read_bytes()
     assert any(s.range == f"bytes={kept}-{len(data) - 1}" for s in origin.seen("/m"))
+
+
+async def test_ctrl_c_at_a_terminal_does_not_stop_the_pump_process(tmp_path: Path) -> None:
+    """SIGINT reaches the whole process group at a terminal; the daemon decides when its
+    download stops, so the pump child ignores it."""
+    data = payload(4 * MiB)
+    dest = tmp_path / "m"
+    with trio.fail_after(20):
+        async with open_origin() as origin:
+            origin.add("/m", data)
+            origin.faults("/m").throttle = 8 * MiB
+            req = request(origin, "/m", dest, sha256=sha(data), connections=1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(download_file, req, Sink())
+                await origin.wait_bytes_sent(MiB)
+                (child,) = _pump_children()
+                child.send_signal(signal.SIGINT)
+    assert data == dest.read_bytes()
+    assert 1 == len([s for s in origin.seen("/m") if s.range != "bytes=0-0"])  # no retry
 
 
 def test_partial_bytes_ignores_invalid_sidecar(tmp_path: Path) -> None:

@@ -127,6 +127,21 @@ async def test_sigkill_is_seen_by_wait_exited(tiny: Path, no_children_left: None
             await worker.aclose()
 
 
+async def test_ctrl_c_at_a_terminal_does_not_stop_a_worker(
+        tiny: Path, no_children_left: None) -> None:
+    """SIGINT reaches the whole process group at a terminal; the daemon unloads its models
+    itself, so a worker ignores it."""
+    with trio.fail_after(30):
+        worker = await start(tiny)
+        try:
+            os.kill(worker.pid, signal.SIGINT)
+            await trio.sleep(0.2)
+            assert worker.returncode is None
+            assert await collect(worker, "Hello", GenerateParams(max_new_tokens=4, seed=1))
+        finally:
+            await worker.aclose()
+
+
 async def test_emoji_and_cjk_prompts_do_not_crash(tiny: Path, no_children_left: None) -> None:
     with trio.fail_after(30):
         worker = await start(tiny, context_length=512)
