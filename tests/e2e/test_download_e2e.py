@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import trio
 from pieces_os_client.exceptions import ApiException
@@ -174,6 +175,49 @@ async def test_cancel_is_fast_keeps_the_partial_and_resumes(make_daemon: DaemonF
             assert origin.bytes_sent - sent_before <= len(data) - partial + 2 * MiB
             assert not (models_dir / "m.gguf.partial").exists()
             assert 0 == await trio.to_thread.run_sync(daemon.stop)
+
+
+async def test_a_killed_pump_process_fails_the_download_not_the_daemon(
+        make_daemon: DaemonFactory) -> None:
+    """The bytes move in a child process of the daemon; when it dies (OOM killer, a signal),
+    the download fails with a clear error, the daemon and its other models go on, and the
+    next POST resumes from the partial."""
+    data = payload(16 * MiB, seed=3)
+    with trio.fail_after(60):
+        async with open_origin() as origin:
+            origin.add("/m.gguf", data)
+            origin.faults("/m.gguf").throttle = 512 * 1024  # per connection
+            daemon = await started(make_daemon([entry(origin, "/m.gguf", data)]))
+            await sdk_call(daemon, "model_specific_model_download", "m")
+            await wait_for_partial(daemon, "m", 2 * MiB)
+            assert daemon.proc is not None
+            (pump,) = [p for p in psutil.Process(daemon.proc.pid).children()
+                       if "actors.pump_main" in " ".join(p.cmdline())]
+            async with trio.open_nursery() as nursery:
+                result: list[tuple[list[dict[str, Any]], int | None]] = []
+
+                async def follow() -> None:
+                    result.append(await watch(daemon, "m"))
+
+                nursery.start_soon(follow)
+                await trio.sleep(0.2)
+                pump.kill()
+            (messages, code) = result[0]
+            assert ("FAILED", 1000) == (messages[-1]["status"], code)
+            assert "pump process exited unexpectedly" in messages[-1]["error"]
+            snap = await snapshot(daemon, "m")
+            assert ("absent", True) == (snap["state"], snap["partialBytes"] >= 2 * MiB)
+            assert "pump process exited unexpectedly" in snap["error"]
+            # The daemon is fine; the next POST resumes from the partial.
+            origin.faults("/m.gguf").throttle = None
+            await sdk_call(daemon, "model_specific_model_download", "m")
+            messages, code = await watch(daemon, "m")
+            assert ("COMPLETED", 1000) == (messages[-1]["status"], code)
+            assert data == (daemon.storage / "models" / "m.gguf").read_bytes()
+            assert [s for s in origin.seen("/m.gguf")
+                    if s.if_range and s.range and not s.range.startswith("bytes=0-")]
+    assert [] == daemon.events("actor_crashed")
+    assert 0 == daemon.stop()
 
 
 async def test_sigkill_then_restart_resumes_by_itself(make_daemon: DaemonFactory) -> None:
