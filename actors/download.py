@@ -163,6 +163,8 @@ async def download_file(
     if client is not None:  # a given client (tests, proxies) carries every byte itself
         await _Download(req, sink, client, clock, url, pump=False).run()
         return
+    # Loading the CA bundle takes ~30 ms the first time (then it is cached): not on the loop.
+    trust = await trio.to_thread.run_sync(tls_context)
     own_client = httpx.AsyncClient(
         follow_redirects=False,
         timeout=_timeout(req),
@@ -170,7 +172,7 @@ async def download_file(
                             max_keepalive_connections=req.connections + 1),
         headers={"Accept-Encoding": "identity"},
         trust_env=False,
-        verify=tls_context(),  # the same trust as the pump's own connections
+        verify=trust,  # the same trust as the pump's own connections
     )
     try:
         await _Download(req, sink, own_client, clock, url, pump=True).run()

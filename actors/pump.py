@@ -21,7 +21,7 @@ from typing import Protocol
 
 import trio
 
-from actors.worker import WorkerError, _FrameReader
+from actors.worker import FrameReader, WorkerError
 from actors.worker_main import Frame, encode_frame
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ class PumpProcess:
     def __init__(self, process: trio.Process) -> None:
         self._process = process
         assert process.stdout is not None
-        self._reader = _FrameReader(process.stdout)
+        self._reader = FrameReader(process.stdout)
         self._send_lock = trio.Lock()
         self._jobs: dict[int, _Job] = {}
         self._next_id = 0

@@ -124,7 +124,7 @@ def _encode_frame(message: Frame) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-class _FrameReader:
+class FrameReader:
     """Frames from the child's stdout. The buffer outlives a cancelled receive, so a frame
     interrupted by cancellation is delivered whole to the next receive."""
 
@@ -166,7 +166,7 @@ class Worker:
         assert process.stdin is not None and process.stdout is not None
         self._process = process
         self._stdin: trio.abc.SendStream = process.stdin
-        self._reader = _FrameReader(process.stdout)
+        self._reader = FrameReader(process.stdout)
         self._stderr_file = stderr_file
         self._send_lock = trio.Lock()
         # A Semaphore, not a Lock: a stream may be opened in one task and closed in another
