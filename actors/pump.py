@@ -1,11 +1,11 @@
 """Parent side of a download's byte pump: a child process (actors/pump_main.py) that moves
 ranged bodies from sockets to the partial file and hashes its front, while the daemon decides
-which ranges to fetch, judges every response head, and records progress.
+which ranges to fetch, judges any response that is not exactly the range asked for, and records
+progress.
 
 The bytes never enter the daemon's process, so its interpreter lock and its event loop are free
 for requests however many downloads run (see BENCHMARKS.md). A cancel is one `stop` frame: the
-child shuts the socket down under its thread, and the origin sees the connection close within
-milliseconds.
+child aborts the connection under its thread, and the origin sees it go within milliseconds.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class _Job:
 
 
 class PumpProcess:
-    """One child per download attempt; made by `open_pump`."""
+    """One child per download attempt; made by `with_pump`."""
 
     def __init__(self, process: trio.Process) -> None:
         self._process = process
@@ -71,8 +71,14 @@ class PumpProcess:
             return
         assert self._process.stdin is not None
         async with self._send_lock:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._process.stdin.send_all(encode_frame(frame))
+            # Never cut a frame in half by a cancel; a child that stops reading for a second is
+            # as good as gone (its stream may now hold half a frame).
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_GRACE) as scope:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._process.stdin.send_all(encode_frame(frame))
+            if scope.cancelled_caught:  # the reader then sees it exit and fails every job
+                self._alive = False
+                self._process.kill()
 
     async def fetch(self, *, scheme: str, host: str, port: int, target: str, netloc: str,
                     headers: dict[str, str], at: Cursor, end: int, stall_timeout: float,
