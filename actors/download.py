@@ -29,8 +29,8 @@ import httpx
 import trio
 
 from actors.pump import PumpFailed, PumpProcess, with_pump
+from actors.pump_main import HASH_CHUNK, tls_context
 from actors.pump_main import content_range as _content_range
-from actors.pump_main import tls_context
 from actors.store import fsync_dir
 
 T = TypeVar("T")
@@ -195,7 +195,6 @@ MAX_RESTARTS = 3  # content changes in one call before giving up
 SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
 WRITE_BUFFER = 1024 * 1024  # bytes gathered before one pwrite (in a worker thread)
 WRITE_INTERVAL = 0.2  # seconds: the longest a received byte waits to be written
-HASH_CHUNK = 8 * 1024 * 1024
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
@@ -695,10 +694,9 @@ class _Download:
                 recorded = at.pos
                 self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
 
-        async def report() -> None:
+        async def sync_sidecar() -> None:  # progress itself is recorded by `moved`
             while True:
                 await trio.sleep(WRITE_INTERVAL)
-                note()
                 if self.clock() >= self.next_sync and not self.syncing:
                     await self._sync_sidecar()
 
@@ -713,7 +711,7 @@ class _Download:
 
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(report)
+                nursery.start_soon(sync_sidecar)
                 try:
                     await pumper.fetch(
                         scheme=url.scheme, host=url.host,
@@ -865,7 +863,8 @@ class _Download:
             raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
                                "url and size")
         if req.sha256 is not None:
-            hasher = self.hasher or self.pumper or _LocalHash(fd)
+            hasher = self.hasher  # set by _fetch_and_hash whenever there is a sha256
+            assert hasher is not None
             try:
                 if self.hash_broken:  # hashing along the download gave up: from byte 0
                     await hasher.hash_reset()
@@ -945,7 +944,9 @@ class _Hasher(Protocol):
 
 class _LocalHash:
     """`_Hasher` in this process's worker threads, for downloads through a given client (the
-    pump process hashes the others: `PumpProcess`)."""
+    pump process hashes the others: `PumpProcess`). It reads with `pread`, not through a map
+    as the pump does: a file shortened under a map raises SIGBUS, which a child may die of
+    but the daemon must not."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd

@@ -36,7 +36,7 @@ from supervisor.api.guard import (
     is_json_media_type,
     media_type,
 )
-from supervisor.api.progress import ProgressFeed
+from supervisor.api.progress import CONNECTION_GONE, ProgressFeed
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
@@ -67,12 +67,7 @@ ClientDisconnectedError: type[Exception] = getattr(
 # A subscriber that goes away while we send or close. BusyResourceError included: hypercorn's
 # trio server half-closes a dropped connection (send_eof) outside its send lock, so our own
 # close frame can collide with it; the subscriber is gone either way.
-SUBSCRIBER_GONE = (
-    ClientDisconnectedError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.BusyResourceError,
-)
+SUBSCRIBER_GONE = (ClientDisconnectedError, *CONNECTION_GONE)
 
 
 @contextlib.contextmanager
