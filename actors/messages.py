@@ -6,14 +6,17 @@ if it dies the channel closes and the caller gets `EndOfChannel` instead of wait
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import trio
 
 from actors.errors import ModelError
+from actors.generation import GenerationStream
 from actors.spec import ModelSpec
 from actors.state import State
+from actors.worker import GenerateParams
 
 
 @attrs.frozen
@@ -94,7 +97,10 @@ class Unload(Command):
 
 @attrs.frozen(kw_only=True)
 class UpdateSpec(Command):
-    spec: ModelSpec
+    """Change the model's record: `change` maps the spec as it is now to the new one (it may
+    raise a ModelError to refuse), so that concurrent updates each see the other's result."""
+
+    change: Callable[[ModelSpec], ModelSpec]
 
 
 @attrs.frozen(kw_only=True)
@@ -107,3 +113,13 @@ class ImportFile(Command):
 @attrs.frozen(kw_only=True)
 class Delete(Command):
     pass
+
+
+@attrs.frozen(kw_only=True)
+class Generate:
+    """Borrow a loaded model for one prompt; the reply is a `GenerationStream` or the refusal
+    (Conflict when the model is not loaded). Touches the model in the LRU."""
+
+    prompt: str
+    params: GenerateParams
+    reply: trio.MemorySendChannel[GenerationStream | ModelError]

@@ -8,12 +8,10 @@ as a message in the same mailbox; the loop alone then moves the state.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import attrs
 import psutil
@@ -21,13 +19,7 @@ import structlog
 import trio
 
 from actors import messages as m
-from actors.download import (
-    DownloadError,
-    DownloadRequest,
-    ProgressSink,
-    partial_bytes,
-    remove_partial,
-)
+from actors.download import DownloadError, DownloadRequest, partial_bytes, remove_partial
 from actors.errors import (
     Conflict,
     InsufficientMemory,
@@ -36,25 +28,18 @@ from actors.errors import (
     OperationFailed,
     Unavailable,
 )
+from actors.generation import GenerationStream
 from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
-from actors.progress import Broadcaster
+from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
+from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
 from actors.spec import ModelSpec
 from actors.state import Event, State, transition
 from actors.store import Store
-from actors.worker import (
-    GenerateParams,
-    GenerationResult,
-    WorkerError,
-    WorkerExiting,
-    WorkerInfo,
-    WorkerRequestError,
-)
+from actors.worker import WorkerError
 
 log = structlog.get_logger("modeld.actor")
 
 T = TypeVar("T")
-Fetcher = Callable[[DownloadRequest, ProgressSink], Awaitable[None]]
-PROGRESS_INTERVAL = 0.05  # seconds between published progress snapshots during a download
 UNLOAD_GRACE = 3.0  # seconds a worker gets to exit when asked, before it is killed
 STOP_BOUND = UNLOAD_GRACE + 5.0  # the most a worker's stop may take, reaping included
 MEMORY_MARGIN = 256 * 1024 * 1024
@@ -63,119 +48,12 @@ MEMORY_MARGIN = 256 * 1024 * 1024
 MAX_DEFAULT_CONTEXT = 4096
 
 
-class TextStream(Protocol):
-    """One generation's text pieces, as a worker streams them (actors.worker.Generation)."""
-
-    @property
-    def result(self) -> GenerationResult | None: ...
-    async def __anext__(self) -> str: ...
-    async def aclose(self) -> None: ...
-
-
-class WorkerHandle(Protocol):
-    @property
-    def pid(self) -> int: ...
-    @property
-    def info(self) -> WorkerInfo: ...
-    async def wait_exited(self) -> int: ...
-    async def aclose(self, grace: float = ...) -> None: ...
-    def generate(self, prompt: str, params: GenerateParams) -> TextStream: ...
-
-
-Spawner = Callable[[Path, ModelSpec], Awaitable[WorkerHandle]]
-
-
-class LoadGate(Protocol):
-    """The registry's load policy (max_loaded, least recently used first out)."""
-
-    async def admit(self, model_id: str) -> None: ...
-    def release(self, model_id: str) -> None: ...
-    def touch(self, model_id: str) -> None: ...
-
-
-class OpenGate:
-    """A gate that admits everything: for a single actor on its own (tests)."""
-
-    async def admit(self, model_id: str) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def release(self, model_id: str) -> None:
-        pass
-
-    def touch(self, model_id: str) -> None:
-        pass
-
-
 @attrs.frozen
 class ActorSettings:
     connections: int = 8
     retries: int = 6
     stall_timeout: float = 30.0
     allow_http: bool = False
-    load_timeout: float = 300.0
-
-
-class GenerationStream:
-    """The text a loaded model generates for one prompt: what a `Generate` command answers.
-
-    Use it as ``async with stream: async for piece in stream: ...``. Nothing runs until it is
-    iterated; leaving the block early stops the generation in the worker. Errors are
-    ModelErrors: InvalidInput when the model refuses the prompt (longer than its context),
-    Unavailable when the model is unloaded mid-stream, OperationFailed when its worker dies
-    (killed, crashed). `result` holds the token counts once the stream has ended.
-    """
-
-    def __init__(self, model_id: str, inner: TextStream) -> None:
-        self.model_id = model_id
-        self._inner = inner
-
-    @property
-    def result(self) -> GenerationResult | None:
-        return self._inner.result
-
-    async def __aenter__(self) -> GenerationStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> str:
-        try:
-            return await self._inner.__anext__()
-        except WorkerRequestError as exc:
-            raise InvalidInput(str(exc), code="generation_refused") from None
-        except WorkerExiting:
-            raise Unavailable(
-                "the model was unloaded while it generated; load it and try again",
-                code="model_unloaded",
-            ) from None
-        except WorkerError as exc:
-            log.error("generation_failed", model=self.model_id, reason=str(exc))
-            raise OperationFailed(
-                f"the model's worker stopped while generating: {exc}", code="worker_exited"
-            ) from None
-
-    async def aclose(self) -> None:
-        """Stop the generation if it still runs (idempotent; never raises WorkerError)."""
-        await self._inner.aclose()
-
-
-@attrs.frozen(kw_only=True)
-class Generate:
-    """Borrow a loaded model for one prompt; the reply is a `GenerationStream` or the refusal
-    (Conflict when the model is not loaded). Touches the model in the LRU."""
-
-    prompt: str
-    params: GenerateParams
-    reply: trio.MemorySendChannel[GenerationStream | ModelError]
 
 
 def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
@@ -185,6 +63,25 @@ def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     reply.close()
+
+
+_OPERATIONS: dict[type[m.Command], str] = {
+    m.GetSnapshot: "reading the model",
+    m.StartDownload: "starting the download",
+    m.CancelDownload: "cancelling the download",
+    m.Unload: "unloading the model",
+    m.UpdateSpec: "updating the model's record",
+    m.ImportFile: "publishing the uploaded file",
+    m.Delete: "deleting the model's files",
+}
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one sentence (an OSError by its strerror and file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
 
 
 def _size_or_none(path: Path) -> int | None:
@@ -246,66 +143,7 @@ class _WorkerExited:
     returncode: int
 
 
-Message = m.Command | Generate | _DownloadEnded | _LoadEnded | _WorkerExited
-
-
-class _Sink:
-    """Turns downloader callbacks into throttled progress snapshots. Never blocks."""
-
-    def __init__(self, actor: ModelActor) -> None:
-        self._actor = actor
-        self._last_publish = -math.inf
-        self._rate: float | None = None
-        self._rate_at = trio.current_time()
-        self._rate_bytes: int | None = None
-        self._floor = 0.0
-        self._done = 0
-
-    def update(self, done: int, total: int | None) -> None:
-        self._done = done
-        now = trio.current_time()
-        if self._rate_bytes is None:
-            self._rate_bytes, self._rate_at = done, now
-        elif now - self._rate_at >= 0.25:
-            inst = (done - self._rate_bytes) / (now - self._rate_at)
-            self._rate = inst if self._rate is None else 0.7 * self._rate + 0.3 * inst
-            self._rate_bytes, self._rate_at = done, now
-        if now - self._last_publish < PROGRESS_INTERVAL:
-            return
-        self._last_publish = now
-        pct = 0.0
-        if total:
-            pct = min(99.9, round(100.0 * done / total, 1))
-        pct = max(pct, self._floor)  # never backwards within an attempt chain
-        self._floor = pct
-        eta = None
-        if total and self._rate:
-            eta = round(max(0.0, (total - done) / self._rate), 1)
-        self._actor._publish_progress(
-            "IN-PROGRESS",
-            percentage=pct,
-            done=done,
-            total=total,
-            rate=None if self._rate is None else round(self._rate, 1),
-            eta=eta,
-        )
-
-    def reset(self) -> None:
-        self._floor = 0.0
-        self._rate = None
-        self._rate_bytes = None
-        log.warning("download_reset", model=self._actor.spec.id, reason="origin content changed")
-        self._actor._publish_progress("RESET", percentage=0.0, done=0, total=None)
-
-    def retrying(self, attempt: int, delay: float, reason: str) -> None:
-        log.warning(
-            "download_retry",
-            model=self._actor.spec.id,
-            attempt=attempt,
-            delay=round(delay, 3),
-            reason=reason,
-            bytes=self._done,
-        )
+Message = m.Command | m.Generate | _DownloadEnded | _LoadEnded | _WorkerExited
 
 
 class ModelActor:
@@ -319,11 +157,14 @@ class ModelActor:
         spawn: Spawner,
         gate: LoadGate,
         inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
+        progress: Broadcaster[m.Progress] | None = None,
     ) -> None:
         self.spec = spec
         self.state = State.ABSENT
         self.error: str | None = None
-        self.progress = Broadcaster(m.Progress(model=spec.id))
+        # The registry hands over the model's broadcaster, which outlives any one actor: the
+        # subscribers of a crashed actor's download hear the truth from the next one.
+        self.progress = progress or progress_broadcaster(spec.id)
         self._store = store
         self._settings = settings
         self._fetch = fetch
@@ -362,9 +203,16 @@ class ModelActor:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the mailbox until cancelled. Reads the state from disk first."""
-        resume = await self._recover()
+        """Serve the mailbox until cancelled. Reads the state from disk first.
+
+        On any exit (cancelled at shutdown, or a crash that the registry answers with a fresh
+        actor) every caller is answered: the command in hand with the failure (`_dispatch`),
+        queued ones and load waiters by their reply channels closing. A loaded model's worker
+        is stopped on purpose, never adopted: the next actor starts from what is on disk, and
+        a worker whose actor failed mid-command is in a state nobody can vouch for.
+        """
         try:
+            resume = await self._recover()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if resume:
@@ -394,7 +242,7 @@ class ModelActor:
                 msg = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            if isinstance(msg, m.Command | Generate):
+            if isinstance(msg, m.Command | m.Generate):
                 msg.reply.close()
 
     async def _recover(self) -> bool:
@@ -421,13 +269,22 @@ class ModelActor:
                 self._worker_died(msg.worker, msg.returncode)
         elif isinstance(msg, m.Load):
             self._handle_load(msg)
-        elif isinstance(msg, Generate):
+        elif isinstance(msg, m.Generate):
             self._handle_generate(msg)
         else:
             try:
                 reply: m.Reply = await self._handle(msg)
             except ModelError as exc:
                 reply = exc
+            except Exception as exc:
+                # A bug or an environment failure (ENOSPC, EACCES) crashes the actor, and the
+                # registry restarts it from disk; the caller in hand hears why at once.
+                what = _OPERATIONS.get(type(msg), type(msg).__name__)
+                _reply_now(
+                    msg.reply,
+                    OperationFailed(f"{what} failed: {_describe(exc)}", code="actor_crashed"),
+                )
+                raise
             _reply_now(msg.reply, reply)  # a caller that gave up just misses it
 
     async def _handle(self, cmd: m.Command) -> m.ModelView:
@@ -441,8 +298,10 @@ class ModelActor:
             await self._unload()
             return self.view()
         if isinstance(cmd, m.UpdateSpec):
-            await trio.to_thread.run_sync(self._store.write_record, cmd.spec)
-            self.spec = cmd.spec
+            # Merged here, against the spec as it is now: concurrent updates lose nothing.
+            spec = cmd.change(self.spec)
+            await trio.to_thread.run_sync(self._store.write_record, spec)
+            self.spec = spec
             log.info("model_updated", model=self.spec.id)
             return self.view()
         if isinstance(cmd, m.ImportFile):
@@ -550,7 +409,7 @@ class ModelActor:
                 lambda: held_marker(request.dest).unlink(missing_ok=True)
             )
             with attempt.scope:
-                await self._fetch(request, _Sink(self))
+                await self._fetch(request, ProgressMeter(self.spec.id, self.progress))
         except DownloadError as exc:
             attempt.error = exc
         except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
@@ -636,7 +495,7 @@ class ModelActor:
             }[self.state]
             _reply_now(cmd.reply, Conflict(why, code="not_loadable"))
 
-    def _handle_generate(self, cmd: Generate) -> None:
+    def _handle_generate(self, cmd: m.Generate) -> None:
         worker = self._worker
         if self.state is not State.LOADED or worker is None:
             why = f"the model is {self.state.value}, not loaded; load it first"

@@ -22,10 +22,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from actors import messages as m
 from actors.download import DownloadRequest, OriginUnreachable, ProgressSink, remove_partial
 from actors.errors import Conflict
-from actors.model import ActorSettings, ModelActor, OpenGate
+from actors.model import ActorSettings, ModelActor
 from actors.spec import ModelSpec
 from actors.state import State
 from actors.store import Store
+from tests.actors.gates import OpenGate
 from tests.actors.test_model_actor import FakeSpawner, check_consistent, write_partial
 from tests.gguf_factory import write_tiny_llama
 
@@ -246,7 +247,7 @@ class ActorMachine(RuleBasedStateMachine):
     @rule(text=st.text(min_size=1, max_size=20))
     def update(self, text: str) -> None:
         new = attrs.evolve(self.spec, description=text)
-        reply = self.ask(lambda r: m.UpdateSpec(reply=r, spec=new))
+        reply = self.ask(lambda r: m.UpdateSpec(reply=r, change=lambda _: new))
         assert isinstance(reply, m.ModelView)
         self.spec = new
         self.expected.description = text

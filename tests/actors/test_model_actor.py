@@ -29,14 +29,8 @@ from actors.download import (
     sidecar_path,
 )
 from actors.errors import Conflict, InsufficientMemory, InvalidInput, ModelError, OperationFailed
-from actors.model import (
-    ActorSettings,
-    Generate,
-    GenerationStream,
-    ModelActor,
-    OpenGate,
-    held_marker,
-)
+from actors.generation import GenerationStream
+from actors.model import ActorSettings, ModelActor, held_marker
 from actors.spec import ModelSpec
 from actors.state import State, flags
 from actors.store import Store
@@ -49,7 +43,8 @@ from actors.worker import (
     WorkerStartError,
 )
 from supervisor.wire import model_json
-from tests.gguf_factory import corrupt_header, write_tiny_llama
+from tests.actors.gates import OpenGate
+from tests.gguf_factory import corrupt_header
 
 T = TypeVar("T")
 MODEL_ID = "tiny"
@@ -65,11 +60,6 @@ def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
         return fn(*args)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
-
-
-@pytest.fixture
-def gguf(tmp_path: Path) -> bytes:
-    return write_tiny_llama(tmp_path / "source.gguf", seed=1).read_bytes()
 
 
 @pytest.fixture
@@ -246,7 +236,7 @@ class Rig:
                        ) -> GenerationStream | ModelError:
         params = params or GenerateParams()
         send, recv = trio.open_memory_channel[GenerationStream | ModelError](1)
-        await self.actor.mailbox.send(Generate(prompt=prompt, params=params, reply=send))
+        await self.actor.mailbox.send(m.Generate(prompt=prompt, params=params, reply=send))
         async with recv:
             return await recv.receive()
 

@@ -1,0 +1,66 @@
+"""GenerationStream: the text a loaded model generates for one prompt, as the actor lends it."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import structlog
+
+from actors.errors import InvalidInput, OperationFailed, Unavailable
+from actors.ports import TextStream
+from actors.worker import GenerationResult, WorkerError, WorkerExiting, WorkerRequestError
+
+log = structlog.get_logger("modeld.actor")
+
+
+class GenerationStream:
+    """The text a loaded model generates for one prompt: what a `Generate` command answers.
+
+    Use it as ``async with stream: async for piece in stream: ...``. Nothing runs until it is
+    iterated; leaving the block early stops the generation in the worker. Errors are
+    ModelErrors: InvalidInput when the model refuses the prompt (longer than its context),
+    Unavailable when the model is unloaded mid-stream, OperationFailed when its worker dies
+    (killed, crashed). `result` holds the token counts once the stream has ended.
+    """
+
+    def __init__(self, model_id: str, inner: TextStream) -> None:
+        self.model_id = model_id
+        self._inner = inner
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._inner.result
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._inner.__anext__()
+        except WorkerRequestError as exc:
+            raise InvalidInput(str(exc), code="generation_refused") from None
+        except WorkerExiting:
+            raise Unavailable(
+                "the model was unloaded while it generated; load it and try again",
+                code="model_unloaded",
+            ) from None
+        except WorkerError as exc:
+            log.error("generation_failed", model=self.model_id, reason=str(exc))
+            raise OperationFailed(
+                f"the model's worker stopped while generating: {exc}", code="worker_exited"
+            ) from None
+
+    async def aclose(self) -> None:
+        """Stop the generation if it still runs (idempotent; never raises WorkerError)."""
+        await self._inner.aclose()
