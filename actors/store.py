@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -28,6 +29,11 @@ log = structlog.get_logger("modeld.store")
 
 class StoreError(Exception):
     pass
+
+
+# What a model owns in models/ besides import leftovers: its file, the partial, the partial's
+# sidecar (and that sidecar's temp), the marker of a partial that must not resume by itself.
+OWNED_SUFFIXES = ("", ".partial", ".partial.json", ".partial.json.tmp", ".held")
 
 
 def fsync_dir(path: Path) -> None:
@@ -83,10 +89,14 @@ class Store:
         return store
 
     def _inside(self, path: Path) -> Path:
-        """`path` when its directory is inside the storage dir. The name itself may be a link
+        """`path` when it names an entry of `models/` or `custom/`. The name itself may be a link
         (planted by someone else): it then counts as no file (`has_model_file`), is replaced
         on publish and removed on delete, and is never followed."""
-        if not path.parent.resolve().is_relative_to(self.root):
+        # `models/` and `custom/` may themselves be links (models moved to a bigger disk is
+        # the operator's choice); what a model id names never leaves them.
+        if path.parent not in (self.root / "models", self.root / "custom") or path.name in (
+            "", ".", "..",
+        ):
             raise StoreError(f"{path} leaves the storage dir")
         return path
 
@@ -132,10 +142,15 @@ class Store:
         return specs
 
     def delete_model_files(self, model_id: str) -> None:
-        """Remove the published file, partial, sidecar and any import leftovers."""
+        """Remove exactly the files the model owns: the published file, the partial, its
+        sidecar and held marker, and its import leftovers; never another model's (the files of
+        model `a.gguf` start with the name of model `a`'s file)."""
         final = self.model_path(model_id)
-        for path in final.parent.glob(f"{final.name}*"):
-            if path.name == final.name or path.name.startswith(f"{final.name}."):
+        for suffix in OWNED_SUFFIXES:
+            final.with_name(final.name + suffix).unlink(missing_ok=True)
+        leftover = re.compile(rf"\.{re.escape(final.name)}\.[A-Za-z0-9_]{{8}}\.import")
+        for path in final.parent.glob(f".{final.name}.*.import"):
+            if leftover.fullmatch(path.name):
                 path.unlink(missing_ok=True)
         fsync_dir(final.parent)
 
