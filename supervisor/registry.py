@@ -7,7 +7,6 @@ channel and waits under `trio.fail_after`.
 from __future__ import annotations
 
 import functools
-import itertools
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,17 +20,12 @@ import trio
 from actors import messages as m
 from actors.download import download_file
 from actors.errors import ModelError, ModelNotFound, Unavailable
-from actors.model import (
-    ActorSettings,
-    Fetcher,
-    Generate,
-    GenerationStream,
-    ModelActor,
-    Spawner,
-    WorkerHandle,
-)
-from actors.progress import Broadcaster
+from actors.generation import GenerationStream
+from actors.model import ActorSettings, ModelActor
+from actors.ports import Fetcher, Spawner, WorkerHandle
+from actors.progress import Broadcaster, progress_broadcaster
 from actors.spec import ModelSpec, is_valid_id
+from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
 from supervisor.config import CatalogEntry, Config
@@ -39,7 +33,12 @@ from supervisor.wire import slug_id
 
 log = structlog.get_logger("modeld.registry")
 
-RESTART_DELAYS = (0.1, 0.5, 2.0, 5.0)
+# A crashed actor restarts after 1 s, then 2, 4, ... up to 5 minutes while it keeps failing;
+# one that ran for a minute before it failed starts the count again.
+FIRST_RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 300.0
+HEALTHY_RUN = 60.0
+STARTING_AT_ONCE = 32  # actors reading their state from disk together at start-up
 CommandFactory = Callable[[trio.MemorySendChannel[m.Reply]], m.Command]
 R = TypeVar("R")
 
@@ -66,9 +65,48 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
 
 @attrs.define(eq=False)
 class _Entry:
+    """One model under supervision: the actor now running it, and what outlives that actor
+    (its progress broadcaster; the failure that stopped the last one)."""
+
     actor: ModelActor
-    scope: trio.CancelScope
+    progress: Broadcaster[m.Progress]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stopped: trio.Event = attrs.field(factory=trio.Event)
+    failure: str | None = None  # set while the actor is down, until a new one serves
+
+    def view(self) -> m.ModelView:
+        view = self.actor.view()
+        if self.failure is None:
+            return view
+        # Down: nothing is loaded or downloading, whatever the dead actor last knew.
+        settled = State.DOWNLOADED if view.state.value in _HAS_FILE else State.ABSENT
+        return attrs.evolve(view, state=settled, error=self.failure, worker_pid=None)
+
+
+_HAS_FILE = {State.DOWNLOADED.value, State.LOADING.value, State.LOADED.value, "unloading"}
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting an actor that has failed `failures` times in a row (>= 1)."""
+    return min(MAX_RESTART_DELAY, FIRST_RESTART_DELAY * 2.0 ** (failures - 1))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What stopped an actor, and what the operator can do, in one sentence."""
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (
+            f"modeld cannot use this model's files: {exc.strerror or exc}{where}; check that "
+            "the storage dir and its files belong to modeld's user and can be read and "
+            "written, then wait for the retry or restart modeld"
+        )
+    return f"this model's supervisor failed: {exc or type(exc).__name__}; retrying"
 
 
 class LruGate:
@@ -145,7 +183,6 @@ class Registry:
             retries=config.download.retries,
             stall_timeout=config.download.stall_timeout,
             allow_http=config.download.allow_http,
-            load_timeout=config.runtime.load_timeout,
         )
         self._fetch = fetch
         self._spawn = spawn or _worker_spawner(config)
@@ -153,17 +190,25 @@ class Registry:
     def ids(self) -> list[str]:
         return list(self._entries)
 
-    def is_custom(self, model_id: str) -> bool:
-        return model_id in self._entries and model_id not in self._catalog_ids
-
-    def broadcaster(self, model_id: str) -> Broadcaster[m.Progress]:
-        """The model's download progress, for subscribers."""
+    def _entry(self, model_id: str) -> _Entry:
         entry = self._entries.get(model_id)
         if entry is None:
             raise ModelNotFound(f"no model with id {model_id!r}")
-        return entry.actor.progress
+        return entry
 
-    def _new_actor(self, spec: ModelSpec) -> ModelActor:
+    def broadcaster(self, model_id: str) -> Broadcaster[m.Progress]:
+        """The model's download progress, for subscribers (it outlives actor restarts)."""
+        return self._entry(model_id).progress
+
+    def view(self, model_id: str) -> m.ModelView:
+        """The model now, read without waiting on its actor. Raises ModelNotFound."""
+        return self._entry(model_id).view()
+
+    def views(self) -> list[m.ModelView]:
+        """Every model now, never waiting on a busy actor, never leaving one out."""
+        return [entry.view() for entry in list(self._entries.values())]
+
+    def _new_actor(self, spec: ModelSpec, progress: Broadcaster[m.Progress]) -> ModelActor:
         return ModelActor(
             spec,
             self.store,
@@ -171,49 +216,89 @@ class Registry:
             fetch=self._fetch,
             spawn=self._spawn,
             gate=self.gate,
+            progress=progress,
         )
 
+    async def _start_all(self, specs: list[ModelSpec]) -> None:
+        """Start the actors, a few reading their state from disk at a time (in order of the
+        list, which is also the order of /models)."""
+        limit = trio.CapacityLimiter(STARTING_AT_ONCE)
+
+        async def start(spec: ModelSpec, task_status: trio.TaskStatus[None]) -> None:
+            async with limit:
+                task_status.started()
+                await self._start(spec)
+
+        async with trio.open_nursery() as starting:
+            for spec in specs:
+                await starting.start(start, spec)
+
     async def _start(self, spec: ModelSpec) -> None:
-        entry = _Entry(actor=self._new_actor(spec), scope=trio.CancelScope())
+        progress = progress_broadcaster(spec.id)
+        entry = _Entry(actor=self._new_actor(spec, progress), progress=progress)
         self._entries[spec.id] = entry
         await self._nursery.start(self._supervise, entry)
 
     async def _supervise(self, entry: _Entry, *, task_status: trio.TaskStatus[None]) -> None:
-        """Run the model's actor; restart it (state re-read from disk) if it crashes."""
-        started = False
+        """Run the model's actor; restart it (state re-read from disk) when it fails.
+
+        Reports started once the first actor serves, or once it has failed before serving (the
+        model then shows its failure: start-up never waits on a broken model). A model that
+        keeps failing is restarted less and less often (`restart_delay`).
+        """
+        reported = False
+        failures = 0
         try:
             with entry.scope:
-                for attempt in itertools.count():
+                while True:
+                    began = trio.current_time()
                     try:
-                        if not started:
-                            await entry.actor.run(task_status=task_status)
-                        else:
-                            await entry.actor.run()
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(entry.actor.run)
+                            entry.failure = None
+                            if not reported:
+                                task_status.started()
+                                reported = True
                         return
-                    except Exception:
+                    except Exception as exc:
+                        entry.failure = describe_failure(_first_leaf(exc))
                         log.exception("actor_crashed", model=entry.actor.spec.id)
-                    finally:
-                        started = True
-                    delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
+                        self._tell_subscribers(entry)
+                    if not reported:
+                        task_status.started()
+                        reported = True
+                    healthy = trio.current_time() - began >= HEALTHY_RUN
+                    failures = 1 if healthy else failures + 1
+                    delay = restart_delay(failures)
+                    log.info("actor_restart_scheduled", model=entry.actor.spec.id,
+                             delay=delay, failures=failures)
                     await trio.sleep(delay)
-                    entry.actor = self._new_actor(entry.actor.spec)
-                    log.info("actor_restarted", model=entry.actor.spec.id, attempt=attempt + 1)
+                    entry.actor = self._new_actor(entry.actor.spec, entry.progress)
+                    log.info("actor_restarted", model=entry.actor.spec.id, failures=failures)
         finally:
             entry.stopped.set()
+
+    @staticmethod
+    def _tell_subscribers(entry: _Entry) -> None:
+        """A download's subscribers are told it failed; a resumed one starts a new stream."""
+        last = entry.progress.value
+        if not last.terminal:
+            entry.progress.publish(
+                attrs.evolve(last, status="FAILED", error=entry.failure,
+                             bytes_per_second=None, eta_seconds=None)
+            )
 
     async def _ask(
         self,
         model_id: str,
-        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | Generate],
+        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | m.Generate],
     ) -> R:
         """Send a message with a reply channel to a model's actor and wait for the answer.
 
         Raises ModelNotFound for an unknown id, Unavailable when the actor stops first, and
         the actor's own ModelError when that is its answer.
         """
-        entry = self._entries.get(model_id)
-        if entry is None:
-            raise ModelNotFound(f"no model with id {model_id!r}")
+        entry = self._entry(model_id)
         send, recv = trio.open_memory_channel[R | ModelError](1)
         try:
             await entry.actor.mailbox.send(make(send))
@@ -239,18 +324,8 @@ class Registry:
         when the model is not loaded, Unavailable when its actor stops first.
         """
         return await self._ask(
-            model_id, lambda reply: Generate(prompt=prompt, params=params, reply=reply)
+            model_id, lambda reply: m.Generate(prompt=prompt, params=params, reply=reply)
         )
-
-    async def snapshot_all(self) -> list[m.ModelView]:
-        views = []
-        for model_id in list(self._entries):
-            with trio.move_on_after(10):
-                try:
-                    views.append(await self.call(model_id, lambda r: m.GetSnapshot(reply=r)))
-                except (ModelNotFound, Unavailable):
-                    continue
-        return views
 
     async def create(self, spec: ModelSpec) -> m.ModelView:
         """Register a custom model under a new id (spec.id is ignored): record, then actor."""
@@ -263,7 +338,7 @@ class Registry:
             await trio.to_thread.run_sync(self.store.write_record, spec)
             await self._start(spec)
             log.info("model_created", model=model_id)
-        return await self.call(model_id, lambda r: m.GetSnapshot(reply=r))
+        return self.view(model_id)
 
     async def delete(self, model_id: str) -> None:
         """Unload, cancel, remove files; for custom models also the record and the actor."""
@@ -283,21 +358,26 @@ async def serve_registry(
     *,
     fetch: Fetcher = download_file,
     spawn: Spawner | None = None,
+    store: Store | None = None,
     task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Start one actor per model (catalog, then custom records); run until cancelled."""
-    store = await trio.to_thread.run_sync(functools.partial(Store.open, config.storage.path()))
+    """Start one actor per model (catalog, then custom records); run until cancelled.
+
+    The store is opened from the config unless one is given."""
+    if store is None:
+        path = config.storage.path()
+        store = await trio.to_thread.run_sync(functools.partial(Store.open, path))
     records = await trio.to_thread.run_sync(store.load_records)
     async with trio.open_nursery() as nursery:
         registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn)
-        for entry in config.models:
-            registry._catalog_ids.add(entry.id)
-            await registry._start(spec_from_catalog(entry))
+        specs = [spec_from_catalog(entry) for entry in config.models]
+        registry._catalog_ids.update(spec.id for spec in specs)
         for spec in records:
-            if spec.id in registry._entries:
+            if spec.id in registry._catalog_ids:
                 log.warning("record_shadowed", model=spec.id, reason="a catalog model has this id")
                 continue
-            await registry._start(spec)
+            specs.append(spec)
+        await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
         task_status.started(registry)
         await trio.sleep_forever()

@@ -25,6 +25,7 @@ from actors.errors import (
     OperationFailed,
     Unavailable,
 )
+from actors.spec import ModelSpec
 from supervisor.api.app import json_reply, no_content
 from supervisor.api.guard import (
     OCTET_STREAM,
@@ -40,6 +41,7 @@ from supervisor.api.progress import CONNECTION_GONE, ProgressFeed
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
+    BodyError,
     model_json,
     parse_model_body,
     progress_json,
@@ -156,7 +158,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
 
     @app.get("/model/<model>")
     async def snapshot(model: str) -> Response:
-        return await call(model, lambda r: m.GetSnapshot(reply=r))
+        return json_reply(model_json(registry.view(check_model_id(model))))
 
     @app.post("/model/<model>/download")
     async def download(model: str) -> Response:
@@ -202,22 +204,26 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         if body.id is None:
             raise InvalidInput("$.id: required", code="invalid_body")
         model_id = check_model_id(body.id)
-        with answer_within(30):
-            current = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
-        if not current.spec.custom:
-            raise Conflict(
-                "only custom models can be updated; catalog models come from the config file",
-                code="not_custom",
-            )
-        spec = spec_from_update(body, current.spec, allow_http=config.download.allow_http)
-        return await call(model_id, lambda r: m.UpdateSpec(reply=r, spec=spec))
+
+        def change(current: ModelSpec) -> ModelSpec:
+            if not current.custom:
+                raise Conflict(
+                    "only custom models can be updated; catalog models come from the config "
+                    "file",
+                    code="not_custom",
+                )
+            try:
+                return spec_from_update(body, current, allow_http=config.download.allow_http)
+            except BodyError as exc:  # told to the caller as a 400 by the actor
+                raise InvalidInput(str(exc), code="invalid_body") from None
+
+        return await call(model_id, lambda r: m.UpdateSpec(reply=r, change=change))
 
     @app.put("/model/<model>/file")
     @accepts(OCTET_STREAM)
     async def put_file(model: str) -> Response:
         model_id = check_model_id(model)
-        with answer_within(30):
-            current = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
+        current = registry.view(model_id)
         if not current.spec.custom:
             raise Conflict("only custom models take an uploaded file", code="not_custom")
         if media_type(request.headers.get("content-type")) != OCTET_STREAM:
@@ -237,7 +243,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
 
     @app.get("/models")
     async def models() -> Response:
-        views = await registry.snapshot_all()
+        views = registry.views()
         return json_reply({"iterable": [model_json(v) for v in views]})
 
     @app.post("/models/create")

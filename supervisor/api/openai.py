@@ -23,8 +23,8 @@ from quart_trio import QuartTrio
 
 from actors import messages as m
 from actors.errors import Conflict, ModelError
+from actors.generation import GenerationStream
 from actors.messages import ModelView
-from actors.model import GenerationStream
 from actors.spec import is_valid_id
 from actors.state import State, flags
 from actors.worker import GenerateParams, GenerationResult
@@ -218,7 +218,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         return response
 
     async def listed() -> list[ModelView]:
-        views = await registry.snapshot_all()
+        views = registry.views()
         return [v for v in views if flags(v.state).downloaded]
 
     def model_object(view: ModelView) -> dict[str, Any]:
@@ -243,8 +243,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             raise OpenAIError(404, f"the model '{model_id}' does not exist", param="model",
                               code="model_not_found")
         try:
-            with answer_within(30):
-                view = await registry.call(model_id, lambda r: m.GetSnapshot(reply=r))
+            view = registry.view(model_id)
             if not flags(view.state).downloaded:
                 raise OpenAIError(
                     404, f"the model '{model_id}' is not downloaded; download it first "

@@ -22,7 +22,7 @@ import trio.testing
 
 from actors import messages as m
 from actors.errors import Conflict, InvalidInput, OperationFailed, Unavailable
-from actors.model import GenerationStream
+from actors.generation import GenerationStream
 from actors.state import State
 from actors.worker import GenerateParams
 from supervisor.config import CatalogEntry, Config, RuntimeConfig, StorageConfig
