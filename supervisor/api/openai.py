@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -18,7 +18,7 @@ import jinja2
 import structlog
 import trio
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from quart import Response, jsonify
+from quart import Response, current_app, jsonify
 from quart_trio import QuartTrio
 
 from actors import messages as m
@@ -36,6 +36,7 @@ from supervisor.registry import Registry
 log = structlog.get_logger("modeld.openai")
 
 QUEUE_LIMIT = 8  # requests waiting for one model before 429
+BODY_START_GRACE = 10.0  # seconds a streamed response's body has to start before it is freed
 DEFAULT_MAX_TOKENS = 16
 PLAIN_TEMPLATE = (
     "{% for m in messages %}"
@@ -45,6 +46,36 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+class _Lease:
+    """A streamed generation and its queue slot, given back exactly once: when the body ends,
+    or, if the server never starts the body (the client went away between the handler's
+    return and the first byte), by a guard after BODY_START_GRACE."""
+
+    def __init__(self, stream: GenerationStream, release: Callable[[], None]) -> None:
+        self.stream = stream
+        self.started = trio.Event()
+        self._release = release
+        self._closed = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+        finally:
+            self._release()
+
+    async def guard(self) -> None:
+        with trio.move_on_after(BODY_START_GRACE):
+            await self.started.wait()
+            return
+        log.info("stream_abandoned", model=self.stream.model_id,
+                 reason="the response body never started")
+        await self.close()
 
 
 class OpenAIError(Exception):
@@ -344,7 +375,10 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             return sse({"id": ident, "object": chunk_kind, "created": created,
                         "model": model_id, "choices": [choice(text, finish, delta=True)]})
 
+        lease = _Lease(stream, lambda: release(model_id))
+
         async def events() -> AsyncIterator[bytes]:
+            lease.started.set()
             try:
                 if chat:
                     yield sse({"id": ident, "object": chunk_kind, "created": created,
@@ -364,10 +398,9 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             except ModelError as exc:
                 yield sse(_as_openai(exc).body())
             finally:
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
-                release(model_id)
+                await lease.close()
 
+        current_app.add_background_task(lease.guard)
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.timeout = None  # a long generation is not a stuck response
