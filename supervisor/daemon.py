@@ -21,7 +21,7 @@ from supervisor import sdnotify
 from supervisor.api.app import create_asgi, read_token
 from supervisor.config import Config
 from supervisor.logs import hide_secret
-from supervisor.registry import serve_registry
+from supervisor.registry import Registry, serve_registry
 
 log = structlog.get_logger("modeld.daemon")
 E = TypeVar("E", bound=BaseException)
@@ -55,6 +55,11 @@ async def _watch_signals(stop: trio.Event) -> None:
             log.info("stop_requested", signal=signal.Signals(signum).name)
             sdnotify.notify("STOPPING=1")
             stop.set()
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def run_daemon(config: Config) -> None:
@@ -94,7 +99,16 @@ async def _serve(config: Config) -> None:
     hc = hypercorn_config(config)
     async with trio.open_nursery() as root:
         root.start_soon(_watch_signals, stop)
-        registry = await root.start(serve_registry, config)
+        # A stop signal during start-up (thousands of models, a slow disk) stops it too.
+        starting = trio.CancelScope()
+        root.start_soon(_cancel_when, stop, starting)
+        registry: Registry | None = None
+        with starting:
+            registry = await root.start(serve_registry, config)
+        if registry is None or stop.is_set():
+            root.cancel_scope.cancel()
+            log.info("stopped", during="startup")
+            return
         app = create_asgi(registry, config, token=token)
         async with trio.open_nursery() as http:
             try:

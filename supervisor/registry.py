@@ -377,6 +377,7 @@ async def serve_registry(
                 log.warning("record_shadowed", model=spec.id, reason="a catalog model has this id")
                 continue
             specs.append(spec)
+        log.info("registry_starting", models=len(specs))
         await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
         task_status.started(registry)

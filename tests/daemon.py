@@ -66,6 +66,14 @@ class Daemon:
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None,
               prefix: list[str] | None = None) -> Daemon:
         """Start the daemon (under `prefix`, e.g. a fault injector) and wait until it listens."""
+        self.launch(env=env, prefix=prefix)
+        event = self.wait_for("listening", timeout=timeout)
+        self.url = event["urls"][0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def launch(self, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
+        """Start the daemon's process and return at once."""
         self.lines.clear()
         self._queue = queue.Queue()
         full_env = {k: v for k, v in os.environ.items()
@@ -77,10 +85,6 @@ class Daemon:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
         )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        event = self.wait_for("listening", timeout=timeout)
-        self.url = event["urls"][0]
-        self.port = int(self.url.rsplit(":", 1)[1])
-        return self
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
