@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import pytest
 import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -294,4 +295,4 @@ ActorMachine.TestCase.settings = settings(
     stateful_step_count=25, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestActorMachine = ActorMachine.TestCase
+TestActorMachine = pytest.mark.slow(ActorMachine.TestCase)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from tests.daemon import Daemon
@@ -53,6 +54,7 @@ async def update_forever(daemon: Daemon, model_id: str, sent: set[str]) -> None:
                 return
 
 
+@pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_nothing(make_daemon: DaemonFactory) -> None:
     rng = random.Random(SEED)
     data = payload(6 * MiB, seed=SEED)

@@ -168,6 +168,7 @@ def test_openai_shaped_errors(served: tuple[Daemon, str, str]) -> None:
     assert [] == daemon.events("request_crashed")
 
 
+@pytest.mark.slow
 def test_a_disconnecting_stream_frees_the_worker(make_daemon: DaemonFactory,
                                                   tmp_path: Path) -> None:
     daemon = make_daemon(runtime={"threads": 1}).start()
