@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
+import cattrs.v
 from cattrs.gen import make_dict_structure_fn
 
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, check_url, is_valid_id
@@ -21,28 +24,29 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the key path."""
 
 
-def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{attr.name} must be greater than 0")
+def _rule(holds: Callable[[Any], bool], rule: str) -> Callable[..., None]:
+    """An attrs validator whose error names the key, the value and the rule."""
+
+    def validate(_inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+        if not holds(value):
+            raise ValueError(f"{attr.name} = {value!r}: {rule}")
+
+    return validate
 
 
-def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{attr.name} must not be negative")
+_positive = _rule(lambda v: v > 0, "must be greater than 0")
+_non_negative = _rule(lambda v: v >= 0, "must not be negative")
 
 
 @attrs.frozen
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=1000)
+    port: int = attrs.field(
+        default=1000, validator=_rule(lambda v: 0 <= v <= 65535,
+                                      "must be 1-65535 (0: any free port, for tests)"))
     allowed_hosts: list[str] = attrs.field(factory=list)
     allowed_origins: list[str] = attrs.field(factory=list)
     token_file: str = ""
-
-    @port.validator
-    def _check_port(self, _attr: attrs.Attribute[int], value: int) -> None:
-        if not 0 <= value <= 65535:
-            raise ValueError("port must be between 0 and 65535")
 
 
 @attrs.frozen
@@ -154,12 +158,43 @@ def _check_catalog(config: Config) -> None:
             raise ConfigError("; ".join(problems))
 
 
+def _describe(exc: BaseException, _type: type | None) -> str:
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        known = [f.name for f in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        hints = []
+        for key in sorted(exc.extra_fields):
+            near = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"\0{key}" + (f": did you mean {near[0]}?" if near else ""))
+        return "\1".join(hints)
+    if isinstance(exc, ValueError) and " = " in str(exc):
+        return f"\0{exc}"  # `key = value: rule`, from _rule
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    return cattrs.v.format_exception(exc, _type) if not isinstance(exc, TypeError) else str(exc)
+
+
+def _config_errors(exc: cattrs.BaseValidationError) -> list[str]:
+    """One line per problem, each naming the full key path: `config.server.port = 70000: must
+    be 1-65535`, `unknown key config.download.alow_http: did you mean allow_http?`."""
+    lines = []
+    for line in cattrs.transform_error(exc, path="config", format_exception=_describe):
+        message, _, path = line.rpartition(" @ ")
+        for part in message.split("\1"):
+            if part.startswith("\0") and " = " not in part.split(":", 1)[0]:
+                lines.append(f"unknown key {path}.{part[1:]}")
+            elif part.startswith("\0"):
+                lines.append(f"{path}.{part[1:]}")
+            else:
+                lines.append(f"{path}: {part}")
+    return lines
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     """Structure a TOML document into a Config; ConfigError names every bad key path."""
     try:
         config = _converter.structure(data, Config)
     except cattrs.BaseValidationError as exc:
-        raise ConfigError("; ".join(cattrs.transform_error(exc, path="config"))) from None
+        raise ConfigError("; ".join(_config_errors(exc))) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     _check_catalog(config)
