@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from supervisor import __version__
 from supervisor.config import find_config_path
 
 if TYPE_CHECKING:
@@ -24,12 +25,34 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: the reader of our output went away (`modeld ls | head`)
 
 CLIENT_HELP = """\
 Client commands talk to a running daemon at --url (default: $MODELD_URL, else the [server]
 host and port of the config file, else http://127.0.0.1:1000). With a token_file configured,
-pass --token or set $MODELD_TOKEN. Exit codes: 0 done, 1 failed, 2 bad usage, 130 interrupted.
+pass --token or set $MODELD_TOKEN. Exit codes: 0 done, 1 failed, 2 bad usage, 130 interrupted,
+141 the output pipe closed early.
 """
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away (a pipe into `head`); not an OSError, so that no
+    network error handler mistakes it for the daemon going away."""
+
+
+def _closed_pipe_only(exc: BaseException) -> bool:
+    if isinstance(exc, StdoutClosed):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_closed_pipe_only(e) for e in exc.exceptions)
+    return False
+
+
+def _quiet_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush cannot fail noisily."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CLIENT_HELP, parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"modeld {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", default=argparse.SUPPRESS,
@@ -60,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=("json", "console"), default="json")
     serve.add_argument("--storage-dir", help="override [storage] dir")
     serve.add_argument("--host", help="override [server] host")
-    serve.add_argument("--port", type=int, help="override [server] port")
+    serve.add_argument("--port", type=port_number, help="override [server] port")
 
     def client(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, parents=[common], description=summary)
@@ -85,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1-65535 (0: any free port)")
+    return port
+
+
 def serve(args: argparse.Namespace) -> int:
     import structlog
     import trio
@@ -94,31 +128,36 @@ def serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_format)
     log = structlog.get_logger("modeld")
+
+    def failed(reason: str, code: int) -> int:
+        """Every start-up failure: one event, one line on stderr, exit 2 (config) or 1."""
+        log.error("startup_failed", reason=reason, exit_code=code)
+        print(f"modeld: {reason}", file=sys.stderr)
+        return code
+
     try:
         config = load_config(find_config_path(getattr(args, "config", None)))
+        # --storage-dir, then $STATE_DIRECTORY (systemd's StateDirectory=), then [storage] dir.
+        state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        storage_dir = args.storage_dir or state_dir
+        if storage_dir:
+            config = attrs.evolve(config, storage=attrs.evolve(config.storage, dir=storage_dir))
+        if args.host:
+            config = attrs.evolve(config, server=attrs.evolve(config.server, host=args.host))
+        if args.port is not None:
+            config = attrs.evolve(config, server=attrs.evolve(config.server, port=args.port))
     except ConfigError as exc:
-        log.error("config_invalid", reason=str(exc))
-        print(f"modeld: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    # --storage-dir, then $STATE_DIRECTORY (systemd's StateDirectory=), then [storage] dir.
-    state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    storage_dir = args.storage_dir or state_dir
-    if storage_dir:
-        config = attrs.evolve(config, storage=attrs.evolve(config.storage, dir=storage_dir))
-    if args.host:
-        config = attrs.evolve(config, server=attrs.evolve(config.server, host=args.host))
-    if args.port is not None:
-        config = attrs.evolve(config, server=attrs.evolve(config.server, port=args.port))
+        return failed(str(exc), EXIT_CONFIG)
+    except ValueError as exc:  # an override the config's own rules refuse
+        return failed(f"command line: {exc}", EXIT_CONFIG)
 
     from supervisor.daemon import StartupError, run_daemon
 
     try:
         trio.run(run_daemon, config)
     except StartupError as exc:
-        log.error("startup_failed", reason=str(exc))
-        print(f"modeld: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return failed(str(exc), EXIT_ERROR)
+    return EXIT_OK
 
 
 # --- client commands ----------------------------------------------------------------------
@@ -133,10 +172,13 @@ class Out:
     tty: bool
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            raise StdoutClosed from None
 
     def data(self, value: Any) -> None:
-        print(json.dumps(value, indent=2), flush=True)
+        self.line(json.dumps(value, indent=2))
 
     def error(self, text: str) -> None:
         print(f"modeld: {text}", file=sys.stderr, flush=True)
@@ -373,7 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return run_client(args)
+    try:
+        return run_client(args)
+    except BaseException as exc:
+        if not _closed_pipe_only(exc):
+            raise
+        _quiet_stdout()
+        return EXIT_PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import hypercorn.trio
 import structlog
 import trio
 
+from actors.store import Store, StoreError
 from supervisor import sdnotify
 from supervisor.api.app import create_asgi, read_token
 from supervisor.config import Config
@@ -55,6 +56,17 @@ async def _watch_signals(stop: trio.Event) -> None:
             log.info("stop_requested", signal=signal.Signals(signum).name)
             sdnotify.notify("STOPPING=1")
             stop.set()
+
+
+async def _open_store(config: Config) -> Store:
+    path = config.storage.path()
+    try:
+        return await trio.to_thread.run_sync(Store.open, path)
+    except (OSError, StoreError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StartupError(
+            f"cannot use the storage dir {path}: {reason} (set [storage] dir or --storage-dir "
+            "to a directory modeld's user may create and write)") from None
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -104,7 +116,9 @@ async def _serve(config: Config) -> None:
         root.start_soon(_cancel_when, stop, starting)
         registry: Registry | None = None
         with starting:
-            registry = await root.start(serve_registry, config)
+            store = await _open_store(config)
+            registry = await root.start(
+                lambda task_status: serve_registry(config, store=store, task_status=task_status))
         if registry is None or stop.is_set():
             root.cancel_scope.cancel()
             log.info("stopped", during="startup")

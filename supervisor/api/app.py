@@ -26,6 +26,7 @@ from actors.errors import (
     Unavailable,
 )
 from actors.store import StoreError
+from supervisor import __version__
 from supervisor.api.guard import (
     Guard,
     Incoming,
@@ -76,6 +77,7 @@ HTTP_CODES = {
 # What a browser page on an allowed origin may do (CORS); foreign origins never get this far.
 CORS_METHODS = "GET, POST, PUT, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
+SERVER_HEADER = f"modeld/{__version__}"
 
 
 def error_response(code: str, message: str, status: int) -> Response:
@@ -177,6 +179,7 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     @app.after_request
     async def add_headers(response: Response) -> Response:
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Server"] = SERVER_HEADER
         origin = request.headers.get("origin")
         if origin is not None and guard.origin_allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin

@@ -1,0 +1,96 @@
+"""What a new user meets first: start-up failures as one clear line, the version, pipes that
+close early. The real `modeld` (python -m supervisor), a real daemon where one is needed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.daemon import ROOT
+from tests.e2e.conftest import DaemonFactory
+from tests.e2e.test_cli import catalog, client_env, modeld
+from tests.gguf_factory import write_tiny_llama
+from tests.origin import Origin, run_origin_in_thread
+
+EXIT_PIPE_CLOSED = 141
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    with run_origin_in_thread() as origin:
+        yield origin
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", "serve", *args], cwd=ROOT,
+                          env=client_env(), capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def startup_failed(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert ["startup_failed"] == [e["event"] for e in events], proc.stdout
+    return events[0]
+
+
+def test_every_startup_failure_is_one_line_and_an_exit_code(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the storage dir should be")
+    env_failure = serve("--storage-dir", str(blocked / "storage"), "--port", "0")
+    assert 1 == env_failure.returncode
+    assert 1 == len(env_failure.stderr.splitlines()), env_failure.stderr
+    assert env_failure.stderr.startswith(f"modeld: cannot use the storage dir {blocked}")
+    assert 1 == startup_failed(env_failure)["exit_code"]
+
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nport = 70000\n[download]\nalow_http = true\n")
+    bad = serve("--config", str(config))
+    assert 2 == bad.returncode
+    assert 1 == len(bad.stderr.splitlines()), bad.stderr
+    assert "config.server.port = 70000: must be 1-65535" in bad.stderr
+    assert "unknown key config.download.alow_http: did you mean allow_http?" in bad.stderr
+    assert 2 == startup_failed(bad)["exit_code"]
+
+    usage = serve("--port", "70000")
+    assert 2 == usage.returncode
+    assert "70000 is not a port" in usage.stderr
+    assert "Traceback" not in usage.stderr + env_failure.stderr + bad.stderr
+
+
+def test_version_on_the_command_line_and_in_the_server_header(
+        make_daemon: DaemonFactory) -> None:
+    shown = modeld(None, "--version")
+    assert 0 == shown.returncode
+    name, version = shown.stdout.split()
+    assert "modeld" == name and version[0].isdigit()
+    daemon = make_daemon().start()
+    assert f"modeld/{version}" == httpx.get(f"{daemon.url}/models").headers["server"]
+    assert f"modeld/{version}" == httpx.get(f"{daemon.url}/nope").headers["server"]
+    assert 0 == daemon.stop()
+
+
+def test_pipes_that_close_early_end_quietly(make_daemon: DaemonFactory, origin: Origin,
+                                            tmp_path: Path) -> None:
+    tiny = write_tiny_llama(tmp_path / "tiny.gguf")
+    daemon = make_daemon(catalog(origin, tiny, 20_000)).start()
+    for args in (["ls"], ["--json", "ls"], ["--json", "pull", "tiny-cat"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "--url", daemon.url, *args], cwd=ROOT,
+            env=client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stderr is not None
+        if "pull" in args:
+            assert proc.stdout.readline()  # following the download: then the reader goes
+        proc.stdout.close()  # `| head -1` exiting
+        err = proc.stderr.read()
+        assert EXIT_PIPE_CLOSED == proc.wait(timeout=60), (args, err)
+        assert "" == err, (args, err)
+    # The download goes on in the daemon: the pipe closing was no Ctrl-C.
+    assert httpx.get(f"{daemon.url}/model/tiny-cat").json()["downloading"]
+    assert 0 == daemon.stop()
