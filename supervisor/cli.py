@@ -153,8 +153,18 @@ def serve(args: argparse.Namespace) -> int:
 
     from supervisor.daemon import StartupError, run_daemon
 
+    def announce(url: str) -> None:
+        """For a person at a console: where it listens and how the CLI reaches it."""
+        from supervisor.client import storage_dirs_searched
+
+        cli = sys.argv[0] if Path(sys.argv[0]).name == "modeld" else "modeld"
+        searched = {d.expanduser().resolve() for d in storage_dirs_searched({})}
+        how = (f"`{cli} ls` finds it by itself" if config.storage.path().resolve() in searched
+               else f"use `{cli} --url {url} ls`")
+        print(f"modeld is listening on {url}: {how} (or set MODELD_URL={url}).", flush=True)
+
     try:
-        trio.run(run_daemon, config)
+        trio.run(run_daemon, config, announce if args.log_format == "console" else None)
     except StartupError as exc:
         return failed(str(exc), EXIT_ERROR)
     return EXIT_OK

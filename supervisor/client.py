@@ -23,6 +23,7 @@ import attrs
 import httpx
 
 from actors.spec import is_valid_id
+from supervisor.address import DEFAULT_STORAGE, running_url
 
 if TYPE_CHECKING:
     import trio
@@ -89,16 +90,32 @@ def _connectable_host(host: str) -> str:
     return host
 
 
-def _server_section(config_path: Path | None) -> Json:
-    """The [server] table of the daemon's config, or {} when there is none to read."""
+def _config_table(config: Json, name: str) -> Json:
+    table = config.get(name)
+    return table if isinstance(table, dict) else {}
+
+
+def _read_config(config_path: Path | None) -> Json:
+    """The daemon's config as TOML data, or {} when there is none to read."""
     if config_path is None:
         return {}
     try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        return tomllib.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return {}
-    server = data.get("server")
-    return server if isinstance(server, dict) else {}
+
+
+def storage_dirs_searched(config: Json) -> list[Path]:
+    """Where a running daemon may have recorded its address, most specific first."""
+    dirs = []
+    configured = _config_table(config, "storage").get("dir")
+    if isinstance(configured, str) and configured:
+        dirs.append(Path(configured))
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():  # run from a source checkout (`make run`)
+        dirs.append(checkout / "state")
+    dirs.append(DEFAULT_STORAGE)
+    return dirs
 
 
 def resolve_endpoint(
@@ -106,12 +123,15 @@ def resolve_endpoint(
 ) -> Endpoint:
     """Where the daemon is and how to authenticate.
 
-    URL: `url`, else $MODELD_URL, else the config's [server] host and port, else
-    http://127.0.0.1:1000. Token: `token`, else $MODELD_TOKEN, else the config's token_file when
-    this user can read it. An unreadable config is no error: the daemon may run as another user.
+    URL: `url`, else $MODELD_URL, else the address a running daemon recorded in its storage dir
+    (the config's, this checkout's `state/` of `make run`, the default one), else the config's
+    [server] host and port, else http://127.0.0.1:1000. Token: `token`, else $MODELD_TOKEN, else
+    the config's token_file when this user can read it. An unreadable config is no error: the
+    daemon may run as another user.
     """
-    server = _server_section(config_path)
-    chosen = url or os.environ.get("MODELD_URL")
+    config = _read_config(config_path)
+    server = _config_table(config, "server")
+    chosen = url or os.environ.get("MODELD_URL") or running_url(storage_dirs_searched(config))
     if not chosen:
         chosen = DEFAULT_URL
         host, port = server.get("host", "127.0.0.1"), server.get("port", 1000)

@@ -10,6 +10,8 @@ import errno
 import logging
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import hypercorn.config
@@ -19,6 +21,7 @@ import trio
 
 from actors.store import Store, StoreError
 from supervisor import sdnotify
+from supervisor.address import clear_address, write_address
 from supervisor.api.app import create_asgi, read_token
 from supervisor.config import Config
 from supervisor.logs import hide_secret
@@ -74,10 +77,11 @@ async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def run_daemon(config: Config) -> None:
-    """Serve until SIGTERM/SIGINT. Raises StartupError when it cannot start."""
+async def run_daemon(config: Config, announce: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; `announce(url)` once listening. Raises StartupError when it
+    cannot start."""
     try:
-        await _serve(config)
+        await _serve(config, announce)
     except BaseExceptionGroup as group:
         startup = _only(group, StartupError)
         if startup is None:
@@ -100,7 +104,14 @@ def _only(exc: BaseException, kind: type[E]) -> E | None:
     return first if isinstance(first, kind) else None
 
 
-async def _serve(config: Config) -> None:
+async def _record_address(storage: Path, binds: list[str]) -> None:
+    try:
+        await trio.to_thread.run_sync(write_address, storage, binds[0])
+    except OSError as exc:  # the command line then needs --url; serving goes on
+        log.warning("address_not_recorded", reason=str(exc))
+
+
+async def _serve(config: Config, announce: Callable[[str], None] | None) -> None:
     try:
         token = read_token(config.server.token_file)
     except (OSError, ValueError) as exc:
@@ -139,9 +150,13 @@ async def _serve(config: Config) -> None:
                 root.cancel_scope.cancel()
                 raise _listen_error(config, bind_error) from None
             activated = any(bind.startswith("fd://") for bind in hc.bind)
+            await _record_address(store.root, binds)  # before `listening`: then it is there
             log.info("listening", urls=binds, pid=os.getpid(), socket_activated=activated)
+            if announce is not None:
+                announce(binds[0])
             sdnotify.notify("READY=1")
             root.start_soon(sdnotify.run_watchdog)
+        await trio.to_thread.run_sync(clear_address, store.root)
         log.info("http_stopped")
         root.cancel_scope.cancel()
     log.info("stopped")

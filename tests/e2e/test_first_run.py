@@ -94,3 +94,19 @@ def test_pipes_that_close_early_end_quietly(make_daemon: DaemonFactory, origin: 
     # The download goes on in the daemon: the pipe closing was no Ctrl-C.
     assert httpx.get(f"{daemon.url}/model/tiny-cat").json()["downloading"]
     assert 0 == daemon.stop()
+
+
+def test_the_command_line_finds_a_daemon_on_any_port_by_its_storage_dir(
+        make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon().start()  # port 0: the kernel picked one
+    recorded = json.loads((daemon.storage / "daemon.json").read_text())
+    assert daemon.url == recorded["url"]
+    # No --url, no MODELD_URL: the config names the storage dir, where the daemon wrote it.
+    found = modeld(None, "--config", str(daemon.config_path), "--json", "ls")
+    assert 0 == found.returncode, found.stderr
+    assert isinstance(json.loads(found.stdout), list)
+    assert 0 == daemon.stop()
+    assert not (daemon.storage / "daemon.json").exists()
+    gone = modeld(None, "--config", str(daemon.config_path), "ls")
+    assert 1 == gone.returncode
+    assert f"no modeld answering at {daemon.url}" not in gone.stderr  # not a stale address
