@@ -9,16 +9,25 @@ CONFIG ?= config.example.toml
 .PHONY: run test lint typecheck unit bench clean deps
 
 $(BIN)/activate:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: on Debian/Ubuntu install python3-venv first (sudo apt install python3-venv)" >&2; exit 1; }
+
+# pip's output goes to a log, shown only when the install fails.
+PIP_INSTALL = $(BIN)/python -m pip install --disable-pip-version-check --quiet
+
+# `make run` needs the runtime only; `make test` adds the test tools.
+$(VENV)/.runtime: pyproject.toml | $(BIN)/activate
+	@echo "installing modeld into $(VENV) (log: $(VENV)/install.log)"
+	@$(PIP_INSTALL) -e . > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $@
+	@echo "installing modeld and its test tools into $(VENV) (log: $(VENV)/install.log)"
+	@$(PIP_INSTALL) -e '.[test]' > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
+	@touch $@ $(VENV)/.runtime
 
 deps: $(VENV)/.installed
 
-run: deps
+run: $(VENV)/.runtime
 	$(BIN)/modeld serve --config $(CONFIG) --storage-dir $(STATE) --port $(PORT) --log-format console
 
 lint: deps
