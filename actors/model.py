@@ -300,7 +300,8 @@ class ModelActor:
         if isinstance(cmd, m.UpdateSpec):
             # Merged here, against the spec as it is now: concurrent updates lose nothing.
             spec = cmd.change(self.spec)
-            await trio.to_thread.run_sync(self._store.write_record, spec)
+            if spec.custom:  # a catalog model's spec lives in the config (its score: in memory)
+                await trio.to_thread.run_sync(self._store.write_record, spec)
             self.spec = spec
             log.info("model_updated", model=self.spec.id)
             return self.view()

@@ -54,6 +54,27 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
+SCORE_COUNTERS = ("priority", "reference", "reuse", "searched", "update")
+
+
+@attrs.frozen
+class ModelScore:
+    """How often clients used a model (Pieces' Score): counters of POST /model/{id}/scores/
+    increment. `manual` sums every increment; modeld records no automatic events."""
+
+    manual: int = 0
+    automatic: int = 0
+    priority: int = 0
+    reference: int = 0
+    reuse: int = 0
+    searched: int = 0
+    update: int = 0
+
+    def plus(self, counters: tuple[str, ...]) -> ModelScore:
+        changes = {name: getattr(self, name) + 1 for name in counters}
+        return attrs.evolve(self, manual=self.manual + len(counters), **changes)
+
+
 @attrs.frozen
 class ModelSpec:
     id: str
@@ -72,3 +93,4 @@ class ModelSpec:
     context_length: int | None = None
     custom: bool = False
     created: dt.datetime = attrs.field(factory=utcnow)
+    score: ModelScore = ModelScore()

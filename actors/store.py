@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import structlog
 
-from actors.spec import ModelSpec, is_valid_id
+from actors.spec import ModelScore, ModelSpec, is_valid_id
 
 log = structlog.get_logger("modeld.store")
 
@@ -68,6 +68,7 @@ def _record_to_json(spec: ModelSpec) -> bytes:
 def _record_from_json(raw: bytes) -> ModelSpec:
     data: dict[str, Any] = json.loads(raw)
     data["created"] = dt.datetime.fromisoformat(data["created"])
+    data["score"] = ModelScore(**data.get("score", {}))  # records before scores have none
     spec = ModelSpec(**data)
     if not is_valid_id(spec.id):
         raise ValueError(f"invalid id {spec.id!r}")

@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     client("cancel", "cancel a running download (its partial file is kept)").add_argument("id")
     client("load", "load a downloaded model into memory").add_argument("id")
     client("unload", "unload a model").add_argument("id")
-    client("rm", "unload a model and delete its files (and record, if custom)").add_argument(
-        "id")
+    rm = client("rm", "unload a model and delete its files (and record, if custom)")
+    rm.add_argument("id")
+    rm.add_argument("--keep-record", action="store_true",
+                    help="keep a custom model registered: remove only its files")
     imp = client("import", "register a local GGUF file as a custom model; prints its id")
     imp.add_argument("path", type=Path)
     imp.add_argument("--name", help="display name (default: the file name)")
@@ -272,14 +274,22 @@ def cmd_cancel(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_rm(api: Api, args: argparse.Namespace, out: Out) -> int:
-    custom = api.model(args.id).get("custom")
-    api.delete(args.id)
+    before = api.model(args.id)
+    custom, keep = before.get("custom"), args.keep_record
+    had_files = before.get("downloaded") or before.get("downloading") or before.get(
+        "partialBytes")
+    api.delete(args.id, keep_record=keep)
     if out.json:
-        out.data({"id": args.id, "deleted": True})
-    elif custom:
+        out.data({"id": args.id, "deleted": True, "record_kept": bool(keep or not custom),
+                  "had_files": bool(had_files)})
+    elif custom and not keep:
         out.line(f"removed {args.id}")
+    elif not had_files:
+        out.line(f"nothing to remove: {args.id} has no files (it stays "
+                 f"{'registered' if custom else 'in the catalog'})")
     else:
-        out.line(f"removed the files of {args.id}; it stays in the catalog")
+        out.line(f"removed the files of {args.id}; it stays "
+                 f"{'registered' if custom else 'in the catalog'}")
     return EXIT_OK
 
 

@@ -242,9 +242,14 @@ class Api:
         """POST /model/<id>/<verb> (download, download/cancel, load, unload)."""
         return model_of(self.request("POST", model_path(model_id, f"/{verb}"), timeout=timeout))
 
-    def delete(self, model_id: str) -> None:
+    def delete(self, model_id: str, *, keep_record: bool = False) -> None:
+        """Unload, cancel and remove the files; also the record of a custom model unless
+        `keep_record` (POST /models/<id>/delete, or .../delete/cache)."""
         model_path(model_id)
-        self.request("POST", f"/models/{quote(model_id, safe='')}/delete", timeout=SLOW)
+        suffix = "/delete/cache" if keep_record else "/delete"
+        kwargs: dict[str, Any] = {"json": {}} if keep_record else {}
+        self.request("POST", f"/models/{quote(model_id, safe='')}{suffix}", timeout=SLOW,
+                     **kwargs)
 
     def create(self, seed: Json) -> Json:
         return model_of(self.request("POST", "/models/create", json=seed))

@@ -17,7 +17,14 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from actors.messages import ModelView, Progress
-from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, ModelSpec, check_url
+from actors.spec import (
+    MODEL_TYPES,
+    RUNTIME_TYPES,
+    SCORE_COUNTERS,
+    SHA256_PATTERN,
+    ModelSpec,
+    check_url,
+)
 from actors.state import flags
 from supervisor.enums import FOUNDATIONS, USAGES
 
@@ -83,6 +90,18 @@ class ModelOut:
     error: str | None = None
     load_seconds: float | None = None
     unique: str | None = None
+    score: ScoreOut | None = None
+
+
+@attrs.frozen
+class ScoreOut:
+    manual: int
+    automatic: int
+    priority: int
+    reference: int
+    reuse: int
+    searched: int
+    update: int
 
 
 @attrs.frozen
@@ -265,6 +284,7 @@ def model_json(view: ModelView) -> dict[str, Any]:
         error=view.error,
         load_seconds=view.load_seconds,
         unique=spec.id,
+        score=ScoreOut(**attrs.asdict(spec.score)),
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.
@@ -382,3 +402,36 @@ def spec_from_update(body: ModelBody, current: ModelSpec, *, allow_http: bool) -
     if body.ram is not None and body.ram.value:
         changes["ram"] = body.ram.value
     return attrs.evolve(current, **changes)
+
+
+def score_counters(body: Any) -> tuple[str, ...]:
+    """The counters a SeededScoreIncrement raises for a model (its `model` part; the parts
+    for other Pieces objects are not modeld's and are ignored)."""
+    if not isinstance(body, dict):
+        raise BodyError("$: expected an object (a SeededScoreIncrement)")
+    part = body.get("model")
+    if part is None:
+        return ()
+    if not isinstance(part, dict):
+        raise BodyError("$.model: expected an object (a SeededScore)")
+    counters = []
+    for key, value in part.items():
+        if key == "schema":
+            continue
+        if key not in SCORE_COUNTERS:
+            raise BodyError(f"$.model.{key}: not a counter; expected one of "
+                            f"{', '.join(SCORE_COUNTERS)}")
+        if not isinstance(value, bool):
+            raise BodyError(f"$.model.{key}: expected a boolean")
+        if value:
+            counters.append(key)
+    return tuple(counters)
+
+
+def parse_delete_cache(body: Any) -> None:
+    """A ModelDeleteCacheInput: an object whose only key is the SDK's `schema`."""
+    if not isinstance(body, dict):
+        raise BodyError("$: expected an object (a ModelDeleteCacheInput)")
+    unknown = sorted(set(body) - {"schema"})
+    if unknown:
+        raise BodyError(f"$.{unknown[0]}: unknown key")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import quart.wrappers
 import structlog
 import trio
@@ -43,8 +44,10 @@ from supervisor.registry import Registry
 from supervisor.wire import (
     BodyError,
     model_json,
+    parse_delete_cache,
     parse_model_body,
     progress_json,
+    score_counters,
     spec_from_create,
     spec_from_update,
 )
@@ -260,6 +263,26 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         with answer_within(90):
             await registry.delete(check_model_id(model))
         return no_content()
+
+    @app.post("/model/<model>/scores/increment")
+    async def scores_increment(model: str) -> Response:
+        counters = score_counters(await read_json_body())
+        model_id = check_model_id(model)
+
+        def count(current: ModelSpec) -> ModelSpec:
+            return attrs.evolve(current, score=current.score.plus(counters))
+
+        await call(model_id, lambda r: m.UpdateSpec(reply=r, change=count))
+        return no_content()
+
+    @app.post("/models/<model>/delete/cache")
+    async def delete_cache(model: str) -> Response:
+        if await request.get_data():  # the SDK sends {} (or {"schema": ...}); nothing to read
+            parse_delete_cache(await read_json_body())
+        model_id = check_model_id(model)
+        with answer_within(90):
+            await registry.call(model_id, lambda r: m.Delete(reply=r))
+        return json_reply({"model": {"id": model_id}})
 
     @app.post("/models/unload")
     async def unload_all() -> Response:

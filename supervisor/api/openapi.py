@@ -17,7 +17,7 @@ from typing import Any
 from quart import Response
 from quart_trio import QuartTrio
 
-from actors.spec import ID_PATTERN, MODEL_TYPES, RUNTIME_TYPES
+from actors.spec import ID_PATTERN, MODEL_TYPES, RUNTIME_TYPES, SCORE_COUNTERS
 from actors.state import State
 from supervisor.enums import FOUNDATIONS, USAGES
 
@@ -85,6 +85,7 @@ def _schemas() -> dict[str, Schema]:
         "error": {"type": "string", "description": "modeld: why the last operation failed"},
         "loadSeconds": {"type": "number", "minimum": 0},
         "unique": {"type": "string"},
+        "score": _ref("Score"),
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
@@ -160,6 +161,20 @@ def _schemas() -> dict[str, Schema]:
         ),
         "Model": _obj(model_props, model_required,
                       description="a model as modeld reports it (Pieces Model + modeld extras)"),
+        "Score": _obj({name: NON_NEGATIVE_INT for name in ("manual", "automatic",
+                                                             *SCORE_COUNTERS)},
+                      ["manual", "automatic"],
+                      description="how often clients used the model (POST .../scores/"
+                      "increment); durable for custom models, in memory for catalog ones"),
+        "SeededScoreIncrement": _obj(
+            {"model": _obj({name: {"type": "boolean"} for name in SCORE_COUNTERS},
+                           description="each true counter goes up by one"),
+             "schema": ANY},
+            description="the Pieces SDK's increment; modeld counts its `model` part and "
+            "ignores the others (asset, conversation, ...)", additionalProperties=True),
+        "ModelDeleteCacheInput": _obj({"schema": ANY}),
+        "ModelDeleteCacheOutput": _obj(
+            {"model": _obj({"id": {"type": "string"}}, ["id"]), "schema": ANY}, ["model"]),
         "Models": _obj({"iterable": {"type": "array", "items": _ref("Model")}}, ["iterable"]),
         "ModelDownloadProgress": _obj(
             {
@@ -358,6 +373,12 @@ def build_document() -> dict[str, Any]:
                 "catalog model or while the model is busy.",
             ),
         },
+        "/model/{model}/scores/increment": {
+            "post": _op("model_scores_increment", "Count a use of the model",
+                        _responses(204, None, 400, 410, 413, 415, 503,
+                                   ok_description="counted"),
+                        tags=model_tag, body=_json_body("SeededScoreIncrement")),
+        },
         "/model/update": {
             "post": _op("model_update", "Update the metadata of a custom model",
                         _responses(200, "Model", 400, 409, 410, 413, 415, 503),
@@ -379,6 +400,13 @@ def build_document() -> dict[str, Any]:
                         "Unload, cancel, remove the files (and a custom model's record)",
                         _responses(204, None, *COMMAND, ok_description="deleted"),
                         tags=models_tag),
+        },
+        "/models/{model}/delete/cache": {
+            "post": _op("models_delete_specific_model_cache",
+                        "Unload, cancel and remove the files; keep the model (and its record)",
+                        _responses(200, "ModelDeleteCacheOutput", *COMMAND, 415,
+                                   ok_description="the model whose files were removed"),
+                        tags=models_tag, body=_json_body("ModelDeleteCacheInput")),
         },
         "/models/unload": {
             "post": _op("unload_models", "Unload every model",
