@@ -217,6 +217,9 @@ def _table(out: Out, models: list[dict[str, Any]]) -> None:
 
 def cmd_ls(api: Api, args: argparse.Namespace, out: Out) -> int:
     models = api.models()
+    for model in models:  # how far each running download is
+        if model.get("downloading") and isinstance(model.get("id"), str):
+            model["progress"] = api.progress(model["id"])
     if out.json:
         out.data(models)
     else:
@@ -249,11 +252,14 @@ def cmd_load(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_unload(api: Api, args: argparse.Namespace, out: Out) -> int:
+    was_loaded = api.model(args.id).get("loaded")
     model = api.command(args.id, "unload")
     if out.json:
         out.data(model)
-    else:
+    elif was_loaded:
         out.line(f"unloaded {args.id}")
+    else:
+        out.line(f"{args.id} was not loaded")
     return EXIT_OK
 
 

@@ -238,6 +238,10 @@ class Api:
     def model(self, model_id: str) -> Json:
         return model_of(self.request("GET", model_path(model_id)))
 
+    def progress(self, model_id: str) -> Json:
+        """The latest progress of the model's download (GET .../download/progress)."""
+        return model_of(self.request("GET", model_path(model_id, "/download/progress")))
+
     def command(self, model_id: str, verb: str, *, timeout: httpx.Timeout = QUICK) -> Json:
         """POST /model/<id>/<verb> (download, download/cancel, load, unload)."""
         return model_of(self.request("POST", model_path(model_id, f"/{verb}"), timeout=timeout))
@@ -456,8 +460,11 @@ def model_row(model: Json) -> tuple[str, str, str, str, str]:
     size = model.get("bytes")
     readable = size.get("readable") if isinstance(size, dict) else None
     state = str(model.get("state") or ("downloaded" if model.get("downloaded") else "absent"))
+    progress = model.get("progress")
     if model.get("error"):
         state += " (error)"
+    elif isinstance(progress, dict) and isinstance(progress.get("percentage"), int | float):
+        state += f" {progress['percentage']:.1f}%"
     elif state == "absent" and model.get("partialBytes"):
         state += f" ({format_bytes(model['partialBytes'])} partial)"
     return (

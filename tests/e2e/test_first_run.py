@@ -4,8 +4,10 @@ close early. The real `modeld` (python -m supervisor), a real daemon where one i
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +112,23 @@ def test_the_command_line_finds_a_daemon_on_any_port_by_its_storage_dir(
     gone = modeld(None, "--config", str(daemon.config_path), "ls")
     assert 1 == gone.returncode
     assert f"no modeld answering at {daemon.url}" not in gone.stderr  # not a stale address
+
+
+def test_ls_shows_how_far_downloads_are_and_unload_says_what_it_did(
+        make_daemon: DaemonFactory, origin: Origin, tmp_path: Path) -> None:
+    tiny = write_tiny_llama(tmp_path / "tiny.gguf")
+    daemon = make_daemon(catalog(origin, tiny, 20_000)).start()
+    assert 200 == httpx.post(f"{daemon.url}/model/tiny-cat/download").status_code
+    for _ in range(600):  # until the first progress past 0 (a 20 KB/s origin: within a second)
+        progress = httpx.get(f"{daemon.url}/model/tiny-cat/download/progress").json()
+        if progress["status"] == "IN-PROGRESS" and progress["percentage"] > 0:
+            break
+        time.sleep(0.05)
+    listed = modeld(daemon.url, "ls")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("tiny-cat"))
+    assert re.search(r"downloading \d+\.\d%", row), row
+    as_json = json.loads(modeld(daemon.url, "--json", "ls").stdout)
+    assert 0 < next(m for m in as_json if m["id"] == "tiny-cat")["progress"]["percentage"]
+    unloaded = modeld(daemon.url, "unload", "big")
+    assert (0, "big was not loaded\n") == (unloaded.returncode, unloaded.stdout)
+    assert 0 == daemon.stop()
