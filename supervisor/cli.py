@@ -247,7 +247,10 @@ def cmd_load(api: Api, args: argparse.Namespace, out: Out) -> int:
     else:
         seconds = model.get("loadSeconds")
         took = f" in {seconds:.3g} s" if isinstance(seconds, int | float) else ""
-        out.line(f"loaded {args.id}{took}")
+        evicted = model.get("evicted")
+        room = (f" (unloaded {', '.join(map(str, evicted))} to make room)"
+                if isinstance(evicted, list) and evicted else "")
+        out.line(f"loaded {args.id}{took}{room}")
     return EXIT_OK
 
 

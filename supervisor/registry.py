@@ -117,9 +117,12 @@ class LruGate:
         self._max = max_loaded
         self._order: OrderedDict[str, None] = OrderedDict()
         self._lock = trio.Lock()
+        self._evicted: dict[str, list[str]] = {}  # per model: whom its last admit unloaded
 
     async def admit(self, model_id: str) -> None:
         async with self._lock:
+            evicted: list[str] = []
+            self._evicted[model_id] = evicted
             while True:
                 others = [k for k in self._order if k != model_id]
                 if len(others) < self._max:
@@ -132,6 +135,7 @@ class LruGate:
                         await self._registry.call(victim, lambda r: m.Unload(reply=r))
                     except (ModelNotFound, Unavailable):
                         self._order.pop(victim, None)  # no actor left to hold memory
+                evicted.append(victim)
                 if victim in self._order:
                     raise Unavailable(
                         f"could not unload {victim} to make room for {model_id} "
@@ -142,6 +146,10 @@ class LruGate:
 
     def release(self, model_id: str) -> None:
         self._order.pop(model_id, None)
+
+    def take_evicted(self, model_id: str) -> list[str]:
+        """The models unloaded to make room when `model_id` was last admitted (once)."""
+        return self._evicted.pop(model_id, [])
 
     def touch(self, model_id: str) -> None:
         if model_id in self._order:

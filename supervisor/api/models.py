@@ -194,7 +194,14 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.post("/model/<model>/load")
     async def load(model: str) -> Response:
         await refuse_body()
-        return await call(model, lambda r: m.Load(reply=r), wait=load_wait)
+        model_id = check_model_id(model)
+        with answer_within(load_wait):
+            view = await registry.call(model_id, lambda r: m.Load(reply=r))
+        answer = model_json(view)
+        evicted = registry.gate.take_evicted(model_id)
+        if evicted:  # modeld extra: [runtime] max_loaded unloaded these to make room
+            answer["evicted"] = evicted
+        return json_reply(answer)
 
     @app.post("/model/<model>/unload")
     async def unload(model: str) -> Response:

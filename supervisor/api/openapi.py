@@ -86,6 +86,9 @@ def _schemas() -> dict[str, Schema]:
         "loadSeconds": {"type": "number", "minimum": 0},
         "unique": {"type": "string"},
         "score": _ref("Score"),
+        "evicted": {"type": "array", "items": {"type": "string"},
+                    "description": "modeld, in a load's answer: the models unloaded to make "
+                    "room ([runtime] max_loaded)"},
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",

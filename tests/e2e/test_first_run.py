@@ -132,3 +132,22 @@ def test_ls_shows_how_far_downloads_are_and_unload_says_what_it_did(
     unloaded = modeld(daemon.url, "unload", "big")
     assert (0, "big was not loaded\n") == (unloaded.returncode, unloaded.stdout)
     assert 0 == daemon.stop()
+
+
+def test_load_says_which_model_it_unloaded_to_make_room(make_daemon: DaemonFactory,
+                                                        tmp_path: Path) -> None:
+    daemon = make_daemon(runtime={"max_loaded": 1}).start()
+    ids = []
+    for seed in (1, 2):
+        imported = modeld(daemon.url, "import", str(write_tiny_llama(
+            tmp_path / f"t{seed}.gguf", seed=seed)), "--name", f"T{seed}")
+        assert 0 == imported.returncode, imported.stderr
+        ids.append(imported.stdout.strip())
+    first = modeld(daemon.url, "load", ids[0])
+    assert "to make room" not in first.stdout
+    second = modeld(daemon.url, "load", ids[1])
+    assert 0 == second.returncode, second.stderr
+    assert second.stdout.rstrip().endswith(f"(unloaded {ids[0]} to make room)"), second.stdout
+    again = json.loads(modeld(daemon.url, "--json", "load", ids[1]).stdout)
+    assert "evicted" not in again  # already loaded: nothing unloaded this time
+    assert 0 == daemon.stop()
