@@ -91,6 +91,7 @@ class ModelOut:
     load_seconds: float | None = None
     unique: str | None = None
     score: ScoreOut | None = None
+    evicted: list[str] | None = None  # a load's answer: the models unloaded to make room
 
 
 @attrs.frozen
@@ -249,7 +250,7 @@ def iso_utc(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def model_json(view: ModelView) -> dict[str, Any]:
+def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str, Any]:
     spec, facts = view.spec, view.facts
     f = flags(view.state)
     context = (facts.context_length if facts else None) or spec.context_length
@@ -285,6 +286,7 @@ def model_json(view: ModelView) -> dict[str, Any]:
         load_seconds=view.load_seconds,
         unique=spec.id,
         score=ScoreOut(**attrs.asdict(spec.score)),
+        evicted=evicted or None,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.

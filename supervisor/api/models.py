@@ -197,11 +197,8 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         model_id = check_model_id(model)
         with answer_within(load_wait):
             view = await registry.call(model_id, lambda r: m.Load(reply=r))
-        answer = model_json(view)
-        evicted = registry.gate.take_evicted(model_id)
-        if evicted:  # modeld extra: [runtime] max_loaded unloaded these to make room
-            answer["evicted"] = evicted
-        return json_reply(answer)
+        # modeld extra: the models [runtime] max_loaded unloaded to make room
+        return json_reply(model_json(view, evicted=registry.gate.take_evicted(model_id)))
 
     @app.post("/model/<model>/unload")
     async def unload(model: str) -> Response:
