@@ -12,14 +12,12 @@ import contextlib
 import email.utils
 import errno
 import hashlib
-import json
 import math
 import os
 import random
 import shutil
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
@@ -28,6 +26,20 @@ import httpcore
 import httpx
 import trio
 
+from actors.partial import (
+    Sidecar,
+    add_range,
+    background_thread,
+    covered,
+    missing,
+    partial_path,
+    prefix_end,
+    pwrite_all,
+    read_sidecar,
+    remove_partial,
+    sidecar_path,
+    write_sidecar,
+)
 from actors.pump import PumpFailed, PumpProcess, with_pump
 from actors.pump_main import HASH_CHUNK, tls_context
 from actors.pump_main import content_range as _content_range
@@ -122,29 +134,6 @@ class ProgressSink(Protocol):
         """The origin's content changed; starting over."""
 
     def retrying(self, attempt: int, delay: float, reason: str) -> None: ...
-
-
-def partial_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".partial")
-
-
-def sidecar_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".partial.json")
-
-
-def partial_bytes(dest: Path) -> int:
-    """Bytes done according to the sidecar (0 when none or invalid). Blocking, cheap."""
-    side = _read_sidecar(dest)
-    if side is None or not partial_path(dest).exists():
-        return 0
-    return _covered(side.done)
-
-
-def remove_partial(dest: Path) -> None:
-    """Forget a partial download (file and sidecar). Blocking, cheap."""
-    for path in (partial_path(dest), sidecar_path(dest)):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 async def download_file(
@@ -263,87 +252,6 @@ def _check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> htt
     return url
 
 
-# ---------------------------------------------------------------------------------------------
-# Done ranges and the sidecar
-
-
-def _covered(done: list[tuple[int, int]]) -> int:
-    return sum(end - start for start, end in done)
-
-
-def _add_range(done: list[tuple[int, int]], start: int, end: int) -> None:
-    """Insert [start, end) into a sorted list of disjoint ranges, merging neighbours."""
-    if start >= end:
-        return
-    merged: list[tuple[int, int]] = []
-    for s, e in done:
-        if e < start or s > end:
-            merged.append((s, e))
-        else:
-            start, end = min(s, start), max(e, end)
-    merged.append((start, end))
-    merged.sort()
-    done[:] = merged
-
-
-def _missing(done: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
-    gaps, pos = [], 0
-    for s, e in done:
-        if s > pos:
-            gaps.append((pos, s))
-        pos = max(pos, e)
-    if pos < total:
-        gaps.append((pos, total))
-    return gaps
-
-
-@attrs.frozen
-class _Sidecar:
-    url: str
-    etag: str | None
-    last_modified: str | None
-    total: int | None
-    done: list[tuple[int, int]]
-
-    def to_json(self) -> bytes:
-        return json.dumps({
-            "version": 1, "url": self.url, "etag": self.etag,
-            "last_modified": self.last_modified, "total": self.total,
-            "done": [list(r) for r in self.done],
-        }).encode()
-
-
-def _read_sidecar(dest: Path) -> _Sidecar | None:
-    try:
-        raw = json.loads(sidecar_path(dest).read_bytes())
-        done = [(int(s), int(e)) for s, e in raw["done"]]
-        total = raw["total"]
-        side = _Sidecar(str(raw["url"]), raw["etag"], raw["last_modified"],
-                        None if total is None else int(total), done)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    bad_types = any(v is not None and not isinstance(v, str) for v in (side.etag,
-                                                                       side.last_modified))
-    bad_ranges = any(s < 0 or e <= s or (side.total is not None and e > side.total)
-                     for s, e in done)
-    return None if bad_types or bad_ranges else side
-
-
-def _write_sidecar(dest: Path, side: _Sidecar) -> None:
-    """Atomically: temp file, fsync, rename. Blocking. (Not `store.write_atomic`: this runs every
-    second while bytes flow, so it skips the directory fsync; a sidecar lost in a crash only
-    costs re-fetching what it described.)"""
-    path = sidecar_path(dest)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, side.to_json())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _disk_error(exc: OSError, dest: Path) -> DownloadError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left for {dest.name} in {dest.parent}; free some space and "
@@ -412,7 +320,7 @@ class _Download:
         if req.size is not None and probe.total is not None and probe.total != req.size:
             raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
                                f"{req.size}; check the model's url and size")
-        side = await trio.to_thread.run_sync(_read_sidecar, dest)
+        side = await trio.to_thread.run_sync(read_sidecar, dest)
         resumable = (
             side is not None and probe.ranges and side.url == req.url
             and side.total is not None and side.total == probe.total
@@ -427,7 +335,7 @@ class _Download:
             raise _disk_error(exc, dest) from exc
         try:
             self.next_sync = self.clock() + SIDECAR_EVERY
-            self.sink.update(_covered(self.done), probe.total)
+            self.sink.update(covered(self.done), probe.total)
             if not self.pump:
                 await self._fetch_and_hash()
                 await self._finish()
@@ -487,7 +395,7 @@ class _Download:
             pieces: list[tuple[int, int | None]] = [(0, probe.total)]
             workers = 1
         else:
-            gaps = _missing(self.done, probe.total)
+            gaps = missing(self.done, probe.total)
             if not gaps:
                 return
             left = sum(e - s for s, e in gaps)
@@ -531,7 +439,7 @@ class _Download:
         assert hasher is not None
         try:
             while self.fetching:
-                ready = _prefix_end(self.done)
+                ready = prefix_end(self.done)
                 if ready - hasher.hashed >= HASH_CHUNK:
                     await hasher.hash_upto(ready)
                 else:
@@ -692,7 +600,7 @@ class _Download:
             if at.pos > recorded:
                 self._record(recorded, at.pos)
                 recorded = at.pos
-                self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
+                self.sink.update(covered(self.done), self.probe.total if self.probe else None)
 
         async def sync_sidecar() -> None:  # progress itself is recorded by `moved`
             while True:
@@ -779,7 +687,7 @@ class _Download:
 
     def _record(self, pos: int, end: int) -> None:
         if self.probe is not None and self.probe.ranges:
-            _add_range(self.done, pos, end)
+            add_range(self.done, pos, end)
         else:
             self.done[:] = [(0, end)]
         self.wrote.set()
@@ -792,11 +700,11 @@ class _Download:
             return pos
         fd = self.fd
         try:
-            end = await trio.to_thread.run_sync(_pwrite_all, fd, chunks, pos)
+            end = await trio.to_thread.run_sync(pwrite_all, fd, chunks, pos)
         except OSError as exc:
             raise _disk_error(exc, self.req.dest) from exc
         self._record(pos, end)
-        self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
+        self.sink.update(covered(self.done), self.probe.total if self.probe else None)
         if self.clock() >= self.next_sync and not self.syncing:
             await self._sync_sidecar()
         return end
@@ -806,7 +714,7 @@ class _Download:
         if not chunks:
             return pos
         try:
-            end = _pwrite_all(self.fd, chunks, pos)
+            end = pwrite_all(self.fd, chunks, pos)
         except OSError:
             return pos  # the bytes are simply fetched again next time
         self._record(pos, end)
@@ -830,7 +738,7 @@ class _Download:
         assert probe is not None
         if sync_data:
             os.fdatasync(fd)
-        _write_sidecar(self.req.dest, _Sidecar(self.req.url, probe.etag, probe.last_modified,
+        write_sidecar(self.req.dest, Sidecar(self.req.url, probe.etag, probe.last_modified,
                                                probe.total, done))
 
     def _final_sidecar_sync(self) -> None:
@@ -841,7 +749,7 @@ class _Download:
         if self.probe is None or not partial_path(self.req.dest).exists():
             return
         with contextlib.suppress(OSError):
-            _write_sidecar(self.req.dest, _Sidecar(
+            write_sidecar(self.req.dest, Sidecar(
                 self.req.url, self.probe.etag, self.probe.last_modified,
                 self.probe.total, list(self.done)))
 
@@ -894,21 +802,6 @@ class _Download:
         self.sink.update(size, size)
 
 
-_thread_state = threading.local()
-BACKGROUND_NICENESS = 10
-
-
-def _background_thread() -> None:
-    """Lower this worker thread's CPU priority (once per thread). Writing and hashing model
-    files can use a whole core; the event loop thread must still get the CPU at once to
-    answer requests. Raising one's own niceness needs no privilege."""
-    if getattr(_thread_state, "lowered", False):
-        return
-    _thread_state.lowered = True
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
-
-
 def _pump_failure(exc: PumpFailed, dest: Path) -> DownloadError | _Transient:
     if exc.kind == "disk":
         return _disk_error(OSError(exc.errno, exc.reason), dest)
@@ -959,7 +852,7 @@ class _LocalHash:
         fd, h = self.fd, self.hasher
 
         def step() -> int:
-            _background_thread()
+            background_thread()
             data = os.pread(fd, min(HASH_CHUNK, target - self.hashed), self.hashed)
             h.update(data)
             self.hashed += len(data)  # in the thread, with the update: never half counted
@@ -977,24 +870,7 @@ class _LocalHash:
         return self.hasher.hexdigest()
 
 
-def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:
-    """Write `chunks` at `pos` (all of them); return the position after them. Blocking."""
-    _background_thread()
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            n = os.pwrite(fd, view, pos)
-            pos += n
-            view = view[n:]
-    return pos
-
-
-def _prefix_end(done: list[tuple[int, int]]) -> int:
-    """How far the file is complete from byte 0."""
-    return done[0][1] if done and done[0][0] == 0 else 0
-
-
-def _same_validator(side: _Sidecar, probe: _Probe) -> bool:
+def _same_validator(side: Sidecar, probe: _Probe) -> bool:
     if probe.etag or side.etag:
         return side.etag == probe.etag
     return probe.last_modified is not None and side.last_modified == probe.last_modified

@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from actors import messages as m
-from actors.download import DownloadError, DownloadRequest, partial_bytes, remove_partial
+from actors.download import DownloadError, DownloadRequest
 from actors.errors import (
     Conflict,
     InsufficientMemory,
@@ -30,6 +30,7 @@ from actors.errors import (
 )
 from actors.generation import GenerationStream
 from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.partial import partial_bytes, remove_partial
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
 from actors.spec import ModelSpec

@@ -30,11 +30,8 @@ from actors.download import (
     TooManyRedirects,
     UrlRefused,
     download_file,
-    partial_bytes,
-    partial_path,
-    remove_partial,
-    sidecar_path,
 )
+from actors.partial import partial_bytes, partial_path, remove_partial, sidecar_path
 from tests.origin import Origin, open_origin
 
 MiB = 1024 * 1024

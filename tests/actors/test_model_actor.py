@@ -18,19 +18,11 @@ import trio
 import trio.testing
 
 from actors import messages as m
-from actors.download import (
-    DownloadRequest,
-    OriginUnreachable,
-    ProgressSink,
-    _Sidecar,
-    _write_sidecar,
-    partial_path,
-    remove_partial,
-    sidecar_path,
-)
+from actors.download import DownloadRequest, OriginUnreachable, ProgressSink
 from actors.errors import Conflict, InsufficientMemory, InvalidInput, ModelError, OperationFailed
 from actors.generation import GenerationStream
 from actors.model import ActorSettings, ModelActor, held_marker
+from actors.partial import Sidecar, partial_path, remove_partial, sidecar_path, write_sidecar
 from actors.spec import ModelSpec
 from actors.state import State, flags
 from actors.store import Store
@@ -104,7 +96,7 @@ class FakeFetch:
 
 def write_partial(dest: Path, data: bytes, n: int) -> None:
     partial_path(dest).write_bytes(data[:n])
-    _write_sidecar(dest, _Sidecar(URL, '"etag"', None, len(data), [(0, n)]))
+    write_sidecar(dest, Sidecar(URL, '"etag"', None, len(data), [(0, n)]))
 
 
 class FakeGeneration:
