@@ -30,12 +30,14 @@ from actors.partial import (
     Sidecar,
     add_range,
     background_thread,
+    close_partial,
     covered,
+    look_at_partial,
     missing,
+    partial_lock,
     partial_path,
     prefix_end,
     pwrite_all,
-    read_sidecar,
     remove_partial,
     sidecar_path,
     write_sidecar,
@@ -184,6 +186,7 @@ MAX_RESTARTS = 3  # content changes in one call before giving up
 SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
 WRITE_BUFFER = 1024 * 1024  # bytes gathered before one pwrite (in a worker thread)
 WRITE_INTERVAL = 0.2  # seconds: the longest a received byte waits to be written
+CLEANUP_BOUND = 5.0  # seconds an attempt's end waits for its close_partial thread
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
@@ -298,6 +301,8 @@ class _Download:
     pumper: PumpProcess | None = None
     hasher: _Hasher | None = None  # sha256 of the file's front while the download runs
     hash_broken: bool = False  # hashing along failed: _finish starts again from byte 0
+    # bytes received but not written when a cancel came: (chunks, offset), for close_partial
+    leftovers: list[tuple[list[bytes], int]] = attrs.Factory(list)
 
     async def run(self) -> None:
         dest = self.req.dest
@@ -320,7 +325,7 @@ class _Download:
         if req.size is not None and probe.total is not None and probe.total != req.size:
             raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
                                f"{req.size}; check the model's url and size")
-        side = await trio.to_thread.run_sync(read_sidecar, dest)
+        side, _size = await trio.to_thread.run_sync(look_at_partial, dest)
         resumable = (
             side is not None and probe.ranges and side.url == req.url
             and side.total is not None and side.total == probe.total
@@ -351,13 +356,15 @@ class _Download:
             except PumpFailed as exc:
                 raise _pump_failure(exc, dest) from None
         finally:
-            if self.fd >= 0:
-                self._final_sidecar_sync()
-                os.close(self.fd)
-                self.fd = -1
+            await self._close_partial()
 
     def _open_partial(self, keep: bool) -> int:
-        """Open (or create) the partial, reserving the whole size; checks free space. Blocking."""
+        """Open (or create) the partial, reserving the whole size; checks free space. Blocking;
+        waits for the end of an earlier attempt's `close_partial` (the partial's lock)."""
+        with partial_lock(self.req.dest):
+            return self._open_partial_locked(keep)
+
+    def _open_partial_locked(self, keep: bool) -> int:
         dest, total = self.req.dest, self.probe.total if self.probe else None
         part = partial_path(dest)
         if not keep:
@@ -671,9 +678,10 @@ class _Download:
                 if end is not None and at.pos + pending >= end:
                     break
         except trio.Cancelled:
-            # Keep what already arrived (at most WRITE_BUFFER bytes, a page-cache copy):
-            # synchronously, since an await here would be cancelled too.
-            at.pos = self._write_now(chunks, at.pos)
+            # Keep what already arrived (at most WRITE_BUFFER bytes): `close_partial` writes
+            # it in a thread, when the attempt ends.
+            if chunks:
+                self.leftovers.append((chunks, at.pos))
             raise
         except httpx.TimeoutException:
             at.pos = await self._write(chunks, at.pos)
@@ -709,17 +717,6 @@ class _Download:
             await self._sync_sidecar()
         return end
 
-    def _write_now(self, chunks: list[bytes], pos: int) -> int:
-        """Like `_write`, without a thread: for the cancellation path only."""
-        if not chunks:
-            return pos
-        try:
-            end = pwrite_all(self.fd, chunks, pos)
-        except OSError:
-            return pos  # the bytes are simply fetched again next time
-        self._record(pos, end)
-        return end
-
     async def _sync_sidecar(self) -> None:
         self.syncing = True
         self.next_sync = self.clock() + SIDECAR_EVERY
@@ -741,17 +738,21 @@ class _Download:
         write_sidecar(self.req.dest, Sidecar(self.req.url, probe.etag, probe.last_modified,
                                                probe.total, done))
 
-    def _final_sidecar_sync(self) -> None:
-        """On every exit path (synchronous: an await here could be cancelled). Records what
-        was handed to the kernel, which survives the process dying; it does not fdatasync the
-        data (that could block the loop for seconds): after a power cut right here a claimed
-        range may read back as zeros, which the sha256 check catches."""
-        if self.probe is None or not partial_path(self.req.dest).exists():
+    async def _close_partial(self) -> None:
+        """On every exit of an attempt: `close_partial` in a worker thread, shielded from a
+        cancel but bounded; past the bound the thread finishes on its own, holding the
+        partial's lock, and the next attempt waits for it there."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
             return
-        with contextlib.suppress(OSError):
-            write_sidecar(self.req.dest, Sidecar(
-                self.req.url, self.probe.etag, self.probe.last_modified,
-                self.probe.total, list(self.done)))
+        probe = self.probe
+        side = None if probe is None else Sidecar(self.req.url, probe.etag, probe.last_modified,
+                                                  probe.total, list(self.done))
+        leftovers, self.leftovers = self.leftovers, []
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_BOUND):
+            await trio.to_thread.run_sync(
+                lambda: close_partial(self.req.dest, fd, side, leftovers, discard=False),
+                abandon_on_cancel=True)
 
     # -- verify and publish
 

@@ -35,9 +35,10 @@ def partial_bytes(dest: Path) -> int:
 
 def remove_partial(dest: Path) -> None:
     """Forget a partial download (file and sidecar). Blocking, cheap."""
-    for path in (partial_path(dest), sidecar_path(dest)):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    with partial_lock(dest):
+        for path in (partial_path(dest), sidecar_path(dest)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def covered(done: list[tuple[int, int]]) -> int:
@@ -147,3 +148,58 @@ def pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:
 def prefix_end(done: list[tuple[int, int]]) -> int:
     """How far the file is complete from byte 0."""
     return done[0][1] if done and done[0][0] == 0 else 0
+
+
+# One lock per partial file, held by whichever thread changes it. An attempt's end runs in a
+# worker thread that a cancelled caller may stop waiting for (see `close_partial`); the next
+# attempt of the same file takes the lock before touching the file, so the two never write it
+# at once. Re-entrant: `remove_partial` runs under it and on its own.
+_locks: dict[Path, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def partial_lock(dest: Path) -> threading.RLock:
+    with _locks_guard:
+        return _locks.setdefault(dest, threading.RLock())
+
+
+def look_at_partial(dest: Path) -> tuple[Sidecar | None, int]:
+    """The sidecar of an existing partial (None when either is missing or invalid), and the
+    partial's size in bytes (-1 when there is none). Blocking, cheap."""
+    with partial_lock(dest):
+        try:
+            size = partial_path(dest).stat().st_size
+        except FileNotFoundError:
+            return None, -1
+        return read_sidecar(dest), size
+
+
+def close_partial(dest: Path, fd: int, side: Sidecar | None,
+                  leftovers: Sequence[tuple[Sequence[bytes], int]], *, discard: bool) -> None:
+    """End an attempt's use of the partial open as `fd`, whatever ended it: write the bytes
+    that had arrived but were not written yet (`leftovers`: chunks and their offset), record
+    them with `side` in the sidecar, and close `fd`. With `discard` (nothing in the partial can
+    be resumed), remove the partial and its sidecar instead. Never raises for the file's sake:
+    bytes that cannot be written are simply fetched again. Blocking (writes, an fsync of the
+    sidecar), under the partial's lock; a no-op on the sidecar when the partial was published.
+
+    It does not fdatasync the data (that could take seconds): after a power cut right here a
+    claimed range may read back as zeros, which the sha256 check catches."""
+    with partial_lock(dest):
+        try:
+            if discard:
+                remove_partial(dest)
+                return
+            if side is None or not partial_path(dest).exists():
+                return
+            done = list(side.done)
+            for chunks, pos in leftovers:
+                try:
+                    end = pwrite_all(fd, chunks, pos)
+                except OSError:
+                    continue
+                add_range(done, pos, end)
+            with contextlib.suppress(OSError):
+                write_sidecar(dest, attrs.evolve(side, done=done))
+        finally:
+            os.close(fd)
