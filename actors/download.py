@@ -26,6 +26,7 @@ import httpcore
 import httpx
 import trio
 
+from actors.gguf import GGUFInvalid, check_magic
 from actors.partial import (
     Sidecar,
     add_range,
@@ -97,6 +98,13 @@ class TooManyRedirects(DownloadError):
     code = "too_many_redirects"
 
 
+class FileInvalid(DownloadError):
+    """The origin's bytes are not a model file modeld can run (`DownloadRequest.magic` and
+    `verify` decide); the partial is deleted, since more of the same bytes cannot mend it."""
+
+    code = "model_file_invalid"
+
+
 class _ContentChanged(Exception):
     """The origin's file is not the one the partial holds: start over."""
 
@@ -126,6 +134,11 @@ class DownloadRequest:
     stall_timeout: float = 30.0
     allow_http: bool = False
     min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
+    # What the file must start with, checked as soon as its first bytes are in.
+    magic: bytes | None = None
+    # Checks the complete file before it is published; blocking (run in a thread). Raises
+    # GGUFInvalid for a file modeld cannot run (the rule `import` applies: actors.gguf).
+    verify: Callable[[Path], object] | None = None
 
 
 class ProgressSink(Protocol):
@@ -147,8 +160,9 @@ async def download_file(
 ) -> None:
     """Download `req.url` to `req.dest`, resuming a partial left by an earlier call.
 
-    Returns once `dest` is published (size and sha256 checked when given). Raises DownloadError
-    (see `code`); cancellation leaves the partial and its sidecar for the next call.
+    Returns once `dest` is published (size, sha256, magic and `verify` checked when given).
+    Raises DownloadError (see `code`); cancellation leaves the partial and its sidecar for the
+    next call.
     """
     url = _check_url(req.url, allow_http=req.allow_http, previous=None)
     if client is not None:  # a given client (tests, proxies) carries every byte itself
@@ -303,6 +317,7 @@ class _Download:
     hash_broken: bool = False  # hashing along failed: _finish starts again from byte 0
     # bytes received but not written when a cancel came: (chunks, offset), for close_partial
     leftovers: list[tuple[list[bytes], int]] = attrs.Factory(list)
+    magic_checked: bool = False
 
     async def run(self) -> None:
         dest = self.req.dest
@@ -338,6 +353,7 @@ class _Download:
             self.fd = await trio.to_thread.run_sync(self._open_partial, resumable)
         except OSError as exc:
             raise _disk_error(exc, dest) from exc
+        discard = False  # whether the partial can never become the file
         try:
             self.next_sync = self.clock() + SIDECAR_EVERY
             self.sink.update(covered(self.done), probe.total)
@@ -355,8 +371,11 @@ class _Download:
                 await with_pump(self.fd, body)
             except PumpFailed as exc:
                 raise _pump_failure(exc, dest) from None
+        except FileInvalid:
+            discard = True
+            raise
         finally:
-            await self._close_partial()
+            await self._close_partial(discard=discard)
 
     def _open_partial(self, keep: bool) -> int:
         """Open (or create) the partial, reserving the whole size; checks free space. Blocking;
@@ -610,10 +629,16 @@ class _Download:
                 self.sink.update(covered(self.done), self.probe.total if self.probe else None)
 
         async def sync_sidecar() -> None:  # progress itself is recorded by `moved`
-            while True:
-                await trio.sleep(WRITE_INTERVAL)
-                if self.clock() >= self.next_sync and not self.syncing:
-                    await self._sync_sidecar()
+            nonlocal failure
+            try:
+                while True:
+                    await trio.sleep(WRITE_INTERVAL)
+                    await self._check_magic()
+                    if self.clock() >= self.next_sync and not self.syncing:
+                        await self._sync_sidecar()
+            except DownloadError as exc:
+                failure = exc  # raised below, not as an exception group
+                nursery.cancel_scope.cancel()
 
         def judge(status: int, head: list[tuple[str, str]]) -> None:
             answer = httpx.Response(status, headers=head)
@@ -713,9 +738,27 @@ class _Download:
             raise _disk_error(exc, self.req.dest) from exc
         self._record(pos, end)
         self.sink.update(covered(self.done), self.probe.total if self.probe else None)
+        await self._check_magic()
         if self.clock() >= self.next_sync and not self.syncing:
             await self._sync_sidecar()
         return end
+
+    async def _check_magic(self) -> None:
+        """Once the file's first bytes are in: FileInvalid unless they are `req.magic`, so that
+        a URL serving something else fails at once rather than after the whole file."""
+        magic = self.req.magic
+        if magic is None or self.magic_checked or prefix_end(self.done) < len(magic):
+            return
+        self.magic_checked = True
+        fd = self.fd
+        try:
+            head = await trio.to_thread.run_sync(os.pread, fd, len(magic), 0)
+            check_magic(head, f"the file at {_redact(self.url)}")
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
+        except GGUFInvalid as exc:
+            raise FileInvalid(f"{exc.reason} The partial file was deleted; check the "
+                              "model's url.") from None
 
     async def _sync_sidecar(self) -> None:
         self.syncing = True
@@ -738,7 +781,7 @@ class _Download:
         write_sidecar(self.req.dest, Sidecar(self.req.url, probe.etag, probe.last_modified,
                                                probe.total, done))
 
-    async def _close_partial(self) -> None:
+    async def _close_partial(self, *, discard: bool) -> None:
         """On every exit of an attempt: `close_partial` in a worker thread, shielded from a
         cancel but bounded; past the bound the thread finishes on its own, holding the
         partial's lock, and the next attempt waits for it there."""
@@ -751,7 +794,7 @@ class _Download:
         leftovers, self.leftovers = self.leftovers, []
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_BOUND):
             await trio.to_thread.run_sync(
-                lambda: close_partial(self.req.dest, fd, side, leftovers, discard=False),
+                lambda: close_partial(self.req.dest, fd, side, leftovers, discard=discard),
                 abandon_on_cancel=True)
 
     # -- verify and publish
@@ -788,6 +831,16 @@ class _Download:
                 raise ChecksumMismatch(
                     f"the downloaded file's sha256 is {digest}, expected {req.sha256.lower()}; "
                     "the partial was deleted; check the model's sha256 or the origin")
+        await self._check_magic()
+        if req.verify is not None:
+            try:
+                await trio.to_thread.run_sync(req.verify, partial_path(dest))
+            except OSError as exc:
+                raise _disk_error(exc, dest) from exc
+            except GGUFInvalid as exc:
+                raise FileInvalid(f"the file at {_redact(self.url)} is not a model modeld can "
+                                  f"run: {exc.reason} The downloaded file was deleted; check "
+                                  "the model's url.") from None
 
         def publish() -> None:
             os.fsync(fd)

@@ -29,7 +29,7 @@ from actors.errors import (
     Unavailable,
 )
 from actors.generation import GenerationStream
-from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.gguf import GGUF_MAGIC, GGUFInfo, GGUFInvalid, inspect_gguf
 from actors.partial import partial_bytes, remove_partial
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
@@ -398,6 +398,9 @@ class ModelActor:
             retries=self._settings.retries,
             stall_timeout=self._settings.stall_timeout,
             allow_http=self._settings.allow_http,
+            # One rule for downloads and imports: the file must pass `inspect`.
+            magic=GGUF_MAGIC,
+            verify=self._inspect,
         )
         self._nursery.start_soon(self._run_download, attempt, request)
 

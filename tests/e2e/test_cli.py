@@ -18,11 +18,11 @@ import pytest
 
 from tests.daemon import ROOT
 from tests.e2e.conftest import DaemonFactory
-from tests.gguf_factory import write_tiny_llama
+from tests.gguf_factory import gguf_of_size, write_tiny_llama
 from tests.origin import Origin, run_origin_in_thread
 
 CLIENT_VARIABLES = ("MODELD_URL", "MODELD_TOKEN", "MODELD_CONFIG")
-BIG = os.urandom(4_000_000)
+BIG = gguf_of_size(4_000_000, seed=7)
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -195,6 +195,25 @@ def test_pull_json_lines(make_daemon: DaemonFactory, origin: Origin, tiny: Path)
     assert 100 == messages[-1]["percentage"]
     percentages = [m["percentage"] for m in messages]
     assert sorted(percentages) == percentages
+    assert 0 == daemon.stop()
+
+
+def test_pull_of_bytes_that_are_not_a_model_fails(make_daemon: DaemonFactory,
+                                                  origin: Origin) -> None:
+    origin.add("/noise.gguf", os.urandom(3_000_000))
+    daemon = make_daemon([{"id": "noise", "name": "Noise",
+                           "url": origin.url("/noise.gguf")}]).start()
+    pulled = modeld(daemon.url, "pull", "noise")
+    assert 1 == pulled.returncode, pulled.stdout
+    assert "modeld: the download of noise failed: " in pulled.stderr
+    assert "is not a GGUF file" in pulled.stderr
+    assert "noise downloaded" not in pulled.stdout
+    model = json.loads(modeld(daemon.url, "show", "noise").stdout)
+    assert ("absent", False) == (model["state"], model["downloaded"])
+    assert "is not a GGUF file" in model["error"]
+    assert [] == [p.name for p in (daemon.storage / "models").glob("noise.gguf*")
+                  if not p.name.endswith(".held")]
+    assert ["model_file_invalid"] == [e["code"] for e in daemon.events("download_failed")]
     assert 0 == daemon.stop()
 
 
