@@ -106,7 +106,7 @@ class FileInvalid(DownloadError):
 
 
 class _ContentChanged(Exception):
-    """The origin's file is not the one the partial holds: start over."""
+    """The origin's answer does not fit the partial: start over. The message says why."""
 
 
 class _Transient(Exception):
@@ -145,8 +145,8 @@ class ProgressSink(Protocol):
     def update(self, done: int, total: int | None) -> None:
         """Called often; must be cheap."""
 
-    def reset(self) -> None:
-        """The origin's content changed; starting over."""
+    def reset(self, reason: str) -> None:
+        """What was downloaded is dropped and the download starts over; `reason` says why."""
 
     def retrying(self, attempt: int, delay: float, reason: str) -> None: ...
 
@@ -324,9 +324,9 @@ class _Download:
         for _ in range(MAX_RESTARTS + 1):
             try:
                 await self._attempt()
-            except _ContentChanged:
+            except _ContentChanged as exc:
                 await trio.to_thread.run_sync(remove_partial, dest)
-                self.sink.reset()
+                self.sink.reset(str(exc))
                 continue
             return
         raise OriginError(f"the file at {_redact(self.url)} kept changing during the download; "
@@ -340,20 +340,19 @@ class _Download:
         if req.size is not None and probe.total is not None and probe.total != req.size:
             raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
                                f"{req.size}; check the model's url and size")
-        side, _size = await trio.to_thread.run_sync(look_at_partial, dest)
-        resumable = (
-            side is not None and probe.ranges and side.url == req.url
-            and side.total is not None and side.total == probe.total
-            and _same_validator(side, probe)
-        )
-        self.done = list(side.done) if resumable and side is not None else []
-        if side is not None and not resumable and side.done:
-            self.sink.reset()
+        side, size = await trio.to_thread.run_sync(look_at_partial, dest)
+        why_not = _why_not_resumable(side, size, req.url, probe)
+        self.done = list(side.done) if why_not is None and side is not None else []
+        if why_not is not None and size > 0:
+            self.sink.reset(why_not)
+        resumable = why_not is None
         try:
             self.fd = await trio.to_thread.run_sync(self._open_partial, resumable)
         except OSError as exc:
             raise _disk_error(exc, dest) from exc
-        discard = False  # whether the partial can never become the file
+        # Whether the partial can never become the file: without ranges nothing in it can be
+        # resumed, so nothing is kept.
+        discard = not probe.ranges
         try:
             self.next_sync = self.clock() + SIDECAR_EVERY
             self.sink.update(covered(self.done), probe.total)
@@ -596,8 +595,8 @@ class _Download:
             if validator:
                 headers["If-Range"] = validator
         elif at.pos != 0:
-            # Without ranges a retry starts from byte 0 again.
-            self.sink.reset()
+            self.sink.reset("the origin does not serve byte ranges, so the retry starts from "
+                            "byte 0")
             self.done.clear()
             at.pos = 0
         if self.pump and probe.ranges and end is not None:
@@ -607,7 +606,8 @@ class _Download:
             if probe.ranges:
                 self._check_range_answer(response, at.pos)
             elif response.status_code != 200:
-                raise _ContentChanged()
+                raise _ContentChanged(f"the origin answered HTTP {response.status_code} "
+                                      "instead of the file")
             await self._receive(response, at, end)
 
     async def _pump_range(self, url: httpx.URL, headers: dict[str, str], at: _Cursor,
@@ -643,7 +643,7 @@ class _Download:
         def judge(status: int, head: list[tuple[str, str]]) -> None:
             answer = httpx.Response(status, headers=head)
             if 300 <= status < 400:
-                raise _ContentChanged()  # moved since the probe: probe again
+                raise _ContentChanged(f"the origin now redirects the file (HTTP {status})")
             self._check_status(answer)
             self._check_range_answer(answer, at.pos)
             if "chunked" in answer.headers.get("transfer-encoding", "").lower():
@@ -675,14 +675,21 @@ class _Download:
     def _check_range_answer(self, response: httpx.Response, pos: int) -> None:
         probe = self.probe
         assert probe is not None
-        if response.status_code != 206:
-            raise _ContentChanged()  # 200: the origin sent the whole (maybe new) file; 416
-        crange = _content_range(response.headers.get("content-range"))
+        status = response.status_code
+        if status == 200:
+            raise _ContentChanged("the origin ignored the Range request and sent the whole "
+                                  "file (the file changed, or ranges are no longer served)")
+        if status != 206:
+            raise _ContentChanged(f"the origin refused a range request (HTTP {status})")
+        header = response.headers.get("content-range")
+        crange = _content_range(header)
         if crange is None or crange[0] != pos or crange[2] != probe.total:
-            raise _ContentChanged()
+            raise _ContentChanged(f"the origin's Content-Range ({header}) does not fit "
+                                  f"bytes {pos}- of a {probe.total}-byte file")
         etag = response.headers.get("etag")
         if probe.etag and etag and etag != probe.etag:
-            raise _ContentChanged()
+            raise _ContentChanged(f"the origin's ETag changed from {probe.etag} to {etag}: "
+                                  "the file was replaced")
 
     async def _receive(self, response: httpx.Response, at: _Cursor, end: int | None) -> None:
         chunks: list[bytes] = []
@@ -922,6 +929,24 @@ class _LocalHash:
 
     async def hexdigest(self) -> str:
         return self.hasher.hexdigest()
+
+
+def _why_not_resumable(side: Sidecar | None, size: int, url: str, probe: _Probe) -> str | None:
+    """Why the partial (`size` bytes, -1 when none) cannot be resumed; None when it can."""
+    if size < 0:
+        return "there is no partial file"
+    if side is None:
+        return "the partial's record (its .partial.json sidecar) is missing or unreadable"
+    if not probe.ranges:
+        return "the origin does not serve byte ranges, so the partial cannot be resumed"
+    if side.url != url:
+        return "the model's url changed since the partial was downloaded"
+    if side.total is None or side.total != probe.total:
+        return f"the origin's file size changed from {side.total} to {probe.total} bytes"
+    if not _same_validator(side, probe):
+        return ("the origin's file changed since the partial was downloaded (its ETag or "
+                "Last-Modified differs)")
+    return None
 
 
 def _same_validator(side: Sidecar, probe: _Probe) -> bool:

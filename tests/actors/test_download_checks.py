@@ -8,12 +8,15 @@ import struct
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 
 from actors.download import DownloadRequest, FileInvalid, download_file
 from actors.gguf import GGUF_MAGIC, inspect_gguf
-from actors.partial import partial_path, sidecar_path
-from tests.actors.test_download import Sink
+from actors.messages import Progress
+from actors.partial import partial_bytes, partial_path, sidecar_path
+from actors.progress import ProgressMeter, progress_broadcaster
+from tests.actors.test_download import Sink, cancel_after, request
 from tests.gguf_factory import gguf_of_size
 from tests.origin import open_origin
 
@@ -68,3 +71,54 @@ async def test_a_gguf_file_passes_the_checks(tmp_path: Path) -> None:
             origin.add("/m.gguf", data)
             await download_file(checked(origin.url("/m.gguf"), dest, size=len(data)), Sink())
     assert data == dest.read_bytes()
+
+
+async def test_a_cancel_keeps_nothing_from_an_origin_without_ranges(tmp_path: Path) -> None:
+    data = gguf_of_size(4 * MiB, seed=4)
+    dest = tmp_path / "m.gguf"
+    with trio.fail_after(20):
+        async with open_origin() as origin:
+            origin.add("/m.gguf", data)
+            origin.faults("/m.gguf").ignore_range = True
+            origin.faults("/m.gguf").throttle = 4 * MiB
+            await cancel_after(request(origin, "/m.gguf", dest), origin, MiB)
+    assert nothing_left(dest)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ("ignore_range", "the origin does not serve byte ranges, so the partial cannot be resumed"),
+    ("replace", "the origin's file changed since the partial was downloaded (its ETag or "
+                "Last-Modified differs)"),
+    ("lose_sidecar", "the partial's record (its .partial.json sidecar) is missing or "
+                     "unreadable"),
+])
+async def test_a_restart_names_its_reason(tmp_path: Path, change: str, reason: str) -> None:
+    old, new = gguf_of_size(3 * MiB, seed=5), gguf_of_size(3 * MiB, seed=6)
+    dest = tmp_path / "m.gguf"
+    sink = Sink()
+    with trio.fail_after(20):
+        async with open_origin() as origin:
+            origin.add("/m.gguf", old)
+            origin.faults("/m.gguf").throttle = 4 * MiB
+            await cancel_after(request(origin, "/m.gguf", dest, connections=1), origin, MiB)
+            assert partial_bytes(dest) > 0
+            origin.faults("/m.gguf").throttle = None
+            if change == "ignore_range":
+                origin.faults("/m.gguf").ignore_range = True
+            elif change == "replace":
+                origin.replace("/m.gguf", new)
+            else:
+                sidecar_path(dest).unlink()
+            await download_file(request(origin, "/m.gguf", dest), sink)
+    assert [reason] == sink.reasons
+    assert (new if change == "replace" else old) == dest.read_bytes()
+
+
+async def test_the_meter_logs_the_reason_and_publishes_reset() -> None:
+    broadcaster = progress_broadcaster("m")
+    meter = ProgressMeter("m", broadcaster)
+    with structlog.testing.capture_logs() as logs:
+        meter.reset("the origin ignored the Range request")
+    assert Progress(model="m", status="RESET") == broadcaster.value
+    assert [("download_reset", "the origin ignored the Range request")] == [
+        (e["event"], e["reason"]) for e in logs]
