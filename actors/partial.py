@@ -203,3 +203,8 @@ def close_partial(dest: Path, fd: int, side: Sidecar | None,
                 write_sidecar(dest, attrs.evolve(side, done=done))
         finally:
             os.close(fd)
+
+
+def held_marker(dest: Path) -> Path:
+    """Marks a partial that must not resume by itself at start (cancelled or failed)."""
+    return dest.with_name(dest.name + ".held")

@@ -23,8 +23,15 @@ from actors.download import DownloadRequest, FileInvalid, OriginUnreachable, Pro
 from actors.errors import Conflict, InsufficientMemory, InvalidInput, ModelError, OperationFailed
 from actors.generation import GenerationStream
 from actors.gguf import GGUF_MAGIC
-from actors.model import ActorSettings, ModelActor, held_marker
-from actors.partial import Sidecar, partial_path, remove_partial, sidecar_path, write_sidecar
+from actors.model import ActorSettings, ModelActor
+from actors.partial import (
+    Sidecar,
+    held_marker,
+    partial_path,
+    remove_partial,
+    sidecar_path,
+    write_sidecar,
+)
 from actors.spec import ModelSpec
 from actors.state import State, flags
 from actors.store import Store
