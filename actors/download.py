@@ -272,7 +272,7 @@ def _check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> htt
 def _disk_error(exc: OSError, dest: Path) -> DownloadError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left for {dest.name} in {dest.parent}; free some space and "
-                        "download again (the partial file is kept)")
+                        "download again (a partial that can resume is kept)")
     return DiskError(f"cannot write {partial_path(dest)}: {exc.strerror or exc}")
 
 
