@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cancel-on-interrupt", action="store_true",
                       help="on Ctrl-C cancel the download without asking (default: ask at a "
                       "terminal; otherwise leave it running in modeld)")
-    client("cancel", "cancel a running download (a partial that can resume is kept)").add_argument("id")
+    client("cancel", "cancel a running download (a resumable partial is kept)").add_argument("id")
     client("load", "load a downloaded model into memory").add_argument("id")
     client("unload", "unload a model").add_argument("id")
     client("rm", "unload a model and delete its files (and record, if custom)").add_argument(
