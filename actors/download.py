@@ -12,14 +12,12 @@ import contextlib
 import email.utils
 import errno
 import hashlib
-import json
 import math
 import os
 import random
 import shutil
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
@@ -28,6 +26,23 @@ import httpcore
 import httpx
 import trio
 
+from actors.gguf import GGUFInvalid, check_magic
+from actors.partial import (
+    Sidecar,
+    add_range,
+    background_thread,
+    close_partial,
+    covered,
+    look_at_partial,
+    missing,
+    partial_lock,
+    partial_path,
+    prefix_end,
+    pwrite_all,
+    remove_partial,
+    sidecar_path,
+    write_sidecar,
+)
 from actors.pump import PumpFailed, PumpProcess, with_pump
 from actors.pump_main import HASH_CHUNK, tls_context
 from actors.pump_main import content_range as _content_range
@@ -83,8 +98,15 @@ class TooManyRedirects(DownloadError):
     code = "too_many_redirects"
 
 
+class FileInvalid(DownloadError):
+    """The origin's bytes are not a model file modeld can run (`DownloadRequest.magic` and
+    `verify` decide); the partial is deleted, since more of the same bytes cannot mend it."""
+
+    code = "model_file_invalid"
+
+
 class _ContentChanged(Exception):
-    """The origin's file is not the one the partial holds: start over."""
+    """The origin's answer does not fit the partial: start over. The message says why."""
 
 
 class _Transient(Exception):
@@ -112,39 +134,21 @@ class DownloadRequest:
     stall_timeout: float = 30.0
     allow_http: bool = False
     min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
+    # What the file must start with, checked as soon as its first bytes are in.
+    magic: bytes | None = None
+    # Checks the complete file before it is published; blocking (run in a thread). Raises
+    # GGUFInvalid for a file modeld cannot run (the rule `import` applies: actors.gguf).
+    verify: Callable[[Path], object] | None = None
 
 
 class ProgressSink(Protocol):
     def update(self, done: int, total: int | None) -> None:
         """Called often; must be cheap."""
 
-    def reset(self) -> None:
-        """The origin's content changed; starting over."""
+    def reset(self, reason: str) -> None:
+        """What was downloaded is dropped and the download starts over; `reason` says why."""
 
     def retrying(self, attempt: int, delay: float, reason: str) -> None: ...
-
-
-def partial_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".partial")
-
-
-def sidecar_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".partial.json")
-
-
-def partial_bytes(dest: Path) -> int:
-    """Bytes done according to the sidecar (0 when none or invalid). Blocking, cheap."""
-    side = _read_sidecar(dest)
-    if side is None or not partial_path(dest).exists():
-        return 0
-    return _covered(side.done)
-
-
-def remove_partial(dest: Path) -> None:
-    """Forget a partial download (file and sidecar). Blocking, cheap."""
-    for path in (partial_path(dest), sidecar_path(dest)):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 async def download_file(
@@ -156,8 +160,9 @@ async def download_file(
 ) -> None:
     """Download `req.url` to `req.dest`, resuming a partial left by an earlier call.
 
-    Returns once `dest` is published (size and sha256 checked when given). Raises DownloadError
-    (see `code`); cancellation leaves the partial and its sidecar for the next call.
+    Returns once `dest` is published (size, sha256, magic and `verify` checked when given).
+    Raises DownloadError (see `code`); cancellation leaves the partial and its sidecar for the
+    next call.
     """
     url = _check_url(req.url, allow_http=req.allow_http, previous=None)
     if client is not None:  # a given client (tests, proxies) carries every byte itself
@@ -195,6 +200,7 @@ MAX_RESTARTS = 3  # content changes in one call before giving up
 SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
 WRITE_BUFFER = 1024 * 1024  # bytes gathered before one pwrite (in a worker thread)
 WRITE_INTERVAL = 0.2  # seconds: the longest a received byte waits to be written
+CLEANUP_BOUND = 5.0  # seconds an attempt's end waits for its close_partial thread
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 30.0
 RETRY_AFTER_CAP = 120.0
@@ -263,91 +269,10 @@ def _check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> htt
     return url
 
 
-# ---------------------------------------------------------------------------------------------
-# Done ranges and the sidecar
-
-
-def _covered(done: list[tuple[int, int]]) -> int:
-    return sum(end - start for start, end in done)
-
-
-def _add_range(done: list[tuple[int, int]], start: int, end: int) -> None:
-    """Insert [start, end) into a sorted list of disjoint ranges, merging neighbours."""
-    if start >= end:
-        return
-    merged: list[tuple[int, int]] = []
-    for s, e in done:
-        if e < start or s > end:
-            merged.append((s, e))
-        else:
-            start, end = min(s, start), max(e, end)
-    merged.append((start, end))
-    merged.sort()
-    done[:] = merged
-
-
-def _missing(done: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
-    gaps, pos = [], 0
-    for s, e in done:
-        if s > pos:
-            gaps.append((pos, s))
-        pos = max(pos, e)
-    if pos < total:
-        gaps.append((pos, total))
-    return gaps
-
-
-@attrs.frozen
-class _Sidecar:
-    url: str
-    etag: str | None
-    last_modified: str | None
-    total: int | None
-    done: list[tuple[int, int]]
-
-    def to_json(self) -> bytes:
-        return json.dumps({
-            "version": 1, "url": self.url, "etag": self.etag,
-            "last_modified": self.last_modified, "total": self.total,
-            "done": [list(r) for r in self.done],
-        }).encode()
-
-
-def _read_sidecar(dest: Path) -> _Sidecar | None:
-    try:
-        raw = json.loads(sidecar_path(dest).read_bytes())
-        done = [(int(s), int(e)) for s, e in raw["done"]]
-        total = raw["total"]
-        side = _Sidecar(str(raw["url"]), raw["etag"], raw["last_modified"],
-                        None if total is None else int(total), done)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    bad_types = any(v is not None and not isinstance(v, str) for v in (side.etag,
-                                                                       side.last_modified))
-    bad_ranges = any(s < 0 or e <= s or (side.total is not None and e > side.total)
-                     for s, e in done)
-    return None if bad_types or bad_ranges else side
-
-
-def _write_sidecar(dest: Path, side: _Sidecar) -> None:
-    """Atomically: temp file, fsync, rename. Blocking. (Not `store.write_atomic`: this runs every
-    second while bytes flow, so it skips the directory fsync; a sidecar lost in a crash only
-    costs re-fetching what it described.)"""
-    path = sidecar_path(dest)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, side.to_json())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _disk_error(exc: OSError, dest: Path) -> DownloadError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"no space left for {dest.name} in {dest.parent}; free some space and "
-                        "download again (the partial file is kept)")
+                        "download again (a partial that can resume is kept)")
     return DiskError(f"cannot write {partial_path(dest)}: {exc.strerror or exc}")
 
 
@@ -390,15 +315,18 @@ class _Download:
     pumper: PumpProcess | None = None
     hasher: _Hasher | None = None  # sha256 of the file's front while the download runs
     hash_broken: bool = False  # hashing along failed: _finish starts again from byte 0
+    # bytes received but not written when a cancel came: (chunks, offset), for close_partial
+    leftovers: list[tuple[list[bytes], int]] = attrs.Factory(list)
+    magic_checked: bool = False
 
     async def run(self) -> None:
         dest = self.req.dest
         for _ in range(MAX_RESTARTS + 1):
             try:
                 await self._attempt()
-            except _ContentChanged:
+            except _ContentChanged as exc:
                 await trio.to_thread.run_sync(remove_partial, dest)
-                self.sink.reset()
+                self.sink.reset(str(exc))
                 continue
             return
         raise OriginError(f"the file at {_redact(self.url)} kept changing during the download; "
@@ -412,22 +340,22 @@ class _Download:
         if req.size is not None and probe.total is not None and probe.total != req.size:
             raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
                                f"{req.size}; check the model's url and size")
-        side = await trio.to_thread.run_sync(_read_sidecar, dest)
-        resumable = (
-            side is not None and probe.ranges and side.url == req.url
-            and side.total is not None and side.total == probe.total
-            and _same_validator(side, probe)
-        )
-        self.done = list(side.done) if resumable and side is not None else []
-        if side is not None and not resumable and side.done:
-            self.sink.reset()
+        side, size = await trio.to_thread.run_sync(look_at_partial, dest)
+        why_not = _why_not_resumable(side, size, req.url, probe)
+        self.done = list(side.done) if why_not is None and side is not None else []
+        if why_not is not None and size > 0:
+            self.sink.reset(why_not)
+        resumable = why_not is None
         try:
             self.fd = await trio.to_thread.run_sync(self._open_partial, resumable)
         except OSError as exc:
             raise _disk_error(exc, dest) from exc
+        # Whether the partial can never become the file: without ranges nothing in it can be
+        # resumed, so nothing is kept.
+        discard = not probe.ranges
         try:
             self.next_sync = self.clock() + SIDECAR_EVERY
-            self.sink.update(_covered(self.done), probe.total)
+            self.sink.update(covered(self.done), probe.total)
             if not self.pump:
                 await self._fetch_and_hash()
                 await self._finish()
@@ -442,14 +370,19 @@ class _Download:
                 await with_pump(self.fd, body)
             except PumpFailed as exc:
                 raise _pump_failure(exc, dest) from None
+        except FileInvalid:
+            discard = True
+            raise
         finally:
-            if self.fd >= 0:
-                self._final_sidecar_sync()
-                os.close(self.fd)
-                self.fd = -1
+            await self._close_partial(discard=discard)
 
     def _open_partial(self, keep: bool) -> int:
-        """Open (or create) the partial, reserving the whole size; checks free space. Blocking."""
+        """Open (or create) the partial, reserving the whole size; checks free space. Blocking;
+        waits for the end of an earlier attempt's `close_partial` (the partial's lock)."""
+        with partial_lock(self.req.dest):
+            return self._open_partial_locked(keep)
+
+    def _open_partial_locked(self, keep: bool) -> int:
         dest, total = self.req.dest, self.probe.total if self.probe else None
         part = partial_path(dest)
         if not keep:
@@ -487,7 +420,7 @@ class _Download:
             pieces: list[tuple[int, int | None]] = [(0, probe.total)]
             workers = 1
         else:
-            gaps = _missing(self.done, probe.total)
+            gaps = missing(self.done, probe.total)
             if not gaps:
                 return
             left = sum(e - s for s, e in gaps)
@@ -531,7 +464,7 @@ class _Download:
         assert hasher is not None
         try:
             while self.fetching:
-                ready = _prefix_end(self.done)
+                ready = prefix_end(self.done)
                 if ready - hasher.hashed >= HASH_CHUNK:
                     await hasher.hash_upto(ready)
                 else:
@@ -662,8 +595,8 @@ class _Download:
             if validator:
                 headers["If-Range"] = validator
         elif at.pos != 0:
-            # Without ranges a retry starts from byte 0 again.
-            self.sink.reset()
+            self.sink.reset("the origin does not serve byte ranges, so the retry starts from "
+                            "byte 0")
             self.done.clear()
             at.pos = 0
         if self.pump and probe.ranges and end is not None:
@@ -673,7 +606,8 @@ class _Download:
             if probe.ranges:
                 self._check_range_answer(response, at.pos)
             elif response.status_code != 200:
-                raise _ContentChanged()
+                raise _ContentChanged(f"the origin answered HTTP {response.status_code} "
+                                      "instead of the file")
             await self._receive(response, at, end)
 
     async def _pump_range(self, url: httpx.URL, headers: dict[str, str], at: _Cursor,
@@ -692,18 +626,24 @@ class _Download:
             if at.pos > recorded:
                 self._record(recorded, at.pos)
                 recorded = at.pos
-                self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
+                self.sink.update(covered(self.done), self.probe.total if self.probe else None)
 
         async def sync_sidecar() -> None:  # progress itself is recorded by `moved`
-            while True:
-                await trio.sleep(WRITE_INTERVAL)
-                if self.clock() >= self.next_sync and not self.syncing:
-                    await self._sync_sidecar()
+            nonlocal failure
+            try:
+                while True:
+                    await trio.sleep(WRITE_INTERVAL)
+                    await self._check_magic()
+                    if self.clock() >= self.next_sync and not self.syncing:
+                        await self._sync_sidecar()
+            except DownloadError as exc:
+                failure = exc  # raised below, not as an exception group
+                nursery.cancel_scope.cancel()
 
         def judge(status: int, head: list[tuple[str, str]]) -> None:
             answer = httpx.Response(status, headers=head)
             if 300 <= status < 400:
-                raise _ContentChanged()  # moved since the probe: probe again
+                raise _ContentChanged(f"the origin now redirects the file (HTTP {status})")
             self._check_status(answer)
             self._check_range_answer(answer, at.pos)
             if "chunked" in answer.headers.get("transfer-encoding", "").lower():
@@ -735,14 +675,21 @@ class _Download:
     def _check_range_answer(self, response: httpx.Response, pos: int) -> None:
         probe = self.probe
         assert probe is not None
-        if response.status_code != 206:
-            raise _ContentChanged()  # 200: the origin sent the whole (maybe new) file; 416
-        crange = _content_range(response.headers.get("content-range"))
+        status = response.status_code
+        if status == 200:
+            raise _ContentChanged("the origin ignored the Range request and sent the whole "
+                                  "file (the file changed, or ranges are no longer served)")
+        if status != 206:
+            raise _ContentChanged(f"the origin refused a range request (HTTP {status})")
+        header = response.headers.get("content-range")
+        crange = _content_range(header)
         if crange is None or crange[0] != pos or crange[2] != probe.total:
-            raise _ContentChanged()
+            raise _ContentChanged(f"the origin's Content-Range ({header}) does not fit "
+                                  f"bytes {pos}- of a {probe.total}-byte file")
         etag = response.headers.get("etag")
         if probe.etag and etag and etag != probe.etag:
-            raise _ContentChanged()
+            raise _ContentChanged(f"the origin's ETag changed from {probe.etag} to {etag}: "
+                                  "the file was replaced")
 
     async def _receive(self, response: httpx.Response, at: _Cursor, end: int | None) -> None:
         chunks: list[bytes] = []
@@ -763,9 +710,10 @@ class _Download:
                 if end is not None and at.pos + pending >= end:
                     break
         except trio.Cancelled:
-            # Keep what already arrived (at most WRITE_BUFFER bytes, a page-cache copy):
-            # synchronously, since an await here would be cancelled too.
-            at.pos = self._write_now(chunks, at.pos)
+            # Keep what already arrived (at most WRITE_BUFFER bytes): `close_partial` writes
+            # it in a thread, when the attempt ends.
+            if chunks:
+                self.leftovers.append((chunks, at.pos))
             raise
         except httpx.TimeoutException:
             at.pos = await self._write(chunks, at.pos)
@@ -779,7 +727,7 @@ class _Download:
 
     def _record(self, pos: int, end: int) -> None:
         if self.probe is not None and self.probe.ranges:
-            _add_range(self.done, pos, end)
+            add_range(self.done, pos, end)
         else:
             self.done[:] = [(0, end)]
         self.wrote.set()
@@ -792,25 +740,32 @@ class _Download:
             return pos
         fd = self.fd
         try:
-            end = await trio.to_thread.run_sync(_pwrite_all, fd, chunks, pos)
+            end = await trio.to_thread.run_sync(pwrite_all, fd, chunks, pos)
         except OSError as exc:
             raise _disk_error(exc, self.req.dest) from exc
         self._record(pos, end)
-        self.sink.update(_covered(self.done), self.probe.total if self.probe else None)
+        self.sink.update(covered(self.done), self.probe.total if self.probe else None)
+        await self._check_magic()
         if self.clock() >= self.next_sync and not self.syncing:
             await self._sync_sidecar()
         return end
 
-    def _write_now(self, chunks: list[bytes], pos: int) -> int:
-        """Like `_write`, without a thread: for the cancellation path only."""
-        if not chunks:
-            return pos
+    async def _check_magic(self) -> None:
+        """Once the file's first bytes are in: FileInvalid unless they are `req.magic`, so that
+        a URL serving something else fails at once rather than after the whole file."""
+        magic = self.req.magic
+        if magic is None or self.magic_checked or prefix_end(self.done) < len(magic):
+            return
+        self.magic_checked = True
+        fd = self.fd
         try:
-            end = _pwrite_all(self.fd, chunks, pos)
-        except OSError:
-            return pos  # the bytes are simply fetched again next time
-        self._record(pos, end)
-        return end
+            head = await trio.to_thread.run_sync(os.pread, fd, len(magic), 0)
+            check_magic(head, f"the file at {_redact(self.url)}")
+        except OSError as exc:
+            raise _disk_error(exc, self.req.dest) from exc
+        except GGUFInvalid as exc:
+            raise FileInvalid(f"{exc.reason} The partial file was deleted; check the "
+                              "model's url.") from None
 
     async def _sync_sidecar(self) -> None:
         self.syncing = True
@@ -830,20 +785,24 @@ class _Download:
         assert probe is not None
         if sync_data:
             os.fdatasync(fd)
-        _write_sidecar(self.req.dest, _Sidecar(self.req.url, probe.etag, probe.last_modified,
+        write_sidecar(self.req.dest, Sidecar(self.req.url, probe.etag, probe.last_modified,
                                                probe.total, done))
 
-    def _final_sidecar_sync(self) -> None:
-        """On every exit path (synchronous: an await here could be cancelled). Records what
-        was handed to the kernel, which survives the process dying; it does not fdatasync the
-        data (that could block the loop for seconds): after a power cut right here a claimed
-        range may read back as zeros, which the sha256 check catches."""
-        if self.probe is None or not partial_path(self.req.dest).exists():
+    async def _close_partial(self, *, discard: bool) -> None:
+        """On every exit of an attempt: `close_partial` in a worker thread, shielded from a
+        cancel but bounded; past the bound the thread finishes on its own, holding the
+        partial's lock, and the next attempt waits for it there."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
             return
-        with contextlib.suppress(OSError):
-            _write_sidecar(self.req.dest, _Sidecar(
-                self.req.url, self.probe.etag, self.probe.last_modified,
-                self.probe.total, list(self.done)))
+        probe = self.probe
+        side = None if probe is None else Sidecar(self.req.url, probe.etag, probe.last_modified,
+                                                  probe.total, list(self.done))
+        leftovers, self.leftovers = self.leftovers, []
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_BOUND):
+            await trio.to_thread.run_sync(
+                lambda: close_partial(self.req.dest, fd, side, leftovers, discard=discard),
+                abandon_on_cancel=True)
 
     # -- verify and publish
 
@@ -879,6 +838,16 @@ class _Download:
                 raise ChecksumMismatch(
                     f"the downloaded file's sha256 is {digest}, expected {req.sha256.lower()}; "
                     "the partial was deleted; check the model's sha256 or the origin")
+        await self._check_magic()
+        if req.verify is not None:
+            try:
+                await trio.to_thread.run_sync(req.verify, partial_path(dest))
+            except OSError as exc:
+                raise _disk_error(exc, dest) from exc
+            except GGUFInvalid as exc:
+                raise FileInvalid(f"the file at {_redact(self.url)} is not a model modeld can "
+                                  f"run: {exc.reason} The downloaded file was deleted; check "
+                                  "the model's url.") from None
 
         def publish() -> None:
             os.fsync(fd)
@@ -892,21 +861,6 @@ class _Download:
         except OSError as exc:
             raise _disk_error(exc, dest) from exc
         self.sink.update(size, size)
-
-
-_thread_state = threading.local()
-BACKGROUND_NICENESS = 10
-
-
-def _background_thread() -> None:
-    """Lower this worker thread's CPU priority (once per thread). Writing and hashing model
-    files can use a whole core; the event loop thread must still get the CPU at once to
-    answer requests. Raising one's own niceness needs no privilege."""
-    if getattr(_thread_state, "lowered", False):
-        return
-    _thread_state.lowered = True
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
 def _pump_failure(exc: PumpFailed, dest: Path) -> DownloadError | _Transient:
@@ -959,7 +913,7 @@ class _LocalHash:
         fd, h = self.fd, self.hasher
 
         def step() -> int:
-            _background_thread()
+            background_thread()
             data = os.pread(fd, min(HASH_CHUNK, target - self.hashed), self.hashed)
             h.update(data)
             self.hashed += len(data)  # in the thread, with the update: never half counted
@@ -977,24 +931,25 @@ class _LocalHash:
         return self.hasher.hexdigest()
 
 
-def _pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:
-    """Write `chunks` at `pos` (all of them); return the position after them. Blocking."""
-    _background_thread()
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            n = os.pwrite(fd, view, pos)
-            pos += n
-            view = view[n:]
-    return pos
+def _why_not_resumable(side: Sidecar | None, size: int, url: str, probe: _Probe) -> str | None:
+    """Why the partial (`size` bytes, -1 when none) cannot be resumed; None when it can."""
+    if size < 0:
+        return "there is no partial file"
+    if side is None:
+        return "the partial's record (its .partial.json sidecar) is missing or unreadable"
+    if not probe.ranges:
+        return "the origin does not serve byte ranges, so the partial cannot be resumed"
+    if side.url != url:
+        return "the model's url changed since the partial was downloaded"
+    if side.total is None or side.total != probe.total:
+        return f"the origin's file size changed from {side.total} to {probe.total} bytes"
+    if not _same_validator(side, probe):
+        return ("the origin's file changed since the partial was downloaded (its ETag or "
+                "Last-Modified differs)")
+    return None
 
 
-def _prefix_end(done: list[tuple[int, int]]) -> int:
-    """How far the file is complete from byte 0."""
-    return done[0][1] if done and done[0][0] == 0 else 0
-
-
-def _same_validator(side: _Sidecar, probe: _Probe) -> bool:
+def _same_validator(side: Sidecar, probe: _Probe) -> bool:
     if probe.etag or side.etag:
         return side.etag == probe.etag
     return probe.last_modified is not None and side.last_modified == probe.last_modified

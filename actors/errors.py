@@ -45,3 +45,15 @@ class Unavailable(ModelError):
     """The actor did not answer (it stopped or restarted while the command waited)."""
 
     code = "unavailable"
+
+
+def crash_error(operation: str, exc: BaseException) -> OperationFailed:
+    """What the caller of a command hears when the actor crashed handling it (`operation`, e.g.
+    "deleting the model's files"): the exception as one sentence (an OSError by its strerror
+    and file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = f"{exc.strerror}{where}"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return OperationFailed(f"{operation} failed: {reason}", code="actor_crashed")

@@ -24,6 +24,7 @@ class GGUFInvalid(Exception):
         self.reason = reason
 
 
+GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 # Architectures that ctransformers' llama loader runs correctly.
 SUPPORTED_ARCHITECTURES = frozenset({"llama"})
@@ -89,6 +90,17 @@ def _tensor_end(start_offs: int, field: gguf.ReaderField) -> int | None:
     return start_offs + offset + n_elements * type_size // block_size
 
 
+def check_magic(head: bytes, what: str) -> None:
+    """Raise GGUFInvalid unless `head` (a file's first bytes, at least 4) starts as GGUF does:
+    the cheap first check, also run on a download's first bytes."""
+    magic = head[: len(GGUF_MAGIC)]
+    if magic != GGUF_MAGIC:
+        raise GGUFInvalid(
+            f"{what} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+            "modeld loads GGUF models only."
+        )
+
+
 def _check_header(path: Path, file_size: int) -> None:
     if file_size == 0:
         raise GGUFInvalid(f"{path} is empty; download the model again.")
@@ -99,12 +111,7 @@ def _check_header(path: Path, file_size: int) -> None:
         )
     with path.open("rb") as f:
         header = f.read(_HEADER_SIZE)
-    magic = header[:4]
-    if magic != b"GGUF":
-        raise GGUFInvalid(
-            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-            "modeld loads GGUF models only."
-        )
+    check_magic(header, str(path))
     version, tensor_count, kv_count = struct.unpack("<IQQ", header[4:])
     if version not in SUPPORTED_VERSIONS:
         raise GGUFInvalid(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 import trio
@@ -67,32 +68,33 @@ Reply = ModelView | ModelError
 
 @attrs.frozen(kw_only=True)
 class Command:
+    operation: ClassVar[str] = "handling a command"  # what it does, for error messages
     reply: trio.MemorySendChannel[Reply]
 
 
 @attrs.frozen(kw_only=True)
 class GetSnapshot(Command):
-    pass
+    operation = "reading the model"
 
 
 @attrs.frozen(kw_only=True)
 class StartDownload(Command):
-    pass
+    operation = "starting the download"
 
 
 @attrs.frozen(kw_only=True)
 class CancelDownload(Command):
-    pass
+    operation = "cancelling the download"
 
 
 @attrs.frozen(kw_only=True)
 class Load(Command):
-    pass
+    operation = "loading the model"
 
 
 @attrs.frozen(kw_only=True)
 class Unload(Command):
-    pass
+    operation = "unloading the model"
 
 
 @attrs.frozen(kw_only=True)
@@ -100,6 +102,7 @@ class UpdateSpec(Command):
     """Change the model's record: `change` maps the spec as it is now to the new one (it may
     raise a ModelError to refuse), so that concurrent updates each see the other's result."""
 
+    operation = "updating the model's record"
     change: Callable[[ModelSpec], ModelSpec]
 
 
@@ -107,12 +110,13 @@ class UpdateSpec(Command):
 class ImportFile(Command):
     """Publish an already-written temp file (in the storage dir) as this model's file."""
 
+    operation = "publishing the uploaded file"
     temp: Path
 
 
 @attrs.frozen(kw_only=True)
 class Delete(Command):
-    pass
+    operation = "deleting the model's files"
 
 
 @attrs.frozen(kw_only=True)

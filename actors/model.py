@@ -14,22 +14,24 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
-import psutil
 import structlog
 import trio
 
 from actors import messages as m
-from actors.download import DownloadError, DownloadRequest, partial_bytes, remove_partial
+from actors.attempts import DownloadAttempt, DownloadEnded, LoadAttempt, LoadEnded, WorkerExited
+from actors.download import DownloadError, DownloadRequest
 from actors.errors import (
     Conflict,
-    InsufficientMemory,
     InvalidInput,
     ModelError,
     OperationFailed,
     Unavailable,
+    crash_error,
 )
 from actors.generation import GenerationStream
-from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.gguf import GGUF_MAGIC, GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.load_checks import check_memory, facts_from
+from actors.partial import held_marker, partial_bytes, remove_partial
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
 from actors.spec import ModelSpec
@@ -42,7 +44,6 @@ log = structlog.get_logger("modeld.actor")
 T = TypeVar("T")
 UNLOAD_GRACE = 3.0  # seconds a worker gets to exit when asked, before it is killed
 STOP_BOUND = UNLOAD_GRACE + 5.0  # the most a worker's stop may take, reaping included
-MEMORY_MARGIN = 256 * 1024 * 1024
 # Without a context length in the spec, a worker gets the one the file was trained with, up to
 # this: the KV cache grows with it, and some files claim 32k or more.
 MAX_DEFAULT_CONTEXT = 4096
@@ -65,25 +66,6 @@ def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
     reply.close()
 
 
-_OPERATIONS: dict[type[m.Command], str] = {
-    m.GetSnapshot: "reading the model",
-    m.StartDownload: "starting the download",
-    m.CancelDownload: "cancelling the download",
-    m.Unload: "unloading the model",
-    m.UpdateSpec: "updating the model's record",
-    m.ImportFile: "publishing the uploaded file",
-    m.Delete: "deleting the model's files",
-}
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception as one sentence (an OSError by its strerror and file)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    return str(exc) or type(exc).__name__
-
-
 def _size_or_none(path: Path) -> int | None:
     try:
         return os.path.getsize(path)
@@ -91,59 +73,7 @@ def _size_or_none(path: Path) -> int | None:
         return None
 
 
-def held_marker(dest: Path) -> Path:
-    """Marks a partial that must not resume by itself at start (cancelled or failed)."""
-    return dest.with_name(dest.name + ".held")
-
-
-def facts_from(info: GGUFInfo) -> m.FileFacts:
-    return m.FileFacts(
-        size=info.file_size,
-        context_length=info.context_length,
-        quantization=info.quantization,
-        parameter_count=info.parameter_count,
-        architecture=info.architecture,
-        chat_template=info.chat_template,
-    )
-
-
-# Messages the actor sends itself.
-@attrs.define(eq=False)
-class _DownloadAttempt:
-    scope: trio.CancelScope
-    ended: trio.Event
-    previous: trio.Event | None
-    error: Exception | None = None
-
-
-@attrs.frozen
-class _DownloadEnded:
-    attempt: _DownloadAttempt
-
-
-@attrs.define(eq=False)
-class _LoadAttempt:
-    scope: trio.CancelScope
-    ended: trio.Event
-    waiters: list[trio.MemorySendChannel[m.Reply]]
-    worker: WorkerHandle | None = None
-    error: ModelError | None = None
-    facts: m.FileFacts | None = None
-    seconds: float = 0.0  # from spawning the worker to its ready message
-
-
-@attrs.frozen
-class _LoadEnded:
-    attempt: _LoadAttempt
-
-
-@attrs.frozen
-class _WorkerExited:
-    worker: WorkerHandle
-    returncode: int
-
-
-Message = m.Command | m.Generate | _DownloadEnded | _LoadEnded | _WorkerExited
+Message = m.Command | m.Generate | DownloadEnded | LoadEnded | WorkerExited
 
 
 class ModelActor:
@@ -173,9 +103,9 @@ class ModelActor:
         self._inspect = inspect
         self._send, self._inbox = trio.open_memory_channel[Message](64)
         self._nursery: trio.Nursery | None = None
-        self._download: _DownloadAttempt | None = None
+        self._download: DownloadAttempt | None = None
         self._last_download_ended: trio.Event | None = None
-        self._load: _LoadAttempt | None = None
+        self._load: LoadAttempt | None = None
         self._worker: WorkerHandle | None = None
         self._facts: m.FileFacts | None = None
         self._partial = 0
@@ -251,20 +181,20 @@ class ModelActor:
         if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
             self.state = State.DOWNLOADED
             await self._refresh_facts()
-            self.progress.publish(self._progress(status="COMPLETED", percentage=100.0))
+            self._publish(status="COMPLETED", percentage=100.0)
             return False
         self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
         held = await trio.to_thread.run_sync(held_marker(dest).exists)
         return self._partial > 0 and not held and self.spec.url is not None
 
     async def _dispatch(self, msg: Message) -> None:
-        if isinstance(msg, _DownloadEnded):
+        if isinstance(msg, DownloadEnded):
             if msg.attempt is self._download:
                 await self._finish_download(msg.attempt)
-        elif isinstance(msg, _LoadEnded):
+        elif isinstance(msg, LoadEnded):
             if msg.attempt is self._load:
                 await self._finish_load(msg.attempt)
-        elif isinstance(msg, _WorkerExited):
+        elif isinstance(msg, WorkerExited):
             if msg.worker is self._worker:
                 self._worker_died(msg.worker, msg.returncode)
         elif isinstance(msg, m.Load):
@@ -279,11 +209,7 @@ class ModelActor:
             except Exception as exc:
                 # A bug or an environment failure (ENOSPC, EACCES) crashes the actor, and the
                 # registry restarts it from disk; the caller in hand hears why at once.
-                what = _OPERATIONS.get(type(msg), type(msg).__name__)
-                _reply_now(
-                    msg.reply,
-                    OperationFailed(f"{what} failed: {_describe(exc)}", code="actor_crashed"),
-                )
+                _reply_now(msg.reply, crash_error(msg.operation, exc))
                 raise
             _reply_now(msg.reply, reply)  # a caller that gave up just misses it
 
@@ -321,32 +247,10 @@ class ModelActor:
                 **{"from": before.value, "to": self.state.value, "cause": event.value},
             )
 
-    def _progress(self, **changes: object) -> m.Progress:
-        return attrs.evolve(m.Progress(model=self.spec.id), **changes)  # type: ignore[arg-type]
-
-    def _publish_progress(
-        self,
-        status: str,
-        *,
-        percentage: float,
-        done: int,
-        total: int | None,
-        rate: float | None = None,
-        eta: float | None = None,
-        error: str | None = None,
-    ) -> None:
-        self.progress.publish(
-            m.Progress(
-                model=self.spec.id,
-                status=status,
-                percentage=percentage,
-                bytes=done,
-                total=total,
-                bytes_per_second=rate,
-                eta_seconds=eta,
-                error=error,
-            )
-        )
+    def _publish(self, **changes: object) -> None:
+        """Publish a progress snapshot of this model: `m.Progress` fields, the rest defaults."""
+        progress = attrs.evolve(m.Progress(model=self.spec.id), **changes)  # type: ignore[arg-type]
+        self.progress.publish(progress)
 
     async def _refresh_facts(self) -> None:
         """Read the published file's header; a bad file is reported here and refused at load."""
@@ -376,19 +280,15 @@ class ModelActor:
     def _start_download(self) -> None:
         assert self._nursery is not None
         assert self.spec.url is not None
-        attempt = _DownloadAttempt(
+        attempt = DownloadAttempt(
             scope=trio.CancelScope(), ended=trio.Event(), previous=self._last_download_ended
         )
         self._download = attempt
         self._last_download_ended = attempt.ended
         self.error = None
         self._move(Event.DOWNLOAD_START)
-        self._publish_progress(
-            "INITIALIZED",
-            percentage=self.progress.value.percentage if self._partial else 0.0,
-            done=self._partial,
-            total=self.spec.size,
-        )
+        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
+                      percentage=self.progress.value.percentage if self._partial else 0.0)
         request = DownloadRequest(
             url=self.spec.url,
             dest=self.dest,
@@ -398,10 +298,13 @@ class ModelActor:
             retries=self._settings.retries,
             stall_timeout=self._settings.stall_timeout,
             allow_http=self._settings.allow_http,
+            # One rule for downloads and imports: the file must pass `inspect`.
+            magic=GGUF_MAGIC,
+            verify=self._inspect,
         )
         self._nursery.start_soon(self._run_download, attempt, request)
 
-    async def _run_download(self, attempt: _DownloadAttempt, request: DownloadRequest) -> None:
+    async def _run_download(self, attempt: DownloadAttempt, request: DownloadRequest) -> None:
         try:
             if attempt.previous is not None:
                 # The last attempt may still be unwinding; it must not write into our partial.
@@ -418,9 +321,9 @@ class ModelActor:
             attempt.error = exc
         finally:
             attempt.ended.set()
-        await self._send.send(_DownloadEnded(attempt))
+        await self._send.send(DownloadEnded(attempt))
 
-    async def _finish_download(self, attempt: _DownloadAttempt) -> None:
+    async def _finish_download(self, attempt: DownloadAttempt) -> None:
         """The one place a download attempt's end moves the state, whatever ended it."""
         self._download = None
         dest = self.dest
@@ -429,7 +332,7 @@ class ModelActor:
             self._move(Event.DOWNLOAD_DONE)
             await self._refresh_facts()
             size = self._facts.size if self._facts else 0
-            self._publish_progress("COMPLETED", percentage=100.0, done=size, total=size)
+            self._publish(status="COMPLETED", percentage=100.0, bytes=size, total=size)
             log.info("download_completed", model=self.spec.id, bytes=size)
             return
         await trio.to_thread.run_sync(held_marker(dest).touch)
@@ -445,19 +348,13 @@ class ModelActor:
                 code=getattr(attempt.error, "code", "download_failed"),
                 bytes=self._partial,
             )
-            self._publish_progress(
-                "FAILED",
-                percentage=last.percentage,
-                done=self._partial,
-                total=last.total,
-                error=self.error,
-            )
+            self._publish(status="FAILED", percentage=last.percentage, bytes=self._partial,
+                          total=last.total, error=self.error)
         else:
             self._move(Event.DOWNLOAD_CANCELLED)
             log.info("download_cancelled", model=self.spec.id, bytes=self._partial)
-            self._publish_progress(
-                "CANCELED", percentage=last.percentage, done=self._partial, total=last.total
-            )
+            self._publish(status="CANCELED", percentage=last.percentage, bytes=self._partial,
+                          total=last.total)
 
     async def _handle_cancel(self) -> m.ModelView:
         attempt = self._download
@@ -481,7 +378,7 @@ class ModelActor:
             self._load.waiters.append(cmd.reply)
         elif self.state is State.DOWNLOADED:
             assert self._nursery is not None
-            attempt = _LoadAttempt(
+            attempt = LoadAttempt(
                 scope=trio.CancelScope(), ended=trio.Event(), waiters=[cmd.reply]
             )
             self._load = attempt
@@ -492,7 +389,6 @@ class ModelActor:
             why = {
                 State.ABSENT: "the model is not downloaded; download it first",
                 State.DOWNLOADING: "the model is still downloading; load it when it is done",
-                State.UNLOADING: "the model is being unloaded; try again in a moment",
             }[self.state]
             _reply_now(cmd.reply, Conflict(why, code="not_loadable"))
 
@@ -512,14 +408,14 @@ class ModelActor:
                 waiter.close()
             self._load.waiters.clear()
 
-    async def _run_load(self, attempt: _LoadAttempt) -> None:
+    async def _run_load(self, attempt: LoadAttempt) -> None:
         """Check the file, make room, start the worker; the end goes to the mailbox."""
         admitted = False
         try:
             with attempt.scope:
                 info = await trio.to_thread.run_sync(self._inspect, self.dest)
                 attempt.facts = facts_from(info)
-                self._check_memory(info.file_size)
+                check_memory(self.spec, info.file_size)
                 await self._gate.admit(self.spec.id)
                 admitted = True
                 spawned_at = trio.current_time()
@@ -541,7 +437,7 @@ class ModelActor:
             if attempt.worker is None and admitted:
                 self._gate.release(self.spec.id)
             attempt.ended.set()
-        await self._send.send(_LoadEnded(attempt))
+        await self._send.send(LoadEnded(attempt))
 
     def _runtime_spec(self, info: GGUFInfo) -> ModelSpec:
         """The spec the worker is started with: a context length always set."""
@@ -551,18 +447,7 @@ class ModelActor:
             self.spec, context_length=min(info.context_length, MAX_DEFAULT_CONTEXT)
         )
 
-    def _check_memory(self, file_size: int) -> None:
-        """Refuse a model that cannot fit: its catalog `ram`, else its file size (the worker
-        reads the weights into memory), plus a margin, against what is available now."""
-        need = self.spec.ram or file_size
-        available = psutil.virtual_memory().available
-        if need + MEMORY_MARGIN > available:
-            raise InsufficientMemory(
-                f"loading needs about {need / 1e9:.1f} GB ({need} bytes) but only "
-                f"{available / 1e9:.1f} GB are available; unload other models or free memory",
-            )
-
-    async def _finish_load(self, attempt: _LoadAttempt) -> None:
+    async def _finish_load(self, attempt: LoadAttempt) -> None:
         self._load = None
         if attempt.facts is not None:
             self._facts = attempt.facts
@@ -593,7 +478,7 @@ class ModelActor:
 
     async def _watch_worker(self, worker: WorkerHandle) -> None:
         code = await worker.wait_exited()
-        await self._send.send(_WorkerExited(worker, code))
+        await self._send.send(WorkerExited(worker, code))
 
     def _worker_died(self, worker: WorkerHandle, returncode: int) -> None:
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
@@ -670,9 +555,8 @@ class ModelActor:
         self._partial = 0
         self.error = None
         self._move(Event.FILE_IMPORTED)
-        self._publish_progress(
-            "COMPLETED", percentage=100.0, done=info.file_size, total=info.file_size
-        )
+        self._publish(status="COMPLETED", percentage=100.0, bytes=info.file_size,
+                      total=info.file_size)
         log.info("model_imported", model=self.spec.id, bytes=info.file_size)
         return self.view()
 
@@ -696,6 +580,6 @@ class ModelActor:
         self.error = None
         if self.state is not State.ABSENT:
             self._move(Event.DELETE)
-        self.progress.publish(self._progress())
+        self._publish()
         log.info("model_files_deleted", model=self.spec.id)
         return self.view()

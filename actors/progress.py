@@ -121,12 +121,13 @@ class ProgressMeter:
             )
         )
 
-    def reset(self) -> None:
+    def reset(self, reason: str) -> None:
+        """The downloader starts over; `reason` (what happened) goes to the log."""
         self._floor = 0.0
         self._rate = None
         self._rate_bytes = None
         self._last_publish = -math.inf  # the next update after a RESET is never held back
-        log.warning("download_reset", model=self._model, reason="origin content changed")
+        log.warning("download_reset", model=self._model, reason=reason)
         self._out.publish(Progress(model=self._model, status="RESET"))
 
     def retrying(self, attempt: int, delay: float, reason: str) -> None:

@@ -38,7 +38,7 @@ from bench.common import (
     which,
 )
 
-_BLOCK = os.urandom(MiB)
+_BLOCK = b"GGUF" + os.urandom(MiB - 4)  # modeld stops a download that is not GGUF
 
 
 class _State:

@@ -29,6 +29,7 @@ import httpx
 import psutil
 
 from tests.daemon import ROOT, Daemon
+from tests.gguf_factory import gguf_header
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -163,17 +164,21 @@ def free_port() -> int:
 
 
 def random_file(name: str, size: int) -> tuple[Path, str]:
-    """A file of `size` random bytes under FILES, and its sha256 (both cached across runs)."""
+    """A GGUF file of `size` bytes under FILES (a header, then random bytes: modeld downloads
+    only GGUF files), and its sha256 (both cached across runs)."""
     FILES.mkdir(parents=True, exist_ok=True)
     path = FILES / name
     digest_path = path.with_name(path.name + ".sha256")
-    if path.exists() and path.stat().st_size == size and digest_path.exists():
+    head = gguf_header(size)
+    if (path.exists() and path.stat().st_size == size and digest_path.exists()
+            and _starts_with(path, head)):
         return path, digest_path.read_text().strip()
-    log(f"writing {size / MiB:.0f} MiB of random bytes to {path}")
-    h = hashlib.sha256()
+    log(f"writing a {size / MiB:.0f} MiB GGUF file of random bytes to {path}")
+    h = hashlib.sha256(head)
     block = 16 * MiB
     with path.open("wb") as f:
-        left = size
+        f.write(head)
+        left = size - len(head)
         while left > 0:
             chunk = os.urandom(min(block, left))
             f.write(chunk)
@@ -181,6 +186,11 @@ def random_file(name: str, size: int) -> tuple[Path, str]:
             left -= len(chunk)
     digest_path.write_text(h.hexdigest())
     return path, h.hexdigest()
+
+
+def _starts_with(path: Path, head: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(head)) == head
 
 
 def sha256_of(path: Path) -> str:

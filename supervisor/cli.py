@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cancel-on-interrupt", action="store_true",
                       help="on Ctrl-C cancel the download without asking (default: ask at a "
                       "terminal; otherwise leave it running in modeld)")
-    client("cancel", "cancel a running download (its partial file is kept)").add_argument("id")
+    client("cancel", "cancel a running download (a resumable partial is kept)").add_argument("id")
     client("load", "load a downloaded model into memory").add_argument("id")
     client("unload", "unload a model").add_argument("id")
     rm = client("rm", "unload a model and delete its files (and record, if custom)")
@@ -267,8 +267,6 @@ def cmd_unload(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_cancel(api: Api, args: argparse.Namespace, out: Out) -> int:
-    from supervisor.client import format_bytes
-
     before = api.model(args.id)
     model = api.command(args.id, "download/cancel")
     if out.json:
@@ -276,10 +274,21 @@ def cmd_cancel(api: Api, args: argparse.Namespace, out: Out) -> int:
     elif not before.get("downloading"):
         out.line(f"no download of {args.id} is running ({model.get('state', 'unknown')})")
     else:
-        kept = model.get("partialBytes") or 0
-        out.line(f"canceled the download of {args.id}; {format_bytes(kept)} kept, "
-                 f"`modeld pull {args.id}` resumes it")
+        out.line(f"canceled the download of {args.id}; "
+                 f"{resume_hint(args.id, model.get('partialBytes'))}")
     return EXIT_OK
+
+
+def resume_hint(model_id: str, kept: object) -> str:
+    """What a cancelled download left, from the model's `partialBytes` after the cancel. The
+    daemon keeps a partial only when it can resume it: an origin that does not serve byte
+    ranges leaves none."""
+    from supervisor.client import format_bytes
+
+    if isinstance(kept, int) and kept > 0:
+        return f"{format_bytes(kept)} kept; `modeld pull {model_id}` resumes it"
+    return (f"nothing kept to resume from (the origin does not serve byte ranges, or no bytes "
+            f"had arrived); `modeld pull {model_id}` starts over")
 
 
 def cmd_rm(api: Api, args: argparse.Namespace, out: Out) -> int:
@@ -390,9 +399,11 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     if outcome.error is not None:
         raise outcome.error
     if outcome.interrupted == "cancel":
-        kept = client.format_bytes(outcome.model.get("partialBytes") or progress.get("bytes"))
-        out.error(f"interrupted: canceled the download of {model_id} ({kept} kept; "
-                  f"`modeld pull {model_id}` resumes it)")
+        # outcome.model is the cancel's reply (its partialBytes are what was kept), unless
+        # the cancel failed, in which case the last progress is the best guess.
+        kept = outcome.model.get("partialBytes", progress.get("bytes"))
+        out.error(f"interrupted: canceled the download of {model_id}; "
+                  f"{resume_hint(model_id, kept)}")
         return EXIT_INTERRUPTED
     if outcome.interrupted == "leave":
         out.error(f"interrupted: the download of {model_id} goes on in modeld; "
@@ -402,9 +413,9 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     if outcome.result == "FAILED":
         out.error(f"the download of {model_id} failed: {progress.get('error') or 'unknown'}")
         return EXIT_ERROR
-    if outcome.result == "CANCELED":
+    if outcome.result == "CANCELED":  # its bytes: what the partial kept
         out.error(f"the download of {model_id} was canceled; "
-                  f"`modeld pull {model_id}` resumes it")
+                  f"{resume_hint(model_id, progress.get('bytes'))}")
         return EXIT_ERROR
     out.error(f"lost the progress of {model_id} before the download ended (did modeld stop? "
               "an interrupted download resumes when it starts again)")

@@ -228,3 +228,27 @@ def truncate(path: Path, fraction: float, *, dest: Path | None = None) -> Path:
     with target.open("r+b") as f:
         f.truncate(int(size * fraction))
     return target
+
+
+def gguf_header(size: int) -> bytes:
+    """The first bytes of a GGUF file of exactly `size` bytes (at least about 200) that passes
+    modeld's header checks: a llama-architecture header and one f32 tensor that the rest of the
+    file (any bytes) fills. A runtime could not run it."""
+    kvs = [_kv_str("general.architecture", "llama"), _kv_u32("general.alignment", ALIGNMENT)]
+    head = GGUF_MAGIC + struct.pack("<IQQ", 3, 1, len(kvs)) + b"".join(kvs)
+    info_size = len(_str("filler")) + 4 + 8 + 4 + 8
+    start = len(head) + info_size
+    start += -start % ALIGNMENT
+    n_floats = (size - start) // 4
+    if n_floats < 1:
+        raise ValueError(f"a GGUF file needs more than {start} bytes")
+    out = head + _str("filler") + struct.pack("<IQIQ", 1, n_floats, _GGML_F32, 0)
+    return out + b"\0" * (start - len(out))
+
+
+def gguf_of_size(size: int, seed: int = 0) -> bytes:
+    """The bytes of a `gguf_header` file of exactly `size` bytes, filled with pseudo-random
+    bytes that repeat every MiB. For download tests."""
+    head = gguf_header(size)
+    block = random.Random(seed).randbytes(min(1024 * 1024, size))
+    return head + (block * (size // len(block) + 1))[: size - len(head)]

@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from actors import messages as m
-from actors.download import DownloadRequest, OriginUnreachable, ProgressSink, remove_partial
+from actors.download import DownloadRequest, OriginUnreachable, ProgressSink
 from actors.errors import Conflict
 from actors.model import ActorSettings, ModelActor
+from actors.partial import remove_partial
 from actors.spec import ModelSpec
 from actors.state import State
 from actors.store import Store

@@ -30,11 +30,8 @@ from actors.download import (
     TooManyRedirects,
     UrlRefused,
     download_file,
-    partial_bytes,
-    partial_path,
-    remove_partial,
-    sidecar_path,
 )
+from actors.partial import partial_bytes, partial_path, remove_partial, sidecar_path
 from tests.origin import Origin, open_origin
 
 MiB = 1024 * 1024
@@ -45,15 +42,19 @@ class Sink:
     updates: int = 0
     done: int = 0
     total: int | None = None
-    resets: int = 0
+    reasons: list[str] = attrs.Factory(list)  # of the resets
     retries: list[tuple[int, float, str]] = attrs.Factory(list)
+
+    @property
+    def resets(self) -> int:
+        return len(self.reasons)
 
     def update(self, done: int, total: int | None) -> None:
         self.updates += 1
         self.done, self.total = done, total
 
-    def reset(self) -> None:
-        self.resets += 1
+    def reset(self, reason: str) -> None:
+        self.reasons.append(reason)
 
     def retrying(self, attempt: int, delay: float, reason: str) -> None:
         self.retries.append((attempt, delay, reason))

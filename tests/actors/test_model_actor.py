@@ -14,23 +14,24 @@ from typing import Any, TypeVar
 
 import attrs
 import pytest
+import structlog
 import trio
 import trio.testing
 
 from actors import messages as m
-from actors.download import (
-    DownloadRequest,
-    OriginUnreachable,
-    ProgressSink,
-    _Sidecar,
-    _write_sidecar,
+from actors.download import DownloadRequest, FileInvalid, OriginUnreachable, ProgressSink
+from actors.errors import Conflict, InsufficientMemory, InvalidInput, ModelError, OperationFailed
+from actors.generation import GenerationStream
+from actors.gguf import GGUF_MAGIC
+from actors.model import ActorSettings, ModelActor
+from actors.partial import (
+    Sidecar,
+    held_marker,
     partial_path,
     remove_partial,
     sidecar_path,
+    write_sidecar,
 )
-from actors.errors import Conflict, InsufficientMemory, InvalidInput, ModelError, OperationFailed
-from actors.generation import GenerationStream
-from actors.model import ActorSettings, ModelActor, held_marker
 from actors.spec import ModelSpec
 from actors.state import State, flags
 from actors.store import Store
@@ -104,7 +105,7 @@ class FakeFetch:
 
 def write_partial(dest: Path, data: bytes, n: int) -> None:
     partial_path(dest).write_bytes(data[:n])
-    _write_sidecar(dest, _Sidecar(URL, '"etag"', None, len(data), [(0, n)]))
+    write_sidecar(dest, Sidecar(URL, '"etag"', None, len(data), [(0, n)]))
 
 
 class FakeGeneration:
@@ -396,6 +397,29 @@ async def test_failed_download_is_absent_with_the_error(autojump_clock: trio.abc
         view = await rig.view(lambda r: m.StartDownload(reply=r))
         assert (State.DOWNLOADING, None) == (view.state, view.error)
         await rig.wait_progress("COMPLETED")
+
+
+async def test_a_download_that_is_not_a_model_fails_with_the_import_rule(
+        autojump_clock: trio.abc.Clock, start: Start) -> None:
+    """The actor hands the downloader the rule `import` applies (its own `inspect`, and the GGUF
+    magic for an early check); the downloader's refusal ends FAILED with its reason and code."""
+    async with start() as rig:
+        await rig.view(lambda r: m.StartDownload(reply=r))
+        await rig.fetch.started.wait()
+        request = rig.fetch.calls[0]
+        assert (GGUF_MAGIC, rig.actor._inspect) == (request.magic, request.verify)
+        remove_partial(rig.dest)  # as the downloader does: these bytes can never be a model
+        rig.fetch.error = FileInvalid("the file at models.test is not a GGUF file")
+        with structlog.testing.capture_logs() as logs:
+            rig.fetch.proceed.set()
+            failed = await rig.wait_progress("FAILED")
+        assert failed.error is not None and "not a GGUF file" in failed.error
+        view = await rig.view()
+        assert (State.ABSENT, 0, False) == (view.state, view.partial_bytes,
+                                             rig.store.has_model_file(MODEL_ID))
+        assert view.error is not None and "not a GGUF file" in view.error
+        assert ["model_file_invalid"] == [e["code"] for e in logs
+                                          if e["event"] == "download_failed"]
 
 
 async def test_interrupted_download_resumes_at_start(autojump_clock: trio.abc.Clock,

@@ -14,15 +14,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.daemon import ROOT
 from tests.e2e.conftest import DaemonFactory
-from tests.gguf_factory import write_tiny_llama
+from tests.gguf_factory import gguf_of_size, write_tiny_llama
 from tests.origin import Origin, run_origin_in_thread
 
 CLIENT_VARIABLES = ("MODELD_URL", "MODELD_TOKEN", "MODELD_CONFIG")
-BIG = os.urandom(4_000_000)
+BIG = gguf_of_size(4_000_000, seed=7)
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -198,6 +199,25 @@ def test_pull_json_lines(make_daemon: DaemonFactory, origin: Origin, tiny: Path)
     assert 0 == daemon.stop()
 
 
+def test_pull_of_bytes_that_are_not_a_model_fails(make_daemon: DaemonFactory,
+                                                  origin: Origin) -> None:
+    origin.add("/noise.gguf", os.urandom(3_000_000))
+    daemon = make_daemon([{"id": "noise", "name": "Noise",
+                           "url": origin.url("/noise.gguf")}]).start()
+    pulled = modeld(daemon.url, "pull", "noise")
+    assert 1 == pulled.returncode, pulled.stdout
+    assert "modeld: the download of noise failed: " in pulled.stderr
+    assert "is not a GGUF file" in pulled.stderr
+    assert "noise downloaded" not in pulled.stdout
+    model = httpx.get(f"{daemon.url}/model/noise").json()
+    assert ("absent", False) == (model["state"], model["downloaded"])
+    assert "is not a GGUF file" in model["error"]
+    assert [] == [p.name for p in (daemon.storage / "models").glob("noise.gguf*")
+                  if not p.name.endswith(".held")]
+    assert ["model_file_invalid"] == [e["code"] for e in daemon.events("download_failed")]
+    assert 0 == daemon.stop()
+
+
 def test_cancel_from_another_process_ends_the_pull(make_daemon: DaemonFactory, origin: Origin,
                                                    tiny: Path) -> None:
     daemon = make_daemon(catalog(origin, tiny, 300_000)).start()
@@ -211,12 +231,69 @@ def test_cancel_from_another_process_ends_the_pull(make_daemon: DaemonFactory, o
     finally:
         pull.kill()
     assert 1 == pull.returncode
-    assert "modeld: the download of big was canceled; `modeld pull big` resumes it" in err
+    assert "modeld: the download of big was canceled; " in err
+    assert " kept; `modeld pull big` resumes it" in err
     model = json.loads(modeld(daemon.url, "show", "big").stdout)
     assert ("absent", False) == (model["state"], model["downloading"])
     assert (daemon.storage / "models" / "big.gguf.partial").exists()
     nothing = modeld(daemon.url, "cancel", "big")
     assert (0, "no download of big is running (absent)\n") == (nothing.returncode, nothing.stdout)
+    assert 0 == daemon.stop()
+
+
+def wait_for_bytes(proc: subprocess.Popen[str]) -> None:
+    """Read a `pull --json` until the download has bytes."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if (json.loads(line).get("bytes") or 0) > 0:
+            return
+    raise AssertionError(proc.stderr.read() if proc.stderr else "the pull ended")
+
+
+def cancel_pull(url: str, model_id: str) -> str:
+    """Start a pull, cancel it once bytes arrived; the cancel's output."""
+    pull = start_pull(url, model_id, "--json")
+    try:
+        wait_for_bytes(pull)
+        canceled = modeld(url, "cancel", model_id)
+        assert 0 == canceled.returncode, canceled.stderr
+        pull.communicate(timeout=30)
+    finally:
+        pull.kill()
+    return canceled.stdout
+
+
+def test_cancel_tells_whether_the_download_can_resume(make_daemon: DaemonFactory,
+                                                      origin: Origin) -> None:
+    flat = gguf_of_size(4_000_000, seed=8)
+    origin.add("/flat.gguf", flat)
+    origin.faults("/flat.gguf").ignore_range = True
+    origin.add("/big.gguf", BIG)
+    for path in ("/flat.gguf", "/big.gguf"):
+        origin.faults(path).throttle = 300_000
+    daemon = make_daemon([{"id": "flat", "name": "Flat", "url": origin.url("/flat.gguf")},
+                          {"id": "big", "name": "Big", "url": origin.url("/big.gguf")}]).start()
+    models = daemon.storage / "models"
+
+    # An origin without byte ranges: nothing is kept, and the cancel says so.
+    said = cancel_pull(daemon.url, "flat")
+    assert said.startswith("canceled the download of flat; nothing kept to resume from "
+                           "(the origin does not serve byte ranges"), said
+    assert said.rstrip().endswith("`modeld pull flat` starts over")
+    assert [] == [p.name for p in models.glob("flat.gguf*") if not p.name.endswith(".held")]
+    assert 0 == httpx.get(f"{daemon.url}/model/flat").json()["partialBytes"]
+
+    # With ranges the partial is kept; when the origin then ignores Range, the download starts
+    # over and the log names that as the reason.
+    said = cancel_pull(daemon.url, "big")
+    assert " kept; `modeld pull big` resumes it" in said, said
+    origin.faults("/big.gguf").ignore_range = True
+    origin.faults("/big.gguf").throttle = None
+    pulled = modeld(daemon.url, "pull", "big")
+    assert 0 == pulled.returncode, pulled.stderr
+    assert BIG == (models / "big.gguf").read_bytes()
+    assert ["the origin does not serve byte ranges, so the partial cannot be resumed"] == [
+        e["reason"] for e in daemon.events("download_reset")]
     assert 0 == daemon.stop()
 
 

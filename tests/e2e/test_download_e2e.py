@@ -20,14 +20,15 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.daemon import Daemon
 from tests.e2e.conftest import DaemonFactory, Sdk
+from tests.gguf_factory import gguf_of_size
 from tests.origin import Origin, open_origin
 
 MiB = 1024 * 1024
 
 
 def payload(size: int, seed: int = 0) -> bytes:
-    block = hashlib.sha256(str(seed).encode()).digest() * (MiB // 32)
-    return (block * (size // len(block) + 1))[:size]
+    """A model file's bytes (downloads of anything else fail)."""
+    return gguf_of_size(size, seed)
 
 
 def entry(origin: Origin, path: str, data: bytes, *, checked: bool = True,

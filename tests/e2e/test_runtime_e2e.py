@@ -231,24 +231,29 @@ async def test_damaged_files_are_refused_and_the_daemon_keeps_serving(
     with trio.fail_after(30):
         async with open_origin() as origin:
             daemon = make_daemon([
-                # Published by the download (no sha256 to catch it), refused at load.
+                # Refused by the download (no sha256 needed): the rule of `import`.
                 entry(origin, "bad-header", bad_header, checked=False),
-                # Already in storage when the daemon starts.
+                # Already in storage when the daemon starts: refused at load.
                 {"id": "cut", "name": "cut", "url": origin.url("/missing.gguf")},
             ])
             (daemon.storage / "models").mkdir(parents=True)
             truncate(source, 0.5, dest=daemon.storage / "models" / "cut.gguf")
             await started(daemon)
-            await download(daemon, "bad-header")
+            await sdk_model(daemon, "model_specific_model_download", "bad-header")
+            failed = await logged(daemon, "download_failed", model="bad-header")
+            assert "model_file_invalid" == failed["code"]
+            body = await snapshot(daemon, "bad-header")
+            assert (False, "absent") == (body["downloaded"], body["state"])
+            assert "impossible" in body["error"]
+            assert not list((daemon.storage / "models").glob("bad-header.gguf*[!d]"))
 
-            for model_id, reason in (("bad-header", "impossible"), ("cut", "truncated")):
-                status, code, message = await refused(daemon, model_id)
-                assert (500, "model_file_invalid") == (status, code)
-                assert reason in message
-                body = await snapshot(daemon, model_id)
-                assert (True, False, "downloaded") == (
-                    body["downloaded"], body["loaded"], body["state"])
-                assert reason in body["error"]
+            status, code, message = await refused(daemon, "cut")
+            assert (500, "model_file_invalid") == (status, code)
+            assert "truncated" in message
+            body = await snapshot(daemon, "cut")
+            assert (True, False, "downloaded") == (
+                body["downloaded"], body["loaded"], body["state"])
+            assert "truncated" in body["error"]
             assert [] == workers(daemon)
             assert 200 == (await http(daemon, "GET", "/models")).status_code
             assert 0 == await stopped(daemon)

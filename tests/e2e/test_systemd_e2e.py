@@ -23,7 +23,7 @@ import pytest
 
 from tests.daemon import ROOT
 from tests.e2e.conftest import DaemonFactory
-from tests.gguf_factory import write_tiny_llama
+from tests.gguf_factory import gguf_of_size, write_tiny_llama
 from tests.origin import run_origin_in_thread
 
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID",
@@ -220,7 +220,7 @@ def test_a_privileged_port_says_what_to_do() -> None:
 def test_graceful_stop_under_load(make_daemon: DaemonFactory, tmp_path: Path) -> None:
     tiny = write_tiny_llama(tmp_path / "tiny.gguf")
     with run_origin_in_thread() as origin:
-        origin.add("/big.gguf", os.urandom(8_000_000))
+        origin.add("/big.gguf", gguf_of_size(8_000_000))
         origin.faults("/big.gguf").throttle = 100_000
         daemon = make_daemon([{"id": "big", "name": "Big", "url": origin.url("/big.gguf")}])
         daemon.start()
