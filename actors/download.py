@@ -12,9 +12,11 @@ import contextlib
 import email.utils
 import errno
 import hashlib
+import http
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -336,7 +338,7 @@ class _Download:
 
     async def _attempt(self) -> None:
         req, dest = self.req, self.req.dest
-        probe = self.probe = await self._retrying("probe", self._probe_once, progress=None)
+        probe = self.probe = await self._retrying(self._probe_once, progress=None)
         if req.size is not None and probe.total is not None and probe.total != req.size:
             raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
                                f"{req.size}; check the model's url and size")
@@ -488,10 +490,10 @@ class _Download:
     async def _fetch_piece(self, start: int, end: int | None) -> None:
         at = _Cursor(start)
         ranged = self.probe is not None and self.probe.ranges
-        await self._retrying(f"bytes {start}-", lambda: self._stream_range(at, end),
+        await self._retrying(lambda: self._stream_range(at, end),
                              progress=(lambda: at.pos) if ranged else None)
 
-    async def _retrying(self, what: str, once: Callable[[], Awaitable[T]],
+    async def _retrying(self, once: Callable[[], Awaitable[T]],
                         progress: Callable[[], int] | None) -> T:
         """Run `once` until it succeeds; retry transient failures with backoff. With `progress`,
         only consecutive failures that made no progress count against `retries`."""
@@ -505,20 +507,22 @@ class _Download:
                     failures = 0
                 failures += 1
                 if failures > self.req.retries:
-                    raise self._give_up(exc, what) from None
+                    raise self._give_up(exc) from None
                 delay = exc.retry_after
                 if delay is None:
                     delay = backoff_delay(failures, self.rng)
                 self.sink.retrying(failures, delay, exc.reason)
                 await trio.sleep(delay)
 
-    def _give_up(self, exc: _Transient, what: str) -> DownloadError:
-        where = _redact(self.url)
+    def _give_up(self, exc: _Transient) -> DownloadError:
+        """The last error, in the user's words: which server, what went wrong, what to do."""
+        host = httpx.URL(self.url).host or _redact(self.url)
+        tries = f"{self.req.retries + 1} tries" if self.req.retries else "1 try"
         if exc.status:
-            return OriginError(f"{where} kept answering {exc.status} ({what}) after "
-                               f"{self.req.retries} retries; try again later")
-        return OriginUnreachable(f"cannot download {where} ({what}): {exc.reason}, after "
-                                 f"{self.req.retries} retries; check the network and the URL")
+            return OriginError(f"{host} kept answering {exc.reason} ({tries}); try again "
+                               "later")
+        return OriginUnreachable(f"could not reach {host}: {exc.reason} ({tries}); check the "
+                                 f"network and the URL ({_redact(self.url)})")
 
     @contextlib.asynccontextmanager
     async def _open(self, url: httpx.URL, headers: dict[str, str]
@@ -560,7 +564,8 @@ class _Download:
             return
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
-            raise _Transient(f"HTTP {status}", retry_after=retry_after, status=status)
+            raise _Transient(f"HTTP {status} {_phrase(status)}".rstrip(), retry_after=retry_after,
+                             status=status)
         raise OriginError(f"{_redact(self.url)} answered HTTP {status}; check the model's url")
 
     async def _probe_once(self) -> _Probe:
@@ -868,12 +873,26 @@ def _pump_failure(exc: PumpFailed, dest: Path) -> DownloadError | _Transient:
         return _disk_error(OSError(exc.errno, exc.reason), dest)
     if exc.kind == "died":
         return DownloadError(f"{exc.reason}; the partial is kept: download again to resume")
-    return _Transient(exc.reason)
+    return _Transient(_plain(exc.reason) or exc.reason)
+
+
+# What transport errors say, as a person would: (pattern in the error's text, plain words).
+_PLAIN_REASONS = (
+    (re.compile(r"Name or service not known|nodename nor servname|No address associated|"
+                r"Temporary failure in name resolution|Errno -[235]\b", re.I), "name not resolved"),
+    (re.compile(r"Connection refused|All connection attempts failed", re.I),
+     "connection refused"),
+    (re.compile(r"Connection reset", re.I), "connection reset"),
+    (re.compile(r"Network is unreachable", re.I), "network unreachable"),
+    (re.compile(r"No route to host", re.I), "no route to host"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED", re.I), "its TLS certificate does not verify"),
+)
 
 
 def _describe(exc: BaseException, fallback: str) -> str:
-    """`Kind: reason` for a transport error; httpx's often has an empty message and keeps
-    the reason (e.g. a certificate that does not verify) in its cause."""
+    """A transport error in plain words ("name not resolved", "connection refused"); httpx's
+    often has an empty message and keeps the reason (e.g. a certificate that does not verify)
+    in its cause."""
     reason, seen = "", exc
     for _ in range(8):  # the first non-empty message down the chain of causes
         reason = str(seen)
@@ -881,7 +900,30 @@ def _describe(exc: BaseException, fallback: str) -> str:
         if reason or following is None:
             break
         seen = following
-    return f"{type(exc).__name__}: {reason or fallback}"
+    return _plain(" | ".join(_messages(exc))) or re.sub(
+        r"^\[Errno -?\d+\]\s*", "", reason) or fallback
+
+
+def _messages(exc: BaseException, depth: int = 0) -> list[str]:
+    """Every message down an error's causes and exception groups (trio's "all attempts to
+    connect ... failed" keeps the refusals in a group)."""
+    if depth > 8:
+        return []
+    found = [str(exc)]
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found += _messages(inner, depth + 1)
+    following = exc.__cause__ or exc.__context__
+    if following is not None:
+        found += _messages(following, depth + 1)
+    return found
+
+
+def _plain(text: str) -> str | None:
+    for pattern, plain in _PLAIN_REASONS:
+        if pattern.search(text):
+            return plain
+    return None
 
 
 class _Hasher(Protocol):
@@ -953,3 +995,10 @@ def _same_validator(side: Sidecar, probe: _Probe) -> bool:
     if probe.etag or side.etag:
         return side.etag == probe.etag
     return probe.last_modified is not None and side.last_modified == probe.last_modified
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""

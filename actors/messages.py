@@ -32,6 +32,7 @@ class Progress:
     bytes_per_second: float | None = None
     eta_seconds: float | None = None
     error: str | None = None
+    retrying: str | None = None  # modeld: "retrying (2/6): connection refused", while it waits
 
     @property
     def terminal(self) -> bool:

@@ -313,7 +313,8 @@ class ModelActor:
                 lambda: held_marker(request.dest).unlink(missing_ok=True)
             )
             with attempt.scope:
-                await self._fetch(request, ProgressMeter(self.spec.id, self.progress))
+                await self._fetch(request, ProgressMeter(self.spec.id, self.progress,
+                                                            retries=self._settings.retries))
         except DownloadError as exc:
             attempt.error = exc
         except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash

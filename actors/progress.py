@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
+import attrs
 import structlog
 import trio
 
@@ -79,9 +80,11 @@ class ProgressMeter:
     IN-PROGRESS snapshots with a rate and an ETA; percentages never go backwards within the
     attempt, except after a RESET. Never blocks."""
 
-    def __init__(self, model_id: str, broadcaster: Broadcaster[Progress]) -> None:
+    def __init__(self, model_id: str, broadcaster: Broadcaster[Progress], *,
+                 retries: int = 0) -> None:
         self._model = model_id
         self._out = broadcaster
+        self._retries = retries
         self._last_publish = -math.inf
         self._rate: float | None = None
         self._rate_at = trio.current_time()
@@ -131,6 +134,12 @@ class ProgressMeter:
         self._out.publish(Progress(model=self._model, status="RESET"))
 
     def retrying(self, attempt: int, delay: float, reason: str) -> None:
+        """Shown to subscribers as it happens (the next snapshot with bytes clears it)."""
+        now = self._out.value
+        status = now.status if now.status in ("INITIALIZED", "IN-PROGRESS") else "IN-PROGRESS"
+        of = f"/{self._retries}" if self._retries >= attempt else ""
+        self._out.publish(attrs.evolve(now, status=status, eta_seconds=None,
+                                       retrying=f"retrying ({attempt}{of}): {reason}"))
         log.warning(
             "download_retry",
             model=self._model,

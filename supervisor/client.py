@@ -484,7 +484,9 @@ def progress_line(progress: Json) -> str:
         f"{float(progress.get('percentage') or 0):5.1f}%",
         f"{format_bytes(progress.get('bytes'))} / {format_bytes(progress.get('total'))}",
     ]
-    if status == "IN-PROGRESS":
+    if progress.get("retrying"):
+        parts.append(str(progress["retrying"]))
+    elif status == "IN-PROGRESS":
         rate = progress.get("bytesPerSecond")
         parts.append(f"{format_bytes(rate)}/s" if rate else "-/s")
         parts.append(f"ETA {format_duration(progress.get('etaSeconds'))}")
@@ -508,7 +510,7 @@ class PlainPullView:
         step = int(float(progress.get("percentage") or 0) // 10)
         now = time.monotonic()
         terminal = progress.get("status") in TERMINAL
-        if terminal or step != self._step or now - self._at >= 5:
+        if terminal or progress.get("retrying") or step != self._step or now - self._at >= 5:
             self._step, self._at = step, now
             self._write(progress_line(progress))
 
@@ -572,7 +574,8 @@ class RichPullView:
             size=f"{format_bytes(progress.get('bytes'))} / {format_bytes(progress.get('total'))}",
             rate=f"{format_bytes(rate)}/s" if rate else "",
             eta=f"ETA {format_duration(eta)}" if eta is not None else "",
-            status="" if status == "IN-PROGRESS" else status.lower(),
+            status=str(progress.get("retrying") or
+                       ("" if status == "IN-PROGRESS" else status.lower())),
         )
 
     def pause(self) -> None:

@@ -115,6 +115,7 @@ class ProgressOut:
     bytes_per_second: float | None = None
     eta_seconds: float | None = None
     error: str | None = None
+    retrying: str | None = None
 
 
 # --- incoming shapes --------------------------------------------------------------------
@@ -309,6 +310,7 @@ def progress_json(progress: Progress) -> dict[str, Any]:
         bytes_per_second=progress.bytes_per_second,
         eta_seconds=progress.eta_seconds,
         error=progress.error,
+        retrying=progress.retrying,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     result["percentage"] = progress.percentage

@@ -189,6 +189,9 @@ def _schemas() -> dict[str, Schema]:
                 "bytesPerSecond": {"type": "number", "minimum": 0},
                 "etaSeconds": {"type": "number", "minimum": 0},
                 "error": {"type": "string"},
+                "retrying": {"type": "string", "description": "modeld: while a failed "
+                             "connection waits to be retried, e.g. \"retrying (2/6): "
+                             "connection refused\""},
             },
             ["status", "percentage", "model", "bytes"],
         ),

@@ -421,7 +421,7 @@ async def test_503_retry_after_is_honoured(tmp_path: Path) -> None:
             await download_file(request(origin, "/m", tmp_path / "m"), sink)
             elapsed = trio.current_time() - start
     assert data == (tmp_path / "m").read_bytes()
-    assert [(1, 1.0, "HTTP 503")] == sink.retries
+    assert [(1, 1.0, "HTTP 503 Service Unavailable")] == sink.retries
     assert elapsed >= 1.0
 
 

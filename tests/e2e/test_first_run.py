@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -150,4 +151,22 @@ def test_load_says_which_model_it_unloaded_to_make_room(make_daemon: DaemonFacto
     assert second.stdout.rstrip().endswith(f"(unloaded {ids[0]} to make room)"), second.stdout
     again = json.loads(modeld(daemon.url, "--json", "load", ids[1]).stdout)
     assert "evicted" not in again  # already loaded: nothing unloaded this time
+    assert 0 == daemon.stop()
+
+
+def test_pull_shows_retries_as_they_happen_and_fails_in_plain_words(
+        make_daemon: DaemonFactory) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: every connection is refused
+        port = closed.getsockname()[1]
+        daemon = make_daemon([{"id": "gone", "name": "Gone",
+                               "url": f"http://127.0.0.1:{port}/m.gguf"}],
+                             download={"retries": 2}).start()
+        pulled = modeld(daemon.url, "pull", "gone")
+    assert 1 == pulled.returncode
+    lines = pulled.stdout.splitlines()
+    assert any("retrying (1/2): connection refused" in line for line in lines), lines
+    assert any("retrying (2/2): connection refused" in line for line in lines), lines
+    assert "could not reach 127.0.0.1: connection refused (3 tries)" in pulled.stderr
+    assert "probe" not in pulled.stderr + pulled.stdout
     assert 0 == daemon.stop()
