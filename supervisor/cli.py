@@ -274,7 +274,7 @@ def cmd_cancel(api: Api, args: argparse.Namespace, out: Out) -> int:
     elif not before.get("downloading"):
         out.line(f"no download of {args.id} is running ({model.get('state', 'unknown')})")
     else:
-        out.line(f"canceled the download of {args.id}; "
+        out.line(f"cancelled the download of {args.id}; "
                  f"{resume_hint(args.id, model.get('partialBytes'))}")
     return EXIT_OK
 
@@ -387,6 +387,8 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
         )
     finally:
         view.close()
+    if outcome.prompt_open:  # the download ended first: the answer is no longer needed
+        print(" (no longer needed: the download ended)", file=sys.stderr, flush=True)
     progress, model_id = outcome.progress, args.id
     if outcome.result == "COMPLETED":  # even if Ctrl-C came too late to matter
         if not out.json:
@@ -402,7 +404,7 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
         # outcome.model is the cancel's reply (its partialBytes are what was kept), unless
         # the cancel failed, in which case the last progress is the best guess.
         kept = outcome.model.get("partialBytes", progress.get("bytes"))
-        out.error(f"interrupted: canceled the download of {model_id}; "
+        out.error(f"interrupted: cancelled the download of {model_id}; "
                   f"{resume_hint(model_id, kept)}")
         return EXIT_INTERRUPTED
     if outcome.interrupted == "leave":
@@ -414,7 +416,7 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
         out.error(f"the download of {model_id} failed: {progress.get('error') or 'unknown'}")
         return EXIT_ERROR
     if outcome.result == "CANCELED":  # its bytes: what the partial kept
-        out.error(f"the download of {model_id} was canceled; "
+        out.error(f"the download of {model_id} was cancelled; "
                   f"{resume_hint(model_id, progress.get('bytes'))}")
         return EXIT_ERROR
     out.error(f"lost the progress of {model_id} before the download ended (did modeld stop? "

@@ -303,6 +303,7 @@ class PullOutcome:
     progress: Json = attrs.Factory(dict)
     model: Json = attrs.Factory(dict)
     error: ClientError | None = None
+    prompt_open: bool = False  # the Ctrl-C question was on screen, unanswered, at the end
 
 
 async def run_pull(
@@ -351,7 +352,9 @@ async def run_pull(
                     decision = interrupt
                     if decision == "ask":
                         view.pause()
+                        outcome.prompt_open = True
                         decision = await _ask(ask, interrupts)
+                        outcome.prompt_open = False
                     outcome.interrupted = decision
                     if decision == "cancel":
                         # The stream may report CANCELED (and end this task) before the

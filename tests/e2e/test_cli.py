@@ -226,12 +226,12 @@ def test_cancel_from_another_process_ends_the_pull(make_daemon: DaemonFactory, o
         wait_for_progress(pull)
         canceled = modeld(daemon.url, "cancel", "big")
         assert 0 == canceled.returncode, canceled.stderr
-        assert canceled.stdout.startswith("canceled the download of big; ")
+        assert canceled.stdout.startswith("cancelled the download of big; ")
         _out, err = pull.communicate(timeout=30)
     finally:
         pull.kill()
     assert 1 == pull.returncode
-    assert "modeld: the download of big was canceled; " in err
+    assert "modeld: the download of big was cancelled; " in err
     assert " kept; `modeld pull big` resumes it" in err
     model = json.loads(modeld(daemon.url, "show", "big").stdout)
     assert ("absent", False) == (model["state"], model["downloading"])
@@ -277,7 +277,7 @@ def test_cancel_tells_whether_the_download_can_resume(make_daemon: DaemonFactory
 
     # An origin without byte ranges: nothing is kept, and the cancel says so.
     said = cancel_pull(daemon.url, "flat")
-    assert said.startswith("canceled the download of flat; nothing kept to resume from "
+    assert said.startswith("cancelled the download of flat; nothing kept to resume from "
                            "(the origin does not serve byte ranges"), said
     assert said.rstrip().endswith("`modeld pull flat` starts over")
     assert [] == [p.name for p in models.glob("flat.gguf*") if not p.name.endswith(".held")]
@@ -321,7 +321,7 @@ def test_ctrl_c_without_a_terminal_leaves_the_download_running(
     finally:
         pull.kill()
     assert 130 == pull.returncode
-    assert "interrupted: canceled the download of big" in err
+    assert "interrupted: cancelled the download of big" in err
     model = json.loads(modeld(daemon.url, "show", "big").stdout)
     assert ("absent", True) == (model["state"], model["partialBytes"] > 0)
 
@@ -380,9 +380,24 @@ def test_ctrl_c_at_a_terminal_asks_and_cancels(make_daemon: DaemonFactory, origi
     )
     assert 130 == code, shown
     assert "Cancel the download of big in modeld? [y/N]" in shown
-    assert "interrupted: canceled the download of big" in shown
+    assert "interrupted: cancelled the download of big" in shown
     assert "━" in shown  # rich drew a bar
     assert "absent" == json.loads(modeld(daemon.url, "show", "big").stdout)["state"]
+    assert 0 == daemon.stop()
+
+
+def test_a_download_ending_while_the_question_is_open(make_daemon: DaemonFactory,
+                                                     origin: Origin, tiny: Path) -> None:
+    daemon = make_daemon(catalog(origin, tiny, 300_000)).start()
+    code, shown = run_in_terminal(
+        [sys.executable, "-m", "supervisor", "--url", daemon.url, "pull", "tiny-cat"],
+        interrupt_after="ETA", answer=b"",  # never answered
+    )
+    assert 0 == code, shown
+    lines = shown.replace("\r", "").splitlines()
+    asked = next(i for i, line in enumerate(lines) if "[y/N]" in line)
+    assert lines[asked].endswith("(no longer needed: the download ended)"), lines[asked:]
+    assert any(line.startswith("tiny-cat downloaded") for line in lines[asked + 1:]), lines
     assert 0 == daemon.stop()
 
 
