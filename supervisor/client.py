@@ -487,7 +487,10 @@ def progress_line(progress: Json) -> str:
         f"{float(progress.get('percentage') or 0):5.1f}%",
         f"{format_bytes(progress.get('bytes'))} / {format_bytes(progress.get('total'))}",
     ]
-    if progress.get("retrying"):
+    if status in ("FAILED", "CANCELED"):
+        why = progress.get("error")
+        parts.append(status.lower() + (f": {why}" if why else ""))
+    elif progress.get("retrying"):
         parts.append(str(progress["retrying"]))
     elif status == "IN-PROGRESS":
         rate = progress.get("bytesPerSecond")
@@ -506,10 +509,17 @@ class PlainPullView:
         self._step = -1
         self._at = -math.inf
         self._paused = False
+        self._last: Json = {}
 
     def update(self, progress: Json) -> None:
         if self._paused:
             return
+        if progress.get("bytes"):
+            self._last = progress
+        elif progress.get("status") in ("FAILED", "CANCELED"):
+            # The end carries no byte counts: show how far it got, from the last snapshot.
+            progress = {**progress, **{k: self._last.get(k)
+                                       for k in ("bytes", "total", "percentage")}}
         step = int(float(progress.get("percentage") or 0) // 10)
         now = time.monotonic()
         terminal = progress.get("status") in TERMINAL
