@@ -2,8 +2,10 @@
 
 `download_file` writes into `dest.partial`, records what is done in `dest.partial.json` (the
 sidecar) and publishes `dest` only complete and verified. It runs inside the caller's cancel
-scope: a cancel stops the bytes at once and leaves the partial and an up-to-date sidecar, from
-which the next call resumes with `Range` + `If-Range`.
+scope: a cancel stops the bytes at once and leaves the partial and an up-to-date sidecar (written
+in a worker thread, see `actors.partial.close_partial`), from which the next call resumes with
+`Range` + `If-Range`. From an origin that does not serve byte ranges nothing could resume, so
+nothing is kept. Bytes that are not a model file (`DownloadRequest.magic`, `verify`) fail it.
 """
 
 from __future__ import annotations

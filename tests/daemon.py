@@ -74,7 +74,8 @@ class Daemon:
 
     def launch(self, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         """Start the daemon's process and return at once."""
-        self.lines.clear()
+        # New ones: the reader of a killed process may still be draining its pipe, into its own.
+        self.lines = []
         self._queue = queue.Queue()
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("STATE_DIRECTORY", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
@@ -84,9 +85,11 @@ class Daemon:
              str(self.config_path)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc, self.lines, self._queue),
+                         daemon=True).start()
 
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], lines: list[dict[str, Any]],
+              into: queue.Queue[dict[str, Any] | None]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
             text = raw.decode("utf-8", "replace").rstrip("\n")
@@ -95,9 +98,9 @@ class Daemon:
                 line = json.loads(text)
             except ValueError:
                 line = {"event": "<not json>", "text": text}
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
+            lines.append(line)
+            into.put(line)
+        into.put(None)
 
     def wait_for(self, event: str, timeout: float = 30.0, **match: Any) -> dict[str, Any]:
         """The first stdout line (from now on, or already seen) with this event and fields."""
