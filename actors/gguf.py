@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 import gguf
 
+from actors.runtimes import runnable
+
 
 class GGUFInvalid(Exception):
     """The file is not a GGUF model that modeld can load; the message says why and what to do."""
@@ -25,8 +27,6 @@ class GGUFInvalid(Exception):
 
 
 SUPPORTED_VERSIONS = (2, 3)
-# Architectures that ctransformers' llama loader runs correctly.
-SUPPORTED_ARCHITECTURES = frozenset({"llama"})
 # No real model comes near these; a header claiming more is damaged.
 MAX_TENSORS = 1_000_000
 MAX_KVS = 1_000_000
@@ -162,8 +162,68 @@ def _quantization(reader: gguf.GGUFReader) -> str | None:
     return max(bytes_by_type, key=lambda k: bytes_by_type[k])
 
 
+# GGUF value types with a fixed size (type id -> bytes); 8 is a string, 9 an array.
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def architecture_from_prefix(data: bytes) -> str | None:
+    """`general.architecture` from the first bytes of a GGUF file (the upload's first MiB),
+    or None when those bytes do not hold it (yet) or are not GGUF. Never raises."""
+    if len(data) < _HEADER_SIZE or data[:4] != b"GGUF":
+        return None
+    _version, _tensors, kv_count = struct.unpack_from("<IQQ", data, 4)
+    pos = _HEADER_SIZE
+
+    def string_at(at: int) -> tuple[bytes, int]:
+        (length,) = struct.unpack_from("<Q", data, at)
+        end = at + 8 + length
+        if end > len(data):
+            raise IndexError
+        return data[at + 8 : end], end
+
+    try:
+        for _ in range(min(kv_count, MAX_KVS)):
+            key, pos = string_at(pos)
+            (kind,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            if key == b"general.architecture":
+                if kind != _STRING:
+                    return None
+                value, _ = string_at(pos)
+                return value.decode("utf-8", errors="replace")
+            if kind == _STRING:
+                _, pos = string_at(pos)
+            elif kind in _FIXED_SIZES:
+                pos += _FIXED_SIZES[kind]
+            elif kind == _ARRAY:
+                item_kind, count = struct.unpack_from("<IQ", data, pos)
+                pos += 12
+                if item_kind in _FIXED_SIZES:
+                    pos += _FIXED_SIZES[item_kind] * count
+                elif item_kind == _STRING:
+                    for _ in range(count):
+                        _, pos = string_at(pos)
+                else:
+                    return None
+            else:
+                return None
+            if pos > len(data):
+                return None
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def unrunnable_message(architecture: str) -> str:
+    return (
+        f"the file is a {architecture!r} model, an architecture that neither llama.cpp nor "
+        "ctransformers runs; choose a GGUF build of a model llama.cpp supports"
+    )
+
+
 def inspect_gguf(path: Path) -> GGUFInfo:
-    """Check that path is a GGUF model ctransformers can load, and return its metadata.
+    """Check that path is a GGUF model a runtime of modeld can load, and return its metadata.
 
     Blocking (reads the header and the tensor table). Raises GGUFInvalid with a sentence a
     person can act on when the file is damaged, truncated, not GGUF, or of an unsupported
@@ -190,12 +250,8 @@ def inspect_gguf(path: Path) -> GGUFInfo:
             f"{path} has no general.architecture entry, so the runtime cannot tell how to "
             "run it; use a GGUF file made by a current converter."
         )
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-        raise GGUFInvalid(
-            f"{path} is a {architecture!r} model; this runtime runs only {supported} "
-            "models. Choose a llama-architecture build."
-        )
+    if not runnable(architecture):
+        raise GGUFInvalid(unrunnable_message(architecture))
 
     vocab_size = _int_field(reader, f"{architecture}.vocab_size")
     if vocab_size is None:

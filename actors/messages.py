@@ -60,6 +60,8 @@ class ModelView:
     load_seconds: float | None = None
     facts: FileFacts | None = None
     worker_pid: int | None = None
+    runtime: str | None = None  # the runtime that runs it (or would); None: none would
+    slots: int = 1  # requests its loaded worker serves at once
 
 
 Reply = ModelView | ModelError

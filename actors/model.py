@@ -32,6 +32,7 @@ from actors.generation import GenerationStream
 from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
+from actors.runtimes import CTRANSFORMERS, RuntimeRefused, choose_runtime, preview_runtime
 from actors.spec import ModelSpec
 from actors.state import Event, State, transition
 from actors.store import Store
@@ -54,6 +55,8 @@ class ActorSettings:
     retries: int = 6
     stall_timeout: float = 30.0
     allow_http: bool = False
+    default_runtime: str = "auto"
+    parallel: int = 2
 
 
 def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
@@ -198,6 +201,13 @@ class ModelActor:
             load_seconds=self._load_seconds,
             facts=self._facts,
             worker_pid=None if self._worker is None else self._worker.pid,
+            runtime=self._worker.info.runtime
+            if self._worker is not None
+            else preview_runtime(
+                self.spec.runtime or self._settings.default_runtime,
+                self._facts.architecture if self._facts else None,
+            ),
+            slots=1 if self._worker is None else self._worker.info.parallel,
         )
 
     # -- running ---------------------------------------------------------------------------
@@ -543,12 +553,21 @@ class ModelActor:
         await self._send.send(_LoadEnded(attempt))
 
     def _runtime_spec(self, info: GGUFInfo) -> ModelSpec:
-        """The spec the worker is started with: a context length always set."""
-        if self.spec.context_length or not info.context_length:
-            return self.spec
-        return attrs.evolve(
-            self.spec, context_length=min(info.context_length, MAX_DEFAULT_CONTEXT)
+        """The spec the worker is started with: its runtime chosen from the file's architecture
+        (InvalidInput when none runs it), a context length and the parallel slots set."""
+        try:
+            runtime = choose_runtime(
+                self.spec.runtime or self._settings.default_runtime, info.architecture
+            )
+        except RuntimeRefused as exc:
+            raise InvalidInput(str(exc), code="runtime_unsupported") from None
+        context = self.spec.context_length or min(
+            info.context_length or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT
         )
+        parallel = self.spec.parallel or self._settings.parallel
+        if runtime == CTRANSFORMERS:
+            parallel = 1
+        return attrs.evolve(self.spec, runtime=runtime, context_length=context, parallel=parallel)
 
     def _check_memory(self, file_size: int) -> None:
         """Refuse a model that cannot fit: its catalog `ram`, else its file size (the worker

@@ -59,6 +59,8 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
         usage=entry.usage,
         ram=entry.ram,
         context_length=entry.context_length,
+        runtime=entry.runtime,
+        parallel=entry.parallel,
         custom=False,
     )
 
@@ -154,8 +156,10 @@ def _worker_spawner(config: Config) -> Spawner:
             path,
             model_type=spec.model_type,
             context_length=spec.context_length or 0,
-            threads=config.runtime.thread_count(),
+            threads=config.runtime.threads_per_worker(),
             load_timeout=config.runtime.load_timeout,
+            runtime=spec.runtime or config.runtime.default_runtime,
+            parallel=spec.parallel or config.runtime.parallel,
         )
 
     return spawn
@@ -183,6 +187,8 @@ class Registry:
             retries=config.download.retries,
             stall_timeout=config.download.stall_timeout,
             allow_http=config.download.allow_http,
+            default_runtime=config.runtime.default_runtime,
+            parallel=config.runtime.parallel,
         )
         self._fetch = fetch
         self._spawn = spawn or _worker_spawner(config)

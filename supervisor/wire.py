@@ -17,6 +17,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from actors.messages import ModelView, Progress
+from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, ModelSpec, check_url
 from actors.state import flags
 from supervisor.enums import FOUNDATIONS, USAGES
@@ -83,6 +84,9 @@ class ModelOut:
     error: str | None = None
     load_seconds: float | None = None
     unique: str | None = None
+    runtime: str | None = None
+    architecture: str | None = None
+    parallel: int | None = None
 
 
 @attrs.frozen
@@ -160,6 +164,9 @@ class ModelBody:
     error: Any = None
     partial_bytes: Any = None
     load_seconds: Any = None
+    runtime: str | None = None
+    parallel: int | None = None
+    architecture: Any = None
 
 
 def _strict(tp: type) -> Any:
@@ -265,6 +272,9 @@ def model_json(view: ModelView) -> dict[str, Any]:
         error=view.error,
         load_seconds=view.load_seconds,
         unique=spec.id,
+        runtime=view.runtime,
+        architecture=facts.architecture if facts else None,
+        parallel=spec.parallel,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.
@@ -326,6 +336,10 @@ def _check_fields(body: ModelBody, *, allow_http: bool) -> None:
         problems.append("$.sha256: expected 64 lower-case hex digits")
     if body.model_type is not None and body.model_type not in RUNTIME_TYPES:
         problems.append(f"$.modelType: expected one of {sorted(RUNTIME_TYPES)}")
+    if body.runtime is not None and body.runtime not in RUNTIME_CHOICES:
+        problems.append(f"$.runtime: expected one of {list(RUNTIME_CHOICES)}")
+    if body.parallel is not None and not 1 <= body.parallel <= 64:
+        problems.append("$.parallel: must be between 1 and 64")
     for name in ("bytes", "ram"):
         descriptor = getattr(body, name)
         if descriptor is not None and descriptor.value is not None and not (
@@ -366,6 +380,8 @@ def spec_from_create(body: ModelBody, model_id: str, *, allow_http: bool) -> Mod
         type=body.type or "BALANCED",
         usage=body.usage or "CODE_CONVERSATION",
         ram=body.ram.value if body.ram and body.ram.value else None,
+        runtime=body.runtime,
+        parallel=body.parallel,
         custom=True,
     )
 
@@ -375,7 +391,7 @@ def spec_from_update(body: ModelBody, current: ModelSpec, *, allow_http: bool) -
     _check_fields(body, allow_http=allow_http)
     changes: dict[str, Any] = {}
     for name in ("name", "version", "description", "quantization", "foundation", "type",
-                 "usage", "url", "sha256", "model_type"):
+                 "usage", "url", "sha256", "model_type", "runtime", "parallel"):
         value = getattr(body, name)
         if value is not None:
             changes[name] = value
