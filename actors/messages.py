@@ -12,6 +12,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from actors.embedding import EmbeddingJob
 from actors.errors import ModelError
 from actors.generation import GenerationStream
 from actors.spec import ModelSpec
@@ -125,3 +126,12 @@ class Generate:
     prompt: str
     params: GenerateParams
     reply: trio.MemorySendChannel[GenerationStream | ModelError]
+
+
+@attrs.frozen(kw_only=True)
+class Embed:
+    """Borrow a loaded model for the embeddings of some texts; the reply is an `EmbeddingJob`
+    or the refusal (Conflict when the model is not loaded). Touches the model in the LRU."""
+
+    texts: list[str]
+    reply: trio.MemorySendChannel[EmbeddingJob | ModelError]

@@ -20,6 +20,7 @@ import trio
 
 from actors import messages as m
 from actors.download import DownloadError, DownloadRequest, partial_bytes, remove_partial
+from actors.embedding import EmbeddingJob
 from actors.errors import (
     Conflict,
     InsufficientMemory,
@@ -146,7 +147,7 @@ class _WorkerExited:
     returncode: int
 
 
-Message = m.Command | m.Generate | _DownloadEnded | _LoadEnded | _WorkerExited
+Message = m.Command | m.Generate | m.Embed | _DownloadEnded | _LoadEnded | _WorkerExited
 
 
 class ModelActor:
@@ -252,7 +253,7 @@ class ModelActor:
                 msg = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            if isinstance(msg, m.Command | m.Generate):
+            if isinstance(msg, m.Command | m.Generate | m.Embed):
                 msg.reply.close()
 
     async def _recover(self) -> bool:
@@ -281,6 +282,8 @@ class ModelActor:
             self._handle_load(msg)
         elif isinstance(msg, m.Generate):
             self._handle_generate(msg)
+        elif isinstance(msg, m.Embed):
+            self._handle_embed(msg)
         else:
             try:
                 reply: m.Reply = await self._handle(msg)
@@ -514,6 +517,15 @@ class ModelActor:
         self._gate.touch(self.spec.id)
         stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params))
         _reply_now(cmd.reply, stream)
+
+    def _handle_embed(self, cmd: m.Embed) -> None:
+        worker = self._worker
+        if self.state is not State.LOADED or worker is None:
+            why = f"the model is {self.state.value}, not loaded; load it first"
+            _reply_now(cmd.reply, Conflict(why, code="not_loaded"))
+            return
+        self._gate.touch(self.spec.id)
+        _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts))
 
     def _close_waiters(self) -> None:
         if self._load is not None:

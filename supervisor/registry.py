@@ -19,6 +19,7 @@ import trio
 
 from actors import messages as m
 from actors.download import download_file
+from actors.embedding import EmbeddingJob
 from actors.errors import ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
 from actors.model import ActorSettings, ModelActor
@@ -297,7 +298,7 @@ class Registry:
     async def _ask(
         self,
         model_id: str,
-        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | m.Generate],
+        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | m.Generate | m.Embed],
     ) -> R:
         """Send a message with a reply channel to a model's actor and wait for the answer.
 
@@ -332,6 +333,12 @@ class Registry:
         return await self._ask(
             model_id, lambda reply: m.Generate(prompt=prompt, params=params, reply=reply)
         )
+
+    async def embedder(self, model_id: str, texts: list[str]) -> EmbeddingJob:
+        """Borrow a loaded model for the embeddings of texts (`await job.run()`). Raises
+        ModelNotFound, Conflict when the model is not loaded, Unavailable when its actor
+        stops first."""
+        return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply))
 
     async def create(self, spec: ModelSpec) -> m.ModelView:
         """Register a custom model under a new id (spec.id is ignored): record, then actor."""
