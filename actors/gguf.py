@@ -1,12 +1,14 @@
 """GGUF header checks and metadata, before any runtime touches the file.
 
 ctransformers crashes the whole process (SIGSEGV) on some damaged headers instead of raising,
-so every file is read here first with the pure-Python `gguf` reader. This module is blocking:
+so every file is read here first (actors/gguf_header.py; the `gguf` package gives the tensor
+type tables). This module is blocking:
 callers run `inspect_gguf` in `trio.to_thread.run_sync`.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import attrs
 import gguf
 
+from actors.gguf_header import ArrayValue, HeaderError, TensorEntry, read_header
 from actors.runtimes import runnable
 
 
@@ -52,43 +55,6 @@ class GGUFInfo:
     file_size: int
 
 
-class _CheckedReader(gguf.GGUFReader):
-    """A GGUFReader that reports tensor data running past the end of the file as truncation.
-
-    The stock reader fails there with a numpy reshape error that tells a person nothing.
-    """
-
-    def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
-        file_size = len(self.data)
-        for field in fields:
-            end = _tensor_end(start_offs, field)
-            if end is not None and end > file_size:
-                raise _Truncated(end, file_size)
-        super()._build_tensors(start_offs, fields)
-
-
-class _Truncated(Exception):
-    def __init__(self, needed: int, actual: int) -> None:
-        super().__init__(needed, actual)
-        self.needed = needed
-        self.actual = actual
-
-
-def _tensor_end(start_offs: int, field: gguf.ReaderField) -> int | None:
-    """Where one tensor's data ends, or None if its info is too odd to tell (the reader decides)."""
-    try:
-        dims = [int(d) for d in field.parts[3]]
-        ggml_type = gguf.GGMLQuantizationType(int(field.parts[4][0]))
-        offset = int(field.parts[5][0])
-        block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    except (IndexError, ValueError, KeyError, TypeError):
-        return None
-    n_elements = 1
-    for d in dims:
-        n_elements *= d
-    return start_offs + offset + n_elements * type_size // block_size
-
-
 def _check_header(path: Path, file_size: int) -> None:
     if file_size == 0:
         raise GGUFInvalid(f"{path} is empty; download the model again.")
@@ -123,28 +89,27 @@ def _check_header(path: Path, file_size: int) -> None:
         )
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def _int_field(reader: gguf.GGUFReader, key: str) -> int | None:
-    value = _field(reader, key)
+def _int_field(fields: dict[str, Any], key: str) -> int | None:
+    value = fields.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _str_field(reader: gguf.GGUFReader, key: str) -> str | None:
-    value = _field(reader, key)
+def _str_field(fields: dict[str, Any], key: str) -> str | None:
+    value = fields.get(key)
     return value if isinstance(value, str) else None
 
 
-def _quantization(reader: gguf.GGUFReader) -> str | None:
-    file_type = _int_field(reader, "general.file_type")
+def _tensor_bytes(tensor: TensorEntry) -> int:
+    """The bytes of one tensor's data. Raises HeaderError for an unknown tensor type."""
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.ggml_type)]
+    except (ValueError, KeyError):
+        raise HeaderError(f"tensor {tensor.name!r} has unknown type {tensor.ggml_type}") from None
+    return tensor.n_elements * type_size // block_size
+
+
+def _quantization(fields: dict[str, Any], tensors: list[TensorEntry]) -> str | None:
+    file_type = _int_field(fields, "general.file_type")
     if file_type is not None:
         try:
             name = gguf.LlamaFileType(file_type).name
@@ -154,65 +119,22 @@ def _quantization(reader: gguf.GGUFReader) -> str | None:
             return str(name).removeprefix("MOSTLY_").removeprefix("ALL_")
     # No usable file_type: name the type holding most of the bytes.
     bytes_by_type: dict[str, int] = {}
-    for tensor in reader.tensors:
-        type_name = str(tensor.tensor_type.name)
-        bytes_by_type[type_name] = bytes_by_type.get(type_name, 0) + int(tensor.n_bytes)
+    for tensor in tensors:
+        type_name = gguf.GGMLQuantizationType(tensor.ggml_type).name
+        bytes_by_type[type_name] = bytes_by_type.get(type_name, 0) + _tensor_bytes(tensor)
     if not bytes_by_type:
         return None
     return max(bytes_by_type, key=lambda k: bytes_by_type[k])
 
 
-# GGUF value types with a fixed size (type id -> bytes); 8 is a string, 9 an array.
-_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
 def architecture_from_prefix(data: bytes) -> str | None:
     """`general.architecture` from the first bytes of a GGUF file (the upload's first MiB),
     or None when those bytes do not hold it (yet) or are not GGUF. Never raises."""
-    if len(data) < _HEADER_SIZE or data[:4] != b"GGUF":
-        return None
-    _version, _tensors, kv_count = struct.unpack_from("<IQQ", data, 4)
-    pos = _HEADER_SIZE
-
-    def string_at(at: int) -> tuple[bytes, int]:
-        (length,) = struct.unpack_from("<Q", data, at)
-        end = at + 8 + length
-        if end > len(data):
-            raise IndexError
-        return data[at + 8 : end], end
-
     try:
-        for _ in range(min(kv_count, MAX_KVS)):
-            key, pos = string_at(pos)
-            (kind,) = struct.unpack_from("<I", data, pos)
-            pos += 4
-            if key == b"general.architecture":
-                if kind != _STRING:
-                    return None
-                value, _ = string_at(pos)
-                return value.decode("utf-8", errors="replace")
-            if kind == _STRING:
-                _, pos = string_at(pos)
-            elif kind in _FIXED_SIZES:
-                pos += _FIXED_SIZES[kind]
-            elif kind == _ARRAY:
-                item_kind, count = struct.unpack_from("<IQ", data, pos)
-                pos += 12
-                if item_kind in _FIXED_SIZES:
-                    pos += _FIXED_SIZES[item_kind] * count
-                elif item_kind == _STRING:
-                    for _ in range(count):
-                        _, pos = string_at(pos)
-                else:
-                    return None
-            else:
-                return None
-            if pos > len(data):
-                return None
-    except (struct.error, IndexError):
+        header = read_header(data, stop_at="general.architecture")
+    except (HeaderError, struct.error):
         return None
-    return None
+    return _str_field(header.fields, "general.architecture")
 
 
 def unrunnable_message(architecture: str) -> str:
@@ -232,19 +154,26 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     file_size = os.stat(path).st_size
     _check_header(path, file_size)
     try:
-        reader = _CheckedReader(path)
-    except _Truncated as exc:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                header = read_header(view)
+            finally:
+                view.release()
+        ends = [header.data_offset + t.offset + _tensor_bytes(t) for t in header.tensors]
+    except (HeaderError, struct.error) as exc:
         raise GGUFInvalid(
-            f"{path} is truncated: its tensors need {exc.needed} bytes but the file has only "
-            f"{exc.actual}; the download is incomplete, download the model again."
+            f"{path} is damaged and cannot be read as GGUF ({exc}); download the model again."
         ) from None
-    except Exception as exc:
+    needed = max(ends, default=header.data_offset)
+    if needed > file_size:
         raise GGUFInvalid(
-            f"{path} is damaged and cannot be read as GGUF ({type(exc).__name__}: {exc}); "
-            "download the model again."
-        ) from exc
+            f"{path} is truncated: its tensors need {needed} bytes but the file has only "
+            f"{file_size}; the download is incomplete, download the model again."
+        )
+    fields = header.fields
 
-    architecture = _str_field(reader, "general.architecture")
+    architecture = _str_field(fields, "general.architecture")
     if architecture is None:
         raise GGUFInvalid(
             f"{path} has no general.architecture entry, so the runtime cannot tell how to "
@@ -253,20 +182,20 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     if not runnable(architecture):
         raise GGUFInvalid(unrunnable_message(architecture))
 
-    vocab_size = _int_field(reader, f"{architecture}.vocab_size")
+    vocab_size = _int_field(fields, f"{architecture}.vocab_size")
     if vocab_size is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab_size = len(tokens.data) if tokens is not None else None
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab_size = tokens.count if isinstance(tokens, ArrayValue) else None
 
     return GGUFInfo(
         architecture=architecture,
-        context_length=_int_field(reader, f"{architecture}.context_length"),
-        embedding_length=_int_field(reader, f"{architecture}.embedding_length"),
-        block_count=_int_field(reader, f"{architecture}.block_count"),
+        context_length=_int_field(fields, f"{architecture}.context_length"),
+        embedding_length=_int_field(fields, f"{architecture}.embedding_length"),
+        block_count=_int_field(fields, f"{architecture}.block_count"),
         vocab_size=vocab_size,
-        quantization=_quantization(reader),
-        parameter_count=sum(int(t.n_elements) for t in reader.tensors),
-        chat_template=_str_field(reader, "tokenizer.chat_template"),
-        name=_str_field(reader, "general.name"),
+        quantization=_quantization(fields, header.tensors),
+        parameter_count=sum(t.n_elements for t in header.tensors),
+        chat_template=_str_field(fields, "tokenizer.chat_template"),
+        name=_str_field(fields, "general.name"),
         file_size=file_size,
     )

@@ -63,6 +63,7 @@ class ModelView:
     worker_pid: int | None = None
     runtime: str | None = None  # the runtime that runs it (or would); None: none would
     slots: int = 1  # requests its loaded worker serves at once
+    context_length: int | None = None  # the loaded worker's real context length
 
 
 Reply = ModelView | ModelError

@@ -209,6 +209,7 @@ class ModelActor:
                 self._facts.architecture if self._facts else None,
             ),
             slots=1 if self._worker is None else self._worker.info.parallel,
+            context_length=None if self._worker is None else self._worker.info.context_length,
         )
 
     # -- running ---------------------------------------------------------------------------

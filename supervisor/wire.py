@@ -240,7 +240,8 @@ def iso_utc(when: dt.datetime) -> str:
 def model_json(view: ModelView) -> dict[str, Any]:
     spec, facts = view.spec, view.facts
     f = flags(view.state)
-    context = (facts.context_length if facts else None) or spec.context_length
+    context = (view.context_length or (facts.context_length if facts else None)
+               or spec.context_length)
     size = facts.size if facts and f.downloaded else spec.size
     params = facts.parameter_count if facts else None
     out = ModelOut(

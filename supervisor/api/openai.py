@@ -175,7 +175,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                               "constrain output; 'response_format' needs the llama.cpp "
                               "runtime", param="response_format",
                               code="response_format_unsupported")
-        context = (view.facts.context_length if view.facts else None) or 0
+        context = view.context_length or (view.facts.context_length if view.facts else 0) or 0
         # Chat without max_tokens runs to the end of the turn or the context (OpenAI's
         # default); legacy completions keep their 16.
         limit = sampling.max_tokens or (context if chat and context else DEFAULT_MAX_TOKENS)
