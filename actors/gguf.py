@@ -29,6 +29,10 @@ class GGUFInvalid(Exception):
         self.reason = reason
 
 
+class ArchitectureUnsupported(GGUFInvalid):
+    """A well-formed file of an architecture that no runtime of modeld runs."""
+
+
 SUPPORTED_VERSIONS = (2, 3)
 # No real model comes near these; a header claiming more is damaged.
 MAX_TENSORS = 1_000_000
@@ -180,7 +184,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
             "run it; use a GGUF file made by a current converter."
         )
     if not runnable(architecture):
-        raise GGUFInvalid(unrunnable_message(architecture))
+        raise ArchitectureUnsupported(unrunnable_message(architecture))
 
     vocab_size = _int_field(fields, f"{architecture}.vocab_size")
     if vocab_size is None:

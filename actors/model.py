@@ -30,7 +30,7 @@ from actors.errors import (
     Unavailable,
 )
 from actors.generation import GenerationStream
-from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.gguf import ArchitectureUnsupported, GGUFInfo, GGUFInvalid, inspect_gguf
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
 from actors.runtimes import CTRANSFORMERS, RuntimeRefused, choose_runtime, preview_runtime
@@ -547,6 +547,8 @@ class ModelActor:
                 spawned_at = trio.current_time()
                 attempt.worker = await self._spawn(self.dest, self._runtime_spec(info))
                 attempt.seconds = trio.current_time() - spawned_at
+        except ArchitectureUnsupported as exc:
+            attempt.error = InvalidInput(str(exc), code="runtime_unsupported")
         except GGUFInvalid as exc:
             attempt.error = OperationFailed(
                 f"the model file is not a loadable GGUF file: {exc}", code="model_file_invalid"
