@@ -28,7 +28,7 @@ from actors.errors import (
 from actors.gguf import architecture_from_prefix, unrunnable_message
 from actors.runtimes import runnable
 from actors.spec import ModelSpec
-from supervisor.api.app import json_reply, no_content
+from supervisor.api.app import error_response, json_reply, no_content
 from supervisor.api.guard import (
     OCTET_STREAM,
     PayloadTooLarge,
@@ -234,8 +234,16 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         with disk_errors_reported():
             temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
         try:
-            with disk_errors_reported():
-                await _receive_file(temp)
+            try:
+                with disk_errors_reported():
+                    await _receive_file(temp)
+            except InvalidInput as exc:
+                # Refused before the whole body came: the connection cannot be reused (the
+                # rest of the body is still on its way), so it is closed after the answer
+                # instead of left waiting for a client that waits for us.
+                response = error_response(exc.code, str(exc), 400)
+                response.headers["Connection"] = "close"
+                return response
             return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp),
                               wait=load_wait)
         finally:

@@ -155,7 +155,8 @@ def test_architecture_no_runtime_runs_is_refused_on_upload(
         served: tuple[Daemon, dict[str, str]], tmp_path: Path) -> None:
     daemon, _ids = served
     model_id = create(daemon, "unknown arch")
-    path = write_tiny_llama(tmp_path / "x.gguf", architecture="notanarch", extra_bytes=2_000_000)
+    # 16 MB: refused after its first MiB, while the client is still sending the rest.
+    path = write_tiny_llama(tmp_path / "x.gguf", architecture="notanarch", extra_bytes=16_000_000)
     r = upload(daemon, model_id, path)
     assert 400 == r.status_code
     assert "'notanarch' model" in json.loads(r.text)["message"]

@@ -104,24 +104,27 @@ def test_two_clients_are_served_together(gemma: Daemon) -> None:
     alone = time.monotonic() - started
 
     times: dict[int, list[float]] = {0: [], 1: []}
-    ready = threading.Barrier(2)
+    ready = threading.Barrier(3)
 
     def client(i: int) -> None:
         ready.wait()
         stream_pieces(gemma, [ROMEO, FRANCE][i], n, times[i])
 
-    started = time.monotonic()
     threads = [threading.Thread(target=client, args=(i,)) for i in (0, 1)]
     for t in threads:
         t.start()
+    ready.wait()
+    started = time.monotonic()
     for t in threads:
         t.join()
-    together = time.monotonic() - started
-    # Served together: each one's text starts before the other's ends (queued, one would
-    # start only after the other finished).
     assert times[0] and times[1]
+    # Served together: each one's text starts before the other's ends, and both start long
+    # before one whole answer's time (queued, the second would wait for all of the first).
+    # Their total time is about twice one on 2 cores with 1 thread: a 270M model's decoding
+    # is compute-bound there, so batching saves little; what parallel slots give is that
+    # no client waits for another's whole answer.
     assert times[0][0] < times[1][-1] and times[1][0] < times[0][-1]
-    assert together < 2 * alone, (together, alone)
+    assert max(times[0][0], times[1][0]) - started < 0.75 * alone, (times, alone)
 
 
 def test_json_schema_output_parses(gemma: Daemon) -> None:
