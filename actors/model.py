@@ -541,11 +541,12 @@ class ModelActor:
             with attempt.scope:
                 info = await trio.to_thread.run_sync(self._inspect, self.dest)
                 attempt.facts = facts_from(info)
+                spec = self._runtime_spec(info)  # refused before anything is evicted for it
                 self._check_memory(info.file_size)
                 await self._gate.admit(self.spec.id)
                 admitted = True
                 spawned_at = trio.current_time()
-                attempt.worker = await self._spawn(self.dest, self._runtime_spec(info))
+                attempt.worker = await self._spawn(self.dest, spec)
                 attempt.seconds = trio.current_time() - spawned_at
         except ArchitectureUnsupported as exc:
             attempt.error = InvalidInput(str(exc), code="runtime_unsupported")
