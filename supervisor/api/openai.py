@@ -38,6 +38,7 @@ from supervisor.api.embeddings import (
 )
 from supervisor.api.models import answer_within, read_json_body
 from supervisor.api.openai_requests import (
+    PLAIN_TURN_END,
     OpenAIError,
     Sampling,
     messages_of,
@@ -182,12 +183,15 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         template = view.facts.chat_template if view.facts else None
         rendered_by_runtime = (messages is not None and template is not None
                                and view.runtime == LLAMA_CPP)
+        stop = sampling.stop
         if messages is not None and not rendered_by_runtime:
             prompt = render_chat(template, messages)
+            if template is None:  # the plain template: the next "User:" line ends the turn
+                stop = (*stop, PLAIN_TURN_END)
         params = GenerateParams(
             max_new_tokens=min(limit, context) if context else limit,
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            seed=sampling.seed, stop=sampling.stop,
+            seed=sampling.seed, stop=stop,
             messages=tuple((m_["role"], m_["content"]) for m_ in messages)
             if rendered_by_runtime and messages is not None else None,
             json_schema=schema)

@@ -22,6 +22,7 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+PLAIN_TURN_END = "\nUser:"  # a stop string for chats in the plain template
 
 
 class OpenAIError(Exception):
