@@ -1,12 +1,14 @@
 """GGUF header checks and metadata, before any runtime touches the file.
 
 ctransformers crashes the whole process (SIGSEGV) on some damaged headers instead of raising,
-so every file is read here first with the pure-Python `gguf` reader. This module is blocking:
+so every file is read here first (actors/gguf_header.py; the `gguf` package gives the tensor
+type tables). This module is blocking:
 callers run `inspect_gguf` in `trio.to_thread.run_sync`.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -14,6 +16,9 @@ from typing import Any
 
 import attrs
 import gguf
+
+from actors.gguf_header import ArrayValue, HeaderError, TensorEntry, read_header
+from actors.runtimes import runnable
 
 
 class GGUFInvalid(Exception):
@@ -25,9 +30,13 @@ class GGUFInvalid(Exception):
 
 
 GGUF_MAGIC = b"GGUF"
+
+
+class ArchitectureUnsupported(GGUFInvalid):
+    """A well-formed file of an architecture that no runtime of modeld runs."""
+
+
 SUPPORTED_VERSIONS = (2, 3)
-# Architectures that ctransformers' llama loader runs correctly.
-SUPPORTED_ARCHITECTURES = frozenset({"llama"})
 # No real model comes near these; a header claiming more is damaged.
 MAX_TENSORS = 1_000_000
 MAX_KVS = 1_000_000
@@ -51,43 +60,6 @@ class GGUFInfo:
     chat_template: str | None
     name: str | None
     file_size: int
-
-
-class _CheckedReader(gguf.GGUFReader):
-    """A GGUFReader that reports tensor data running past the end of the file as truncation.
-
-    The stock reader fails there with a numpy reshape error that tells a person nothing.
-    """
-
-    def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
-        file_size = len(self.data)
-        for field in fields:
-            end = _tensor_end(start_offs, field)
-            if end is not None and end > file_size:
-                raise _Truncated(end, file_size)
-        super()._build_tensors(start_offs, fields)
-
-
-class _Truncated(Exception):
-    def __init__(self, needed: int, actual: int) -> None:
-        super().__init__(needed, actual)
-        self.needed = needed
-        self.actual = actual
-
-
-def _tensor_end(start_offs: int, field: gguf.ReaderField) -> int | None:
-    """Where one tensor's data ends, or None if its info is too odd to tell (the reader decides)."""
-    try:
-        dims = [int(d) for d in field.parts[3]]
-        ggml_type = gguf.GGMLQuantizationType(int(field.parts[4][0]))
-        offset = int(field.parts[5][0])
-        block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    except (IndexError, ValueError, KeyError, TypeError):
-        return None
-    n_elements = 1
-    for d in dims:
-        n_elements *= d
-    return start_offs + offset + n_elements * type_size // block_size
 
 
 def check_magic(head: bytes, what: str) -> None:
@@ -130,28 +102,27 @@ def _check_header(path: Path, file_size: int) -> None:
         )
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def _int_field(reader: gguf.GGUFReader, key: str) -> int | None:
-    value = _field(reader, key)
+def _int_field(fields: dict[str, Any], key: str) -> int | None:
+    value = fields.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _str_field(reader: gguf.GGUFReader, key: str) -> str | None:
-    value = _field(reader, key)
+def _str_field(fields: dict[str, Any], key: str) -> str | None:
+    value = fields.get(key)
     return value if isinstance(value, str) else None
 
 
-def _quantization(reader: gguf.GGUFReader) -> str | None:
-    file_type = _int_field(reader, "general.file_type")
+def _tensor_bytes(tensor: TensorEntry) -> int:
+    """The bytes of one tensor's data. Raises HeaderError for an unknown tensor type."""
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.ggml_type)]
+    except (ValueError, KeyError):
+        raise HeaderError(f"tensor {tensor.name!r} has unknown type {tensor.ggml_type}") from None
+    return tensor.n_elements * type_size // block_size
+
+
+def _quantization(fields: dict[str, Any], tensors: list[TensorEntry]) -> str | None:
+    file_type = _int_field(fields, "general.file_type")
     if file_type is not None:
         try:
             name = gguf.LlamaFileType(file_type).name
@@ -161,16 +132,33 @@ def _quantization(reader: gguf.GGUFReader) -> str | None:
             return str(name).removeprefix("MOSTLY_").removeprefix("ALL_")
     # No usable file_type: name the type holding most of the bytes.
     bytes_by_type: dict[str, int] = {}
-    for tensor in reader.tensors:
-        type_name = str(tensor.tensor_type.name)
-        bytes_by_type[type_name] = bytes_by_type.get(type_name, 0) + int(tensor.n_bytes)
+    for tensor in tensors:
+        type_name = gguf.GGMLQuantizationType(tensor.ggml_type).name
+        bytes_by_type[type_name] = bytes_by_type.get(type_name, 0) + _tensor_bytes(tensor)
     if not bytes_by_type:
         return None
     return max(bytes_by_type, key=lambda k: bytes_by_type[k])
 
 
+def architecture_from_prefix(data: bytes) -> str | None:
+    """`general.architecture` from the first bytes of a GGUF file (the upload's first MiB),
+    or None when those bytes do not hold it (yet) or are not GGUF. Never raises."""
+    try:
+        header = read_header(data, stop_at="general.architecture")
+    except (HeaderError, struct.error):
+        return None
+    return _str_field(header.fields, "general.architecture")
+
+
+def unrunnable_message(architecture: str) -> str:
+    return (
+        f"the file is a {architecture!r} model, an architecture that neither llama.cpp nor "
+        "ctransformers runs; choose a GGUF build of a model llama.cpp supports"
+    )
+
+
 def inspect_gguf(path: Path) -> GGUFInfo:
-    """Check that path is a GGUF model ctransformers can load, and return its metadata.
+    """Check that path is a GGUF model a runtime of modeld can load, and return its metadata.
 
     Blocking (reads the header and the tensor table). Raises GGUFInvalid with a sentence a
     person can act on when the file is damaged, truncated, not GGUF, or of an unsupported
@@ -179,45 +167,48 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     file_size = os.stat(path).st_size
     _check_header(path, file_size)
     try:
-        reader = _CheckedReader(path)
-    except _Truncated as exc:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                header = read_header(view)
+            finally:
+                view.release()
+        ends = [header.data_offset + t.offset + _tensor_bytes(t) for t in header.tensors]
+    except (HeaderError, struct.error) as exc:
         raise GGUFInvalid(
-            f"{path} is truncated: its tensors need {exc.needed} bytes but the file has only "
-            f"{exc.actual}; the download is incomplete, download the model again."
+            f"{path} is damaged and cannot be read as GGUF ({exc}); download the model again."
         ) from None
-    except Exception as exc:
+    needed = max(ends, default=header.data_offset)
+    if needed > file_size:
         raise GGUFInvalid(
-            f"{path} is damaged and cannot be read as GGUF ({type(exc).__name__}: {exc}); "
-            "download the model again."
-        ) from exc
+            f"{path} is truncated: its tensors need {needed} bytes but the file has only "
+            f"{file_size}; the download is incomplete, download the model again."
+        )
+    fields = header.fields
 
-    architecture = _str_field(reader, "general.architecture")
+    architecture = _str_field(fields, "general.architecture")
     if architecture is None:
         raise GGUFInvalid(
             f"{path} has no general.architecture entry, so the runtime cannot tell how to "
             "run it; use a GGUF file made by a current converter."
         )
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-        raise GGUFInvalid(
-            f"{path} is a {architecture!r} model; this runtime runs only {supported} "
-            "models. Choose a llama-architecture build."
-        )
+    if not runnable(architecture):
+        raise ArchitectureUnsupported(unrunnable_message(architecture))
 
-    vocab_size = _int_field(reader, f"{architecture}.vocab_size")
+    vocab_size = _int_field(fields, f"{architecture}.vocab_size")
     if vocab_size is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab_size = len(tokens.data) if tokens is not None else None
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab_size = tokens.count if isinstance(tokens, ArrayValue) else None
 
     return GGUFInfo(
         architecture=architecture,
-        context_length=_int_field(reader, f"{architecture}.context_length"),
-        embedding_length=_int_field(reader, f"{architecture}.embedding_length"),
-        block_count=_int_field(reader, f"{architecture}.block_count"),
+        context_length=_int_field(fields, f"{architecture}.context_length"),
+        embedding_length=_int_field(fields, f"{architecture}.embedding_length"),
+        block_count=_int_field(fields, f"{architecture}.block_count"),
         vocab_size=vocab_size,
-        quantization=_quantization(reader),
-        parameter_count=sum(int(t.n_elements) for t in reader.tensors),
-        chat_template=_str_field(reader, "tokenizer.chat_template"),
-        name=_str_field(reader, "general.name"),
+        quantization=_quantization(fields, header.tensors),
+        parameter_count=sum(t.n_elements for t in header.tensors),
+        chat_template=_str_field(fields, "tokenizer.chat_template"),
+        name=_str_field(fields, "general.name"),
         file_size=file_size,
     )

@@ -13,6 +13,7 @@ from typing import ClassVar
 import attrs
 import trio
 
+from actors.embedding import EmbeddingJob
 from actors.errors import ModelError
 from actors.generation import GenerationStream
 from actors.spec import ModelSpec
@@ -62,6 +63,9 @@ class ModelView:
     load_seconds: float | None = None
     facts: FileFacts | None = None
     worker_pid: int | None = None
+    runtime: str | None = None  # the runtime that runs it (or would); None: none would
+    slots: int = 1  # requests its loaded worker serves at once
+    context_length: int | None = None  # the loaded worker's real context length
 
 
 Reply = ModelView | ModelError
@@ -128,3 +132,12 @@ class Generate:
     prompt: str
     params: GenerateParams
     reply: trio.MemorySendChannel[GenerationStream | ModelError]
+
+
+@attrs.frozen(kw_only=True)
+class Embed:
+    """Borrow a loaded model for the embeddings of some texts; the reply is an `EmbeddingJob`
+    or the refusal (Conflict when the model is not loaded). Touches the model in the LRU."""
+
+    texts: list[str]
+    reply: trio.MemorySendChannel[EmbeddingJob | ModelError]

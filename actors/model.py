@@ -20,6 +20,7 @@ import trio
 from actors import messages as m
 from actors.attempts import DownloadAttempt, DownloadEnded, LoadAttempt, LoadEnded, WorkerExited
 from actors.download import DownloadError, DownloadRequest
+from actors.embedding import EmbeddingJob
 from actors.errors import (
     Conflict,
     InvalidInput,
@@ -29,11 +30,12 @@ from actors.errors import (
     crash_error,
 )
 from actors.generation import GenerationStream
-from actors.gguf import GGUF_MAGIC, GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.gguf import GGUF_MAGIC, ArchitectureUnsupported, GGUFInfo, GGUFInvalid, inspect_gguf
 from actors.load_checks import check_memory, facts_from
 from actors.partial import held_marker, partial_bytes, remove_partial
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
+from actors.runtimes import CTRANSFORMERS, RuntimeRefused, choose_runtime, preview_runtime
 from actors.spec import ModelSpec
 from actors.state import Event, State, transition
 from actors.store import Store
@@ -55,6 +57,8 @@ class ActorSettings:
     retries: int = 6
     stall_timeout: float = 30.0
     allow_http: bool = False
+    default_runtime: str = "auto"
+    parallel: int = 2
 
 
 def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
@@ -73,7 +77,7 @@ def _size_or_none(path: Path) -> int | None:
         return None
 
 
-Message = m.Command | m.Generate | DownloadEnded | LoadEnded | WorkerExited
+Message = m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited
 
 
 class ModelActor:
@@ -128,6 +132,14 @@ class ModelActor:
             load_seconds=self._load_seconds,
             facts=self._facts,
             worker_pid=None if self._worker is None else self._worker.pid,
+            runtime=self._worker.info.runtime
+            if self._worker is not None
+            else preview_runtime(
+                self.spec.runtime or self._settings.default_runtime,
+                self._facts.architecture if self._facts else None,
+            ),
+            slots=1 if self._worker is None else self._worker.info.parallel,
+            context_length=None if self._worker is None else self._worker.info.context_length,
         )
 
     # -- running ---------------------------------------------------------------------------
@@ -172,7 +184,7 @@ class ModelActor:
                 msg = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            if isinstance(msg, m.Command | m.Generate):
+            if isinstance(msg, m.Command | m.Generate | m.Embed):
                 msg.reply.close()
 
     async def _recover(self) -> bool:
@@ -201,6 +213,8 @@ class ModelActor:
             self._handle_load(msg)
         elif isinstance(msg, m.Generate):
             self._handle_generate(msg)
+        elif isinstance(msg, m.Embed):
+            self._handle_embed(msg)
         else:
             try:
                 reply: m.Reply = await self._handle(msg)
@@ -403,6 +417,15 @@ class ModelActor:
         stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params))
         _reply_now(cmd.reply, stream)
 
+    def _handle_embed(self, cmd: m.Embed) -> None:
+        worker = self._worker
+        if self.state is not State.LOADED or worker is None:
+            why = f"the model is {self.state.value}, not loaded; load it first"
+            _reply_now(cmd.reply, Conflict(why, code="not_loaded"))
+            return
+        self._gate.touch(self.spec.id)
+        _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts))
+
     def _close_waiters(self) -> None:
         if self._load is not None:
             for waiter in self._load.waiters:
@@ -416,12 +439,15 @@ class ModelActor:
             with attempt.scope:
                 info = await trio.to_thread.run_sync(self._inspect, self.dest)
                 attempt.facts = facts_from(info)
+                spec = self._runtime_spec(info)  # refused before anything is evicted for it
                 check_memory(self.spec, info.file_size)
                 await self._gate.admit(self.spec.id)
                 admitted = True
                 spawned_at = trio.current_time()
-                attempt.worker = await self._spawn(self.dest, self._runtime_spec(info))
+                attempt.worker = await self._spawn(self.dest, spec)
                 attempt.seconds = trio.current_time() - spawned_at
+        except ArchitectureUnsupported as exc:
+            attempt.error = InvalidInput(str(exc), code="runtime_unsupported")
         except GGUFInvalid as exc:
             attempt.error = OperationFailed(
                 f"the model file is not a loadable GGUF file: {exc}", code="model_file_invalid"
@@ -441,12 +467,21 @@ class ModelActor:
         await self._send.send(LoadEnded(attempt))
 
     def _runtime_spec(self, info: GGUFInfo) -> ModelSpec:
-        """The spec the worker is started with: a context length always set."""
-        if self.spec.context_length or not info.context_length:
-            return self.spec
-        return attrs.evolve(
-            self.spec, context_length=min(info.context_length, MAX_DEFAULT_CONTEXT)
+        """The spec the worker is started with: its runtime chosen from the file's architecture
+        (InvalidInput when none runs it), a context length and the parallel slots set."""
+        try:
+            runtime = choose_runtime(
+                self.spec.runtime or self._settings.default_runtime, info.architecture
+            )
+        except RuntimeRefused as exc:
+            raise InvalidInput(str(exc), code="runtime_unsupported") from None
+        context = self.spec.context_length or min(
+            info.context_length or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT
         )
+        parallel = self.spec.parallel or self._settings.parallel
+        if runtime == CTRANSFORMERS:
+            parallel = 1
+        return attrs.evolve(self.spec, runtime=runtime, context_length=context, parallel=parallel)
 
     async def _finish_load(self, attempt: LoadAttempt) -> None:
         self._load = None

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from actors.download import DownloadRequest, ProgressSink
 from actors.spec import ModelSpec
-from actors.worker import GenerateParams, GenerationResult, WorkerInfo
+from actors.worker import Embeddings, GenerateParams, GenerationResult, WorkerInfo
 
 Fetcher = Callable[[DownloadRequest, ProgressSink], Awaitable[None]]
 
@@ -34,6 +34,7 @@ class WorkerHandle(Protocol):
     async def wait_exited(self) -> int: ...
     async def aclose(self, grace: float = ...) -> None: ...
     def generate(self, prompt: str, params: GenerateParams) -> TextStream: ...
+    async def embed(self, texts: list[str]) -> Embeddings: ...
 
 
 Spawner = Callable[[Path, ModelSpec], Awaitable[WorkerHandle]]

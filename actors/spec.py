@@ -91,6 +91,10 @@ class ModelSpec:
     usage: str = "CODE_CONVERSATION"
     ram: int | None = None
     context_length: int | None = None
+    # "auto", "llama.cpp" or "ctransformers"; None: [runtime] default_runtime.
+    runtime: str | None = None
+    # Requests a loaded llama.cpp model serves at once; None: [runtime] parallel.
+    parallel: int | None = None
     custom: bool = False
     created: dt.datetime = attrs.field(factory=utcnow)
     score: ModelScore = ModelScore()

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -70,6 +71,8 @@ class WorkerInfo:
     context_length: int
     vocab_size: int
     load_seconds: float
+    runtime: str = "ctransformers"
+    parallel: int = 1  # requests the worker serves at once
 
 
 @attrs.frozen
@@ -80,6 +83,16 @@ class GenerateParams:
     top_k: int = 40
     seed: int = -1
     stop: tuple[str, ...] = ()
+    # Chat messages: the runtime renders the model's own chat template (llama.cpp only; for
+    # ctransformers the caller renders the prompt).
+    messages: tuple[tuple[str, str], ...] | None = None
+    json_schema: dict[str, Any] | None = attrs.field(default=None, eq=False)
+
+
+@attrs.frozen
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 @attrs.frozen
@@ -158,7 +171,9 @@ class FrameReader:
 class Worker:
     """A running worker process with a loaded model. Made by `open_worker`.
 
-    One request at a time: `generate` streams wait for the previous one to finish.
+    `info.parallel` requests at a time (one for ctransformers): more `generate` streams wait
+    for one to finish. Frames of requests running together are told apart by their id: the
+    task that reads hands the others' frames to their mailboxes.
     Close with `aclose()`, which always reaps the process.
     """
 
@@ -169,8 +184,10 @@ class Worker:
         self._reader = FrameReader(process.stdout)
         self._stderr_file = stderr_file
         self._send_lock = trio.Lock()
+        self._read_lock = trio.Lock()
+        self._mailboxes: dict[int, deque[Frame]] = {}
         # A Semaphore, not a Lock: a stream may be opened in one task and closed in another
-        # (a Lock insists that its owner releases it).
+        # (a Lock insists that its owner releases it). Resized once the worker is ready.
         self._request_slot = trio.Semaphore(1)
         self._next_id = 1
         self._closing = False
@@ -217,18 +234,39 @@ class Worker:
 
     async def tokenize(self, text: str) -> list[int]:
         """The model's tokens for text (with BOS). Raises WorkerDied, WorkerRequestError."""
+        frame = await self._call({"type": "tokenize", "text": text})
+        return [int(t) for t in frame["tokens"]]
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """One embedding vector per text. Raises WorkerDied, WorkerRequestError (e.g. a
+        runtime that gives no embeddings)."""
+        frame = await self._call({"type": "embed", "input": list(texts)})
+        return Embeddings(
+            vectors=[[float(v) for v in vector] for vector in frame["vectors"]],
+            prompt_tokens=int(frame["prompt_tokens"]),
+        )
+
+    async def _call(self, message: Frame) -> Frame:
+        """Send one request and wait for its one answer; it holds a request slot meanwhile.
+        A wait cancelled after the send leaves the answer to be dropped when it comes; a send
+        cancelled halfway kills the worker (a half-written frame breaks the protocol)."""
         request_id = self._next_id
         self._next_id += 1
-        data = _encode_frame({"type": "tokenize", "id": request_id, "text": text})
+        data = _encode_frame({**message, "id": request_id})
         async with self._request_slot:
-            await self._send_bytes(data)
-            while True:
-                frame = await self._receive()
-                if frame.get("id") != request_id:
-                    continue
-                if frame.get("type") == "error":
-                    raise WorkerRequestError(str(frame.get("message")))
-                return [int(t) for t in frame["tokens"]]
+            self._mailboxes[request_id] = deque()
+            try:
+                try:
+                    await self._send_bytes(data)
+                except trio.Cancelled:
+                    await self._kill_and_reap()
+                    raise
+                frame = await self._receive_for(request_id)
+            finally:
+                self._mailboxes.pop(request_id, None)
+        if frame.get("type") == "error":
+            raise WorkerRequestError(str(frame.get("message")))
+        return frame
 
     async def wait_exited(self) -> int:
         """Wait until the process exits, for whatever reason, and return its returncode
@@ -303,6 +341,25 @@ class Worker:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise await self._gone() from None
 
+    async def _receive_for(self, request_id: int) -> Frame:
+        """The next frame of request_id (registered in `_mailboxes`). Whichever waiting task
+        holds the read lock reads, and files frames of other requests in their mailboxes."""
+        box = self._mailboxes.setdefault(request_id, deque())
+        while True:
+            if box:
+                return box.popleft()
+            async with self._read_lock:
+                if box:
+                    continue  # filed by the task that read before us
+                frame = await self._receive()
+                owner = frame.get("id")
+                if owner == request_id:
+                    return frame
+                other = self._mailboxes.get(owner) if isinstance(owner, int) else None
+                if other is not None:
+                    other.append(frame)
+                # else: a frame of a request nobody waits for any more; dropped
+
     async def _receive(self) -> Frame:
         try:
             frame = await self._reader.receive()
@@ -354,12 +411,10 @@ class Generation:
             await self._start()
         while True:
             try:
-                frame = await self._worker._receive()
+                frame = await self._worker._receive_for(self._id)
             except WorkerError:
                 self._finish()
                 raise
-            if frame.get("id") != self._id:
-                continue  # a stale frame; requests are drained, so this is only defensive
             kind = frame.get("type")
             if kind == "piece":
                 return str(frame["text"])
@@ -380,20 +435,24 @@ class Generation:
 
     async def _start(self) -> None:
         p = self._params
-        data = _encode_frame(
-            {
-                "type": "generate",
-                "id": self._id,
-                "prompt": self._prompt,
-                "max_new_tokens": p.max_new_tokens,
-                "temperature": p.temperature,
-                "top_p": p.top_p,
-                "top_k": p.top_k,
-                "seed": p.seed,
-                "stop": list(p.stop),
-            }
-        )
+        message: Frame = {
+            "type": "generate",
+            "id": self._id,
+            "prompt": self._prompt,
+            "max_new_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "seed": p.seed,
+            "stop": list(p.stop),
+        }
+        if p.messages is not None:
+            message["messages"] = [{"role": r, "content": c} for r, c in p.messages]
+        if p.json_schema is not None:
+            message["json_schema"] = p.json_schema
+        data = _encode_frame(message)
         await self._worker._request_slot.acquire()
+        self._worker._mailboxes[self._id] = deque()
         self._started = True
         try:
             await self._worker._send_bytes(data)
@@ -421,8 +480,8 @@ class Generation:
             try:
                 await self._worker._send({"type": "cancel", "id": self._id})
                 while True:
-                    frame = await self._worker._receive()
-                    if frame.get("id") == self._id and frame.get("type") in ("done", "error"):
+                    frame = await self._worker._receive_for(self._id)
+                    if frame.get("type") in ("done", "error"):
                         if frame.get("type") == "done":
                             self._record(frame)
                         break
@@ -444,6 +503,7 @@ class Generation:
         if not self._finished:
             self._finished = True
             if self._started:
+                self._worker._mailboxes.pop(self._id, None)
                 self._worker._request_slot.release()
 
 
@@ -454,9 +514,13 @@ async def open_worker(
     context_length: int,
     threads: int,
     load_timeout: float,
+    runtime: str = "ctransformers",
+    parallel: int = 1,
     python: str = sys.executable,
 ) -> Worker:
-    """Start a worker process that loads the model at path; return once it is ready.
+    """Start a worker process that loads the model at path with `runtime` ("llama.cpp" or
+    "ctransformers", see actors/backends/); return once it is ready. `parallel`: requests
+    served at once (llama.cpp's slots; ctransformers always serves one).
 
     Raises WorkerStartError if the process cannot start, reports a load error, exits or
     crashes while loading, or is not ready within load_timeout seconds. On every failure,
@@ -466,6 +530,10 @@ async def open_worker(
         python,
         "-m",
         "actors.worker_main",
+        "--runtime",
+        runtime,
+        "--parallel",
+        str(parallel),
         "--model",
         str(path),
         "--model-type",
@@ -515,10 +583,13 @@ async def open_worker(
                 context_length=int(frame["context_length"]),
                 vocab_size=int(frame["vocab_size"]),
                 load_seconds=float(frame["load_seconds"]),
+                runtime=runtime,
+                parallel=max(1, int(frame.get("parallel", 1))),
             )
         except (KeyError, TypeError, ValueError):
             await worker.aclose(grace=0)
             raise WorkerStartError(f"worker for {path} sent a malformed ready frame") from None
+        worker._request_slot = trio.Semaphore(worker.info.parallel)
         return worker
 
     if frame is not None and frame.get("type") == "error":

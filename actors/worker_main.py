@@ -1,36 +1,34 @@
 """Child side of an inference worker: one process, one loaded model.
 
-Run as ``python -m actors.worker_main --model PATH --model-type llama --context-length N
---threads N``. The parent (actors/worker.py) talks to it over stdin/stdout in frames of a 4-byte
-big-endian length followed by UTF-8 JSON.
+Run as ``python -m actors.worker_main --runtime llama.cpp --model PATH --context-length N
+--threads N --parallel N``. The parent (actors/worker.py) talks to it over stdin/stdout in
+frames of a 4-byte big-endian length followed by UTF-8 JSON.
 
-Parent -> child: generate, cancel, tokenize, exit.
+Parent -> child: generate, cancel, tokenize, embed, exit.
 Child -> parent: ready | error (once, after loading), then per request: piece* done | error,
-or tokens.
+or tokens, or embeddings. Frames of requests running together interleave; each carries its id.
 
-This module uses the standard library and ctransformers only (no trio): the child stays small
-and its failure modes are those of the runtime.
+The runtime is a backend (actors/backends/): ctransformers serves one request at a time,
+llama.cpp as many as it has slots, each in its own serving thread here. This module uses the
+standard library and the runtime only (no trio): the child stays small and its failure modes
+are those of the runtime.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
-import ctypes
-import importlib.util
 import json
 import os
 import queue
-import re
 import signal
 import struct
 import sys
 import threading
-import time
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from actors.backends import Backend, GenerateRequest, RequestRefused, open_backend
 
 MAX_FRAME = 64 * 1024 * 1024
 EXIT_LOAD_FAILED = 1
@@ -89,199 +87,6 @@ class FrameWriter:
             self._out.flush()
 
 
-# ---------------------------------------------------------------- runtime
-
-
-def pick_lib(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The ctransformers build this CPU runs: avx2, else avx, else basic.
-
-    Passing it avoids py-cpuinfo, which costs about a second per load.
-    """
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return "basic"
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
-    if "avx2" in flags:
-        return "avx2"
-    if "avx" in flags:
-        return "avx"
-    return "basic"
-
-
-def worst_case_tokens(data: bytes) -> int:
-    """Token slots enough for any llama tokenization of data.
-
-    Each byte can become a byte-fallback token, a space becomes "▁" (3 bytes, so up to 3
-    tokens), plus a leading space and the BOS token.
-    """
-    return 3 * (len(data) + 1) + 2
-
-
-def _safe_tokenize(self: Any, text: str, add_bos_token: bool | None = None) -> list[int]:
-    # Replaces ctransformers' LLM.tokenize, which allocates len(text) + 1 slots and overflows
-    # the heap when a text has more tokens than characters (emoji, CJK, byte fallback).
-    if add_bos_token is None:
-        add_bos_token = self.model_type == "llama"
-    data = text.encode()
-    slots = (ctypes.c_int * worst_case_tokens(data))()
-    n_tokens = int(self.ctransformers_llm_tokenize(data, add_bos_token, slots))
-    return list(slots[:n_tokens])
-
-
-def import_runtime() -> tuple[Any, Any]:
-    """ctransformers' `LLM` and `Config` classes, without running the package's __init__.
-
-    That __init__ imports its Hugging Face hub client (huggingface_hub and an HTTP stack): about
-    0.25 s, most of a small model's load time, for nothing when the model is a local file. A bare
-    package module in its place lets `ctransformers.llm` import with its own few dependencies.
-    """
-    if "ctransformers" not in sys.modules:
-        spec = importlib.util.find_spec("ctransformers")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("the ctransformers package is not installed")
-        package = types.ModuleType("ctransformers")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["ctransformers"] = package
-    from ctransformers.llm import LLM, Config
-
-    return LLM, Config
-
-
-class RequestRefused(Exception):
-    """A request this model cannot serve; the worker stays up."""
-
-
-class Backend:
-    """One ctransformers model; every call into it holds one lock (it is not thread-safe)."""
-
-    def __init__(
-        self, path: Path, *, model_type: str, context_length: int, threads: int, lib: str
-    ) -> None:
-        # Imported here so that a broken runtime install is reported as a load error.
-        llm_class, config_class = import_runtime()
-
-        self._lock = threading.Lock()
-        started = time.perf_counter()
-        with self._lock:
-            # What AutoModelForCausalLM.from_pretrained does for a local file, minus the hub.
-            # mmap=False: a truncated file then fails with an exception instead of garbage or
-            # SIGSEGV, the weights are resident and show in this process's RSS (what memory
-            # policy measures), and a file replaced on disk cannot SIGBUS a loaded model.
-            self._llm = llm_class(
-                model_path=str(path),
-                model_type=model_type,
-                config=config_class(
-                    context_length=context_length, threads=threads, gpu_layers=0, mmap=False
-                ),
-                lib=lib,
-            )
-            self._llm.tokenize = types.MethodType(_safe_tokenize, self._llm)
-            self.context_length = int(self._llm.context_length)
-            self.vocab_size = int(self._llm.vocab_size)
-        self.load_seconds = time.perf_counter() - started
-
-    def tokenize(self, text: str) -> list[int]:
-        with self._lock:
-            result: list[int] = self._llm.tokenize(text)
-            return result
-
-    def generate(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int,
-        stop: list[str],
-        cancelled: threading.Event,
-        emit: Callable[[str], None],
-    ) -> tuple[int, int, str]:
-        """Generate from prompt, calling emit with each text piece.
-
-        Returns (prompt_tokens, completion_tokens, finish_reason) where finish_reason is "stop"
-        (end of text or a stop string), "length" (max_new_tokens or the context is full) or
-        "cancelled". Raises RequestRefused when the prompt does not fit the context.
-        """
-        with self._lock:
-            tokens = self._llm.tokenize(prompt)
-            n_prompt = len(tokens)
-            if n_prompt >= self.context_length:
-                raise RequestRefused(
-                    f"the prompt is {n_prompt} tokens but the context holds "
-                    f"{self.context_length}; shorten the prompt or load the model with a "
-                    "longer context"
-                )
-            budget = min(max_new_tokens, self.context_length - n_prompt)
-            if budget <= 0:
-                return n_prompt, 0, "length"
-            stream: Iterator[int] = self._llm.generate(
-                tokens, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, reset=True
-            )
-            count, reason = _stream_text(
-                self._llm, stream, budget=budget, stop=stop, cancelled=cancelled, emit=emit
-            )
-            return n_prompt, count, reason
-
-
-def _stream_text(
-    llm: Any,
-    stream: Iterator[int],
-    *,
-    budget: int,
-    stop: list[str],
-    cancelled: threading.Event,
-    emit: Callable[[str], None],
-) -> tuple[int, str]:
-    # An incremental decoder holds back partial UTF-8 sequences correctly; ctransformers'
-    # own splitter holds back every non-ASCII byte and drops the tail at the end.
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stop_regex = re.compile("|".join(map(re.escape, stop))) if stop else None
-    pending = ""
-    count = 0
-    reason = "stop"  # end of text unless the loop breaks
-    try:
-        for token in stream:
-            count += 1
-            pending += decoder.decode(llm.detokenize([token], decode=False))
-            if stop_regex is not None:
-                match = stop_regex.search(pending)
-                if match is not None:
-                    pending = pending[: match.start()]
-                    break
-            # Hold back a suffix that may be the start of a stop string.
-            held = 0
-            for s in stop:
-                for i in range(min(len(s), len(pending)), 0, -1):
-                    if pending.endswith(s[:i]):
-                        held = max(held, i)
-                        break
-            if len(pending) > held:
-                emit(pending[: len(pending) - held])
-                pending = pending[len(pending) - held :]
-            if cancelled.is_set():
-                reason = "cancelled"
-                break
-            if count >= budget:
-                reason = "length"
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    if reason != "cancelled":
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            emit(pending)
-    return count, reason
-
-
 # ---------------------------------------------------------------- process
 
 
@@ -337,10 +142,12 @@ def _piece_sender(out: FrameWriter, request_id: int) -> Callable[[str], None]:
 
 
 def _serve(backend: Backend, inbox: Inbox, out: FrameWriter) -> None:
+    """One serving thread: take commands until exit (which it passes on to the others)."""
     while True:
         message = inbox.commands.get()
         kind = message.get("type")
         if kind == "exit":
+            inbox.commands.put(message)
             return
         request_id = message.get("id")
         try:
@@ -348,13 +155,7 @@ def _serve(backend: Backend, inbox: Inbox, out: FrameWriter) -> None:
                 rid = int(message["id"])
                 try:
                     n_prompt, n_completion, reason = backend.generate(
-                        str(message["prompt"]),
-                        max_new_tokens=int(message["max_new_tokens"]),
-                        temperature=float(message["temperature"]),
-                        top_p=float(message["top_p"]),
-                        top_k=int(message["top_k"]),
-                        seed=int(message["seed"]),
-                        stop=[str(s) for s in message.get("stop", [])],
+                        GenerateRequest.from_frame(message),
                         cancelled=inbox.cancel_event(rid),
                         emit=_piece_sender(out, rid),
                     )
@@ -372,10 +173,32 @@ def _serve(backend: Backend, inbox: Inbox, out: FrameWriter) -> None:
             elif kind == "tokenize":
                 tokens = backend.tokenize(str(message["text"]))
                 out.send({"type": "tokens", "id": request_id, "tokens": tokens})
+            elif kind == "embed":
+                vectors, n_tokens = backend.embed([str(t) for t in message["input"]])
+                out.send(
+                    {
+                        "type": "embeddings",
+                        "id": request_id,
+                        "vectors": vectors,
+                        "prompt_tokens": n_tokens,
+                    }
+                )
             else:
                 raise RequestRefused(f"unknown command type {kind!r}")
         except (RequestRefused, KeyError, ValueError, TypeError, RuntimeError) as exc:
             out.send({"type": "error", "id": request_id, "message": str(exc)})
+
+
+def serve_all(backend: Backend, inbox: Inbox, out: FrameWriter) -> None:
+    """Serve with backend.parallel threads (one: requests strictly one after another)."""
+    threads = [
+        threading.Thread(target=_serve, args=(backend, inbox, out), name=f"slot-{i}", daemon=True)
+        for i in range(max(1, backend.parallel))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     out = FrameWriter(os.fdopen(protocol_fd, "wb", buffering=0))
 
     parser = argparse.ArgumentParser(prog="python -m actors.worker_main")
+    parser.add_argument("--runtime", choices=("llama.cpp", "ctransformers"), default="llama.cpp")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--model-type", default="llama")
     parser.add_argument("--context-length", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=1, help="requests served at once")
     parser.add_argument("--lib", default=None, help="avx2, avx or basic (default: from the CPU)")
     args = parser.parse_args(argv)
 
@@ -402,12 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=inbox.run_reader, args=(0,), name="stdin", daemon=True).start()
 
     try:
-        backend = Backend(
+        backend = open_backend(
+            args.runtime,
             args.model,
             model_type=args.model_type,
             context_length=args.context_length,
             threads=args.threads,
-            lib=args.lib or pick_lib(),
+            parallel=args.parallel,
+            lib=args.lib,
         )
     except Exception as exc:
         out.send({"type": "error", "message": f"{type(exc).__name__}: {exc}"})
@@ -418,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             "context_length": backend.context_length,
             "vocab_size": backend.vocab_size,
             "load_seconds": backend.load_seconds,
+            "parallel": backend.parallel,
         }
     )
-    _serve(backend, inbox, out)
+    serve_all(backend, inbox, out)
     return 0
 
 

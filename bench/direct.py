@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from actors.worker_main import Backend, pick_lib
+from actors.backends.ctransformers import CTransformersBackend as Backend
+from actors.backends.ctransformers import pick_lib
 
 
 def main() -> None:

@@ -54,7 +54,9 @@ def gguf_file(extra_bytes: int) -> Path:
 
 def _placed(models: dict[str, Path]) -> tuple[list[dict[str, Any]], Any]:
     """Catalog entries for files put into the storage dir before start (hard links)."""
-    entries = [catalog_entry(i, NOWHERE, size=p.stat().st_size) for i, p in models.items()]
+    # runtime = ctransformers: these rows compare with ctransformers loading in-process.
+    entries = [{**catalog_entry(i, NOWHERE, size=p.stat().st_size), "runtime": "ctransformers"}
+               for i, p in models.items()]
 
     def place(storage: Path) -> None:
         (storage / "models").mkdir(parents=True, exist_ok=True)

@@ -317,6 +317,7 @@ def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
     path: Path = args.path
     if not path.is_file():
         raise ClientError(f"{path} is not a file")
+    _check_architecture(path)
     name = args.name or path.name.removesuffix(".gguf")
     seed: dict[str, Any] = {"name": name}
     if args.model_type:
@@ -341,6 +342,19 @@ def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
     else:
         out.line(model_id)
     return EXIT_OK
+
+
+def _check_architecture(path: Path) -> None:
+    """Refuse, before uploading anything, a file whose architecture no runtime runs (the
+    daemon would refuse it too, after its first MiB)."""
+    from actors.gguf import architecture_from_prefix, unrunnable_message
+    from actors.runtimes import runnable
+    from supervisor.client import ClientError
+
+    with path.open("rb") as f:
+        architecture = architecture_from_prefix(f.read(1024 * 1024))
+    if architecture is not None and not runnable(architecture):
+        raise ClientError(unrunnable_message(architecture))
 
 
 def _upload(api: Api, model_id: str, path: Path, out: Out) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import cattrs
 import cattrs.v
 from cattrs.gen import make_dict_structure_fn
 
+from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, check_url, is_valid_id
 from supervisor.enums import FOUNDATIONS, USAGES
 
@@ -65,14 +66,31 @@ class DownloadConfig:
     stall_timeout: float = attrs.field(default=30.0, validator=_positive)
 
 
+def _runtime_choice(_inst: object, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and value not in RUNTIME_CHOICES:
+        raise ValueError(f"{attr.name} must be one of {', '.join(RUNTIME_CHOICES)}")
+
+
+def _optional_positive(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attr.name} must be greater than 0")
+
+
 @attrs.frozen
 class RuntimeConfig:
     max_loaded: int = attrs.field(default=2, validator=_positive)
     threads: int = attrs.field(default=0, validator=_non_negative)
     load_timeout: float = attrs.field(default=300.0, validator=_positive)
+    default_runtime: str = attrs.field(default="auto", validator=_runtime_choice)
+    parallel: int = attrs.field(default=2, validator=_positive)
 
     def thread_count(self) -> int:
         return self.threads or (os.cpu_count() or 1)
+
+    def threads_per_worker(self) -> int:
+        """`threads` shared out across the models that may be loaded at once: llama.cpp
+        threads that outnumber the cores slow every model down, not just one."""
+        return max(1, self.thread_count() // self.max_loaded)
 
 
 @attrs.frozen
@@ -91,6 +109,8 @@ class CatalogEntry:
     usage: str = "CODE_CONVERSATION"
     ram: int | None = None
     context_length: int | None = None
+    runtime: str | None = attrs.field(default=None, validator=_runtime_choice)
+    parallel: int | None = attrs.field(default=None, validator=_optional_positive)
 
 
 @attrs.frozen

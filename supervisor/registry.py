@@ -19,6 +19,7 @@ import trio
 
 from actors import messages as m
 from actors.download import download_file
+from actors.embedding import EmbeddingJob
 from actors.errors import ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
 from actors.model import ActorSettings, ModelActor
@@ -59,6 +60,8 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
         usage=entry.usage,
         ram=entry.ram,
         context_length=entry.context_length,
+        runtime=entry.runtime,
+        parallel=entry.parallel,
         custom=False,
     )
 
@@ -162,8 +165,10 @@ def _worker_spawner(config: Config) -> Spawner:
             path,
             model_type=spec.model_type,
             context_length=spec.context_length or 0,
-            threads=config.runtime.thread_count(),
+            threads=config.runtime.threads_per_worker(),
             load_timeout=config.runtime.load_timeout,
+            runtime=spec.runtime or config.runtime.default_runtime,
+            parallel=spec.parallel or config.runtime.parallel,
         )
 
     return spawn
@@ -191,6 +196,8 @@ class Registry:
             retries=config.download.retries,
             stall_timeout=config.download.stall_timeout,
             allow_http=config.download.allow_http,
+            default_runtime=config.runtime.default_runtime,
+            parallel=config.runtime.parallel,
         )
         self._fetch = fetch
         self._spawn = spawn or _worker_spawner(config)
@@ -299,7 +306,7 @@ class Registry:
     async def _ask(
         self,
         model_id: str,
-        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | m.Generate],
+        make: Callable[[trio.MemorySendChannel[R | ModelError]], m.Command | m.Generate | m.Embed],
     ) -> R:
         """Send a message with a reply channel to a model's actor and wait for the answer.
 
@@ -334,6 +341,12 @@ class Registry:
         return await self._ask(
             model_id, lambda reply: m.Generate(prompt=prompt, params=params, reply=reply)
         )
+
+    async def embedder(self, model_id: str, texts: list[str]) -> EmbeddingJob:
+        """Borrow a loaded model for the embeddings of texts (`await job.run()`). Raises
+        ModelNotFound, Conflict when the model is not loaded, Unavailable when its actor
+        stops first."""
+        return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply))
 
     async def create(self, spec: ModelSpec) -> m.ModelView:
         """Register a custom model under a new id (spec.id is ignored): record, then actor."""

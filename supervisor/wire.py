@@ -17,6 +17,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from actors.messages import ModelView, Progress
+from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import (
     MODEL_TYPES,
     RUNTIME_TYPES,
@@ -92,6 +93,9 @@ class ModelOut:
     unique: str | None = None
     score: ScoreOut | None = None
     evicted: list[str] | None = None  # a load's answer: the models unloaded to make room
+    runtime: str | None = None
+    architecture: str | None = None
+    parallel: int | None = None
 
 
 @attrs.frozen
@@ -181,6 +185,9 @@ class ModelBody:
     error: Any = None
     partial_bytes: Any = None
     load_seconds: Any = None
+    runtime: str | None = None
+    parallel: int | None = None
+    architecture: Any = None
 
 
 def _strict(tp: type) -> Any:
@@ -254,7 +261,8 @@ def iso_utc(when: dt.datetime) -> str:
 def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str, Any]:
     spec, facts = view.spec, view.facts
     f = flags(view.state)
-    context = (facts.context_length if facts else None) or spec.context_length
+    context = (view.context_length or (facts.context_length if facts else None)
+               or spec.context_length)
     size = facts.size if facts and f.downloaded else spec.size
     params = facts.parameter_count if facts else None
     out = ModelOut(
@@ -288,6 +296,9 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         unique=spec.id,
         score=ScoreOut(**attrs.asdict(spec.score)),
         evicted=evicted or None,
+        runtime=view.runtime,
+        architecture=facts.architecture if facts else None,
+        parallel=spec.parallel,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.
@@ -350,6 +361,10 @@ def _check_fields(body: ModelBody, *, allow_http: bool) -> None:
         problems.append("$.sha256: expected 64 lower-case hex digits")
     if body.model_type is not None and body.model_type not in RUNTIME_TYPES:
         problems.append(f"$.modelType: expected one of {sorted(RUNTIME_TYPES)}")
+    if body.runtime is not None and body.runtime not in RUNTIME_CHOICES:
+        problems.append(f"$.runtime: expected one of {list(RUNTIME_CHOICES)}")
+    if body.parallel is not None and not 1 <= body.parallel <= 64:
+        problems.append("$.parallel: must be between 1 and 64")
     for name in ("bytes", "ram"):
         descriptor = getattr(body, name)
         if descriptor is not None and descriptor.value is not None and not (
@@ -390,6 +405,8 @@ def spec_from_create(body: ModelBody, model_id: str, *, allow_http: bool) -> Mod
         type=body.type or "BALANCED",
         usage=body.usage or "CODE_CONVERSATION",
         ram=body.ram.value if body.ram and body.ram.value else None,
+        runtime=body.runtime,
+        parallel=body.parallel,
         custom=True,
     )
 
@@ -399,7 +416,7 @@ def spec_from_update(body: ModelBody, current: ModelSpec, *, allow_http: bool) -
     _check_fields(body, allow_http=allow_http)
     changes: dict[str, Any] = {}
     for name in ("name", "version", "description", "quantization", "foundation", "type",
-                 "usage", "url", "sha256", "model_type"):
+                 "usage", "url", "sha256", "model_type", "runtime", "parallel"):
         value = getattr(body, name)
         if value is not None:
             changes[name] = value

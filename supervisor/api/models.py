@@ -26,8 +26,10 @@ from actors.errors import (
     OperationFailed,
     Unavailable,
 )
+from actors.gguf import architecture_from_prefix, unrunnable_message
+from actors.runtimes import runnable
 from actors.spec import ModelSpec
-from supervisor.api.app import json_reply, no_content
+from supervisor.api.app import error_response, json_reply, no_content
 from supervisor.api.guard import (
     OCTET_STREAM,
     PayloadTooLarge,
@@ -57,6 +59,7 @@ log = structlog.get_logger("modeld.api")
 MAX_JSON_BODY = 1024 * 1024
 MAX_JSON_DEPTH = 64
 FILE_CHUNK = 4 * 1024 * 1024
+PREFIX_BYTES = 1024 * 1024  # an upload's architecture is checked within this many bytes
 
 class _NeverRaised(Exception):
     pass
@@ -238,8 +241,16 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         with disk_errors_reported():
             temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
         try:
-            with disk_errors_reported():
-                await _receive_file(temp)
+            try:
+                with disk_errors_reported():
+                    await _receive_file(temp)
+            except InvalidInput as exc:
+                # Refused before the whole body came: the connection cannot be reused (the
+                # rest of the body is still on its way), so it is closed after the answer
+                # instead of left waiting for a client that waits for us.
+                response = error_response(exc.code, str(exc), 400)
+                response.headers["Connection"] = "close"
+                return response
             return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp),
                               wait=load_wait)
         finally:
@@ -321,16 +332,30 @@ def disk_errors_reported() -> Iterator[None]:
         ) from None
 
 
+def _check_prefix(prefix: bytes) -> None:
+    """Refuse, from its first bytes, a file whose architecture no runtime runs."""
+    architecture = architecture_from_prefix(prefix)
+    if architecture is not None and not runnable(architecture):
+        raise InvalidInput(unrunnable_message(architecture), code="model_file_invalid")
+
+
 async def _receive_file(temp: Path) -> None:
-    """Stream the request body into `temp`, writing in a thread in large blocks."""
+    """Stream the request body into `temp`, writing in a thread in large blocks. A file whose
+    architecture no runtime runs is refused (400) within its first MiB."""
     fd = await trio.to_thread.run_sync(os.open, temp, os.O_WRONLY | os.O_TRUNC)
     try:
         buffer = bytearray()
+        checked = False
         async for chunk in request.body:
             buffer += chunk
+            if not checked and len(buffer) >= PREFIX_BYTES:
+                _check_prefix(bytes(buffer[:PREFIX_BYTES]))
+                checked = True
             if len(buffer) >= FILE_CHUNK:
                 data, buffer = bytes(buffer), bytearray()
                 await trio.to_thread.run_sync(_write_all, fd, data)
+        if not checked:
+            _check_prefix(bytes(buffer))
         if buffer:
             await trio.to_thread.run_sync(_write_all, fd, bytes(buffer))
     finally:

@@ -1,8 +1,12 @@
-"""An OpenAI-compatible API on loaded models: /v1/models, /v1/completions, /v1/chat/completions.
+"""An OpenAI-compatible API on loaded models: /v1/models, /v1/completions,
+/v1/chat/completions, /v1/embeddings.
 
-Generation runs in the model's worker process, one request at a time per model (ctransformers
-must never be called concurrently); waiting requests are bounded, and a client that goes away
-cancels its generation between two pieces. Errors use OpenAI's error shape.
+Generation runs in the model's worker process: as many requests at a time as the loaded model
+has slots (llama.cpp: `parallel`; ctransformers: one, it must never be called concurrently).
+Waiting requests are bounded per slot, and a client that goes away cancels its generation
+between two pieces. Chat on a llama.cpp model whose file has a chat template is rendered by
+llama.cpp with that template; otherwise modeld renders the template (or, for a file without
+one, PLAIN_TEMPLATE). Errors use OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -13,11 +17,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import attrs
-import jinja2
 import structlog
 import trio
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from quart import Response, current_app, jsonify
 from quart_trio import QuartTrio
 
@@ -25,29 +26,35 @@ from actors import messages as m
 from actors.errors import Conflict, ModelError
 from actors.generation import GenerationStream
 from actors.messages import ModelView
+from actors.runtimes import LLAMA_CPP
 from actors.spec import is_valid_id
 from actors.state import State, flags
 from actors.worker import GenerateParams, GenerationResult
 from supervisor.api.app import json_reply, status_for
+from supervisor.api.embeddings import (
+    EmbeddingInputError,
+    embedding_response,
+    parse_embedding_request,
+)
 from supervisor.api.models import answer_within, read_json_body
+from supervisor.api.openai_requests import (
+    PLAIN_TURN_END,
+    OpenAIError,
+    Sampling,
+    messages_of,
+    parse_sampling,
+    prompt_of,
+    render_chat,
+    response_schema,
+)
 from supervisor.config import Config
 from supervisor.registry import Registry
 
 log = structlog.get_logger("modeld.openai")
 
-QUEUE_LIMIT = 8  # requests waiting for one model before 429
+QUEUE_LIMIT = 8  # requests waiting per slot of a model before 429
 BODY_START_GRACE = 10.0  # seconds a streamed response's body has to start before it is freed
 DEFAULT_MAX_TOKENS = 16
-PLAIN_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m.role == 'system' %}System: {{ m.content }}\n"
-    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
-    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
 class _Lease:
     """A streamed generation and its queue slot, given back exactly once: when the body ends,
     or, if the server never starts the body (the client went away between the handler's
@@ -76,133 +83,6 @@ class _Lease:
         log.info("stream_abandoned", model=self.stream.model_id,
                  reason="the response body never started")
         await self.close()
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = data.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise OpenAIError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
-    if not isinstance(value, kind):
-        raise OpenAIError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
-    return value
-
-
-@attrs.frozen
-class Sampling:
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    stop: tuple[str, ...]
-    seed: int
-    stream: bool
-
-
-def parse_sampling(data: dict[str, Any]) -> Sampling:
-    max_tokens = _field(data, "max_tokens", int, None)
-    if max_tokens is None:
-        max_tokens = _field(data, "max_completion_tokens", int, None)
-    if max_tokens is not None and max_tokens < 1:
-        raise OpenAIError(400, "'max_tokens' must be at least 1", param="max_tokens")
-    temperature = float(_field(data, "temperature", (int, float), 0.8))
-    if not 0 <= temperature <= 2:
-        raise OpenAIError(400, "'temperature' must be between 0 and 2", param="temperature")
-    top_p = float(_field(data, "top_p", (int, float), 0.95))
-    if not 0 < top_p <= 1:
-        raise OpenAIError(400, "'top_p' must be in (0, 1]", param="top_p")
-    top_k = _field(data, "top_k", int, 40)
-    if top_k < 0:
-        raise OpenAIError(400, "'top_k' must not be negative", param="top_k")
-    stop_raw = data.get("stop")
-    if stop_raw is None:
-        stop: tuple[str, ...] = ()
-    elif isinstance(stop_raw, str):
-        stop = (stop_raw,)
-    elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
-        if len(stop_raw) > 4:
-            raise OpenAIError(400, "at most 4 stop sequences", param="stop")
-        stop = tuple(s for s in stop_raw if s)
-    else:
-        raise OpenAIError(400, "'stop' must be a string or a list of strings", param="stop")
-    seed = _field(data, "seed", int, -1)
-    stream = _field(data, "stream", bool, False)
-    return Sampling(max_tokens, temperature, top_p, top_k, stop, seed, stream)
-
-
-def prompt_of(data: dict[str, Any]) -> str:
-    prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise OpenAIError(400, "'prompt' must be a string", param="prompt")
-    return prompt
-
-
-def messages_of(data: dict[str, Any]) -> list[dict[str, str]]:
-    raw = data.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise OpenAIError(400, "'messages' must be a non-empty list", param="messages")
-    messages = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise OpenAIError(400, f"messages[{i}] must be an object", param="messages")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant", "developer", "tool"):
-            raise OpenAIError(400, f"messages[{i}].role is not a known role", param="messages")
-        if isinstance(content, list):  # content parts: keep the text ones
-            texts = [p.get("text") for p in content
-                     if isinstance(p, dict) and p.get("type") == "text"]
-            if not all(isinstance(t, str) for t in texts):
-                raise OpenAIError(400, f"messages[{i}].content is malformed", param="messages")
-            content = "".join(t for t in texts if isinstance(t, str))
-        if not isinstance(content, str):
-            raise OpenAIError(400, f"messages[{i}].content must be a string", param="messages")
-        messages.append({"role": "system" if role == "developer" else role,
-                         "content": content})
-    return messages
-
-
-_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-
-def _raise(message: str) -> None:
-    raise OpenAIError(400, f"the model's chat template refused the messages: {message}",
-                      param="messages")
-
-
-def render_chat(template: str | None, messages: list[dict[str, str]]) -> str:
-    """The prompt for `messages`: the GGUF's chat template (sandboxed), else PLAIN_TEMPLATE."""
-    source = template or PLAIN_TEMPLATE
-    try:
-        compiled = _env.from_string(source)
-        return compiled.render(messages=messages, add_generation_prompt=True,
-                               bos_token="<s>", eos_token="</s>", raise_exception=_raise)
-    except OpenAIError:
-        raise
-    except jinja2.TemplateError as exc:
-        if template is None:
-            raise
-        log.warning("chat_template_failed", reason=str(exc))
-        return _env.from_string(PLAIN_TEMPLATE).render(messages=messages,
-                                                       add_generation_prompt=True)
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -286,15 +166,35 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             raise _as_openai(exc) from None
         return view
 
-    async def open_stream(model_id: str, prompt: str, sampling: Sampling) -> tuple[
+    async def open_stream(model_id: str, prompt: str, sampling: Sampling, *, chat: bool,
+                          messages: list[dict[str, str]] | None,
+                          schema: dict[str, Any] | None) -> tuple[
             GenerationStream, str | None, ModelView]:
         view = await loaded_view(model_id)
-        context = (view.facts.context_length if view.facts else None) or 0
-        limit = sampling.max_tokens or DEFAULT_MAX_TOKENS
+        if schema is not None and view.runtime != LLAMA_CPP:
+            raise OpenAIError(400, f"'{model_id}' runs on {view.runtime}, which cannot "
+                              "constrain output; 'response_format' needs the llama.cpp "
+                              "runtime", param="response_format",
+                              code="response_format_unsupported")
+        context = view.context_length or (view.facts.context_length if view.facts else 0) or 0
+        # Chat without max_tokens runs to the end of the turn or the context (OpenAI's
+        # default); legacy completions keep their 16.
+        limit = sampling.max_tokens or (context if chat and context else DEFAULT_MAX_TOKENS)
+        template = view.facts.chat_template if view.facts else None
+        rendered_by_runtime = (messages is not None and template is not None
+                               and view.runtime == LLAMA_CPP)
+        stop = sampling.stop
+        if messages is not None and not rendered_by_runtime:
+            prompt = render_chat(template, messages)
+            if template is None:  # the plain template: the next "User:" line ends the turn
+                stop = (*stop, PLAIN_TURN_END)
         params = GenerateParams(
             max_new_tokens=min(limit, context) if context else limit,
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            seed=sampling.seed, stop=sampling.stop)
+            seed=sampling.seed, stop=stop,
+            messages=tuple((m_["role"], m_["content"]) for m_ in messages)
+            if rendered_by_runtime and messages is not None else None,
+            json_schema=schema)
         for attempt in range(2):
             try:
                 with answer_within(30):
@@ -321,8 +221,14 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             raise
         return stream, first, view
 
+    def slots(model_id: str) -> int:
+        try:
+            return max(1, registry.view(model_id).slots)
+        except ModelError:
+            return 1  # the request fails later with the right error
+
     def admit(model_id: str) -> None:
-        if busy.get(model_id, 0) > QUEUE_LIMIT:
+        if busy.get(model_id, 0) > QUEUE_LIMIT * slots(model_id):
             raise OpenAIError(429, f"too many requests are waiting for '{model_id}'; retry "
                               "shortly", type_="rate_limit_error", code="queue_full")
         busy[model_id] = busy.get(model_id, 0) + 1
@@ -333,10 +239,12 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             del busy[model_id]
 
     async def generate(model_id: str, prompt: str, sampling: Sampling, *, chat: bool,
-                       include_usage: bool) -> Response:
+                       include_usage: bool, messages: list[dict[str, str]] | None = None,
+                       schema: dict[str, Any] | None = None) -> Response:
         admit(model_id)
         try:
-            stream, first, _view = await open_stream(model_id, prompt, sampling)
+            stream, first, _view = await open_stream(model_id, prompt, sampling, chat=chat,
+                                                     messages=messages, schema=schema)
         except BaseException:
             release(model_id)
             raise
@@ -430,14 +338,37 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         data = await body_of()
         model_id, sampling, prompt = model_of(data), parse_sampling(data), prompt_of(data)
         return await generate(model_id, prompt, sampling, chat=False,
-                              include_usage=include_usage(data))
+                              include_usage=include_usage(data), schema=response_schema(data))
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         data = await body_of()
         model_id, sampling, messages = model_of(data), parse_sampling(data), messages_of(data)
+        return await generate(model_id, "", sampling, chat=True,
+                              include_usage=include_usage(data), messages=messages,
+                              schema=response_schema(data))
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        data = await body_of()
+        model_id = model_of(data)
+        try:
+            texts, encoding = parse_embedding_request(data)
+        except EmbeddingInputError as exc:
+            raise OpenAIError(400, str(exc), param=exc.param) from None
         view = await loaded_view(model_id)
-        template = view.facts.chat_template if view.facts else None
-        prompt = render_chat(template, messages)
-        return await generate(model_id, prompt, sampling, chat=True,
-                              include_usage=include_usage(data))
+        if view.runtime != LLAMA_CPP:
+            raise OpenAIError(400, f"'{model_id}' runs on {view.runtime}, which gives no "
+                              "embeddings; embeddings need the llama.cpp runtime",
+                              param="model", code="embeddings_unsupported")
+        admit(model_id)
+        try:
+            with answer_within(30):
+                job = await registry.embedder(model_id, texts)
+            result = await job.run()
+        except ModelError as exc:
+            raise _as_openai(exc) from None
+        finally:
+            release(model_id)
+        return json_reply(embedding_response(model_id, result.vectors, result.prompt_tokens,
+                                             encoding))

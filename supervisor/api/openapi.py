@@ -89,6 +89,11 @@ def _schemas() -> dict[str, Schema]:
         "evicted": {"type": "array", "items": {"type": "string"},
                     "description": "modeld, in a load's answer: the models unloaded to make "
                     "room ([runtime] max_loaded)"},
+        "runtime": {"type": "string", "enum": ["llama.cpp", "ctransformers"],
+                    "description": "modeld: the runtime that runs it (or would)"},
+        "architecture": {"type": "string", "description": "modeld: from the GGUF header"},
+        "parallel": {"type": "integer", "minimum": 1,
+                     "description": "modeld: requests served at once (llama.cpp)"},
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
@@ -131,6 +136,9 @@ def _schemas() -> dict[str, Schema]:
         },
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "modelType": {"type": "string", "enum": sorted(RUNTIME_TYPES)},
+        "runtime": {"type": "string", "enum": ["auto", "llama.cpp", "ctransformers"]},
+        "parallel": {"type": "integer", "minimum": 1, "maximum": 64},
+        "architecture": ANY,
         "state": ANY,
         "error": ANY,
         "partialBytes": ANY,
@@ -298,8 +306,16 @@ def _openai_paths() -> dict[str, Any]:
         "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
                            {"type": "null"}]},
         "stream": {"type": ["boolean", "null"]},
+        "response_format": {"type": ["object", "null"]},
     }
     loose: Schema = {"type": "object"}
+    embeddings_body = {"type": "object", "required": ["model", "input"], "properties": {
+        "model": {"type": "string"},
+        "input": {"anyOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1, "maxItems": 256,
+                             "items": {"type": "string", "minLength": 1}}]},
+        "encoding_format": {"enum": ["float", "base64", None]},
+    }}
     completion_body = {"type": "object", "required": ["model", "prompt"],
                        "properties": {**sampling, "prompt": {"type": "string"}}}
     chat_body = {"type": "object", "required": ["model", "messages"], "properties": {
@@ -319,6 +335,9 @@ def _openai_paths() -> dict[str, Any]:
         "/v1/chat/completions": {"post": _openai_op(
             "openai_chat_completions", "Answer a conversation (OpenAI)", loose, body=chat_body,
             stream=True)},
+        "/v1/embeddings": {"post": _openai_op(
+            "openai_embeddings", "Embedding vectors of texts (OpenAI; llama.cpp models)", loose,
+            body=embeddings_body)},
     }
 
 

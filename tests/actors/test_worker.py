@@ -1,5 +1,6 @@
 import os
 import signal
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,3 +236,76 @@ async def test_big_model_memory_is_in_the_worker(
             await small_worker.aclose()
             await big_worker.aclose()
         assert not psutil.pid_exists(big_worker.pid)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncated", "data is not within the file bounds"),
+        ("garbage", "failed to read header"),
+        ("text", "invalid magic characters"),
+    ],
+)
+async def test_llama_cpp_refusal_names_its_reason(
+    tiny: Path, tmp_path: Path, damage: str, reason: str, no_children_left: None
+) -> None:
+    with trio.fail_after(30):
+        if damage == "truncated":
+            path = truncate(tiny, 0.5, dest=tmp_path / "half.gguf")
+        elif damage == "garbage":
+            path = tmp_path / "garbage.gguf"
+            path.write_bytes(b"GGUF" + struct.pack("<I", 77) + os.urandom(2048))
+        else:
+            path = tmp_path / "text.gguf"
+            path.write_text("hello, this is not a model\n" * 10)
+        with pytest.raises(WorkerStartError) as caught:
+            await open_worker(
+                path,
+                model_type="llama",
+                context_length=128,
+                threads=1,
+                load_timeout=LOAD_TIMEOUT,
+                runtime="llama.cpp",
+            )
+        assert reason in str(caught.value)
+        assert "check the input params" not in str(caught.value)
+
+
+async def test_llama_cpp_serves_two_requests_at_once(tiny: Path, no_children_left: None) -> None:
+    with trio.fail_after(60):
+        worker = await open_worker(
+            tiny,
+            model_type="llama",
+            context_length=128,
+            threads=1,
+            load_timeout=LOAD_TIMEOUT,
+            runtime="llama.cpp",
+            parallel=2,
+        )
+        try:
+            assert ("llama.cpp", 2, 256) == (
+                worker.info.runtime,
+                worker.info.parallel,
+                worker.info.context_length,
+            )
+            firsts: list[int] = []
+            results = {}
+
+            async def run(i: int) -> None:
+                params = GenerateParams(max_new_tokens=24, seed=i, temperature=0.5)
+                async with worker.generate("Hello", params) as stream:
+                    async for _piece in stream:
+                        if not firsts or firsts[-1] != i:
+                            firsts.append(i)
+                results[i] = stream.result
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, 0)
+                nursery.start_soon(run, 1)
+            assert {0, 1} == set(results)
+            # Pieces of the two requests interleave: both ran at once.
+            assert len(firsts) > 2, firsts
+            vectors = (await worker.embed(["a", "b"])).vectors
+            assert [64, 64] == [len(v) for v in vectors]
+        finally:
+            await worker.aclose()

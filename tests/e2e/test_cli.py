@@ -446,3 +446,11 @@ def test_serve_still_reports_bad_config(tmp_path: Path) -> None:
     proc = modeld(None, "serve", "--config", str(bad))
     assert 2 == proc.returncode
     assert "server" in proc.stderr
+
+
+def test_import_refuses_an_architecture_no_runtime_runs(tmp_path: Path) -> None:
+    # Refused before anything is sent: no daemon needs to answer.
+    path = write_tiny_llama(tmp_path / "x.gguf", architecture="notanarch")
+    proc = modeld(f"http://127.0.0.1:{free_port()}", "import", str(path))
+    assert 1 == proc.returncode
+    assert "'notanarch' model" in proc.stderr and "no modeld answering" not in proc.stderr

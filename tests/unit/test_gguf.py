@@ -85,10 +85,15 @@ def test_missing_architecture_refused(tmp_path: Path) -> None:
         inspect_gguf(path)
 
 
-def test_other_architecture_refused(tmp_path: Path) -> None:
-    path = write_tiny_llama(tmp_path / "m.gguf", architecture="falcon")
-    with pytest.raises(GGUFInvalid, match="'falcon' model"):
+def test_architecture_no_runtime_runs_refused(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "m.gguf", architecture="notanarch")
+    with pytest.raises(GGUFInvalid, match="'notanarch' model"):
         inspect_gguf(path)
+
+
+def test_architecture_llama_cpp_runs_accepted(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "m.gguf", architecture="falcon")
+    assert "falcon" == inspect_gguf(path).architecture
 
 
 def test_empty_file_refused(tmp_path: Path) -> None:

@@ -1,0 +1,152 @@
+"""A fast reader of a GGUF file's header: metadata and tensor table, never the tensor data.
+
+The `gguf` package's reader builds a numpy view per array element: on a current model's
+vocabulary (Gemma 3: 262,144 tokens) that takes 30 s or more. This reader walks the same bytes
+with `struct`, keeps scalars and strings, and keeps only the length of arrays. Blocking; it
+raises HeaderError on bytes that are not a well-formed header (or end before it does).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import attrs
+
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
+_STRING, _ARRAY = 8, 9
+MAX_DIMS = 8
+MAX_STRING = 64 * 1024 * 1024
+
+
+class HeaderError(Exception):
+    """The bytes are not a well-formed GGUF header; the message says where it broke."""
+
+
+@attrs.frozen
+class ArrayValue:
+    """An array's element type and length (its elements are not read)."""
+
+    item_type: int
+    count: int
+
+
+@attrs.frozen
+class TensorEntry:
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n
+
+
+@attrs.frozen
+class Header:
+    version: int
+    fields: dict[str, Any]
+    tensors: list[TensorEntry]
+    data_offset: int  # where tensor data starts (aligned)
+
+
+class _Cursor:
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data = data
+        self.pos = 0
+
+    def unpack(self, fmt: str, size: int) -> Any:
+        if self.pos + size > len(self.data):
+            raise HeaderError(f"the header ends early (at byte {self.pos})")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        length = self.unpack("<Q", 8)
+        if length > MAX_STRING or self.pos + length > len(self.data):
+            raise HeaderError(f"a string at byte {self.pos} runs past the header")
+        raw = bytes(self.data[self.pos : self.pos + length])
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        length = self.unpack("<Q", 8)
+        if self.pos + length > len(self.data):
+            raise HeaderError(f"a string at byte {self.pos} runs past the header")
+        self.pos += length
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            fmt, size = _SCALARS[kind]
+            return self.unpack(fmt, size)
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_type = self.unpack("<I", 4)
+            count = self.unpack("<Q", 8)
+            if item_type in _SCALARS:
+                size = _SCALARS[item_type][1] * count
+                if self.pos + size > len(self.data):
+                    raise HeaderError(f"an array at byte {self.pos} runs past the header")
+                self.pos += size
+            elif item_type == _STRING:
+                for _ in range(count):
+                    self.skip_string()
+            else:
+                raise HeaderError(f"an array of unknown type {item_type} at byte {self.pos}")
+            return ArrayValue(item_type, count)
+        raise HeaderError(f"unknown metadata value type {kind} at byte {self.pos}")
+
+
+def read_header(data: bytes | memoryview, *, stop_at: str | None = None) -> Header:
+    """Parse the header in data (the file's bytes, or a memoryview of its mmap).
+
+    With stop_at, parsing stops once that key is read (the tensor table is then empty).
+    Raises HeaderError.
+    """
+    cursor = _Cursor(data)
+    if bytes(data[:4]) != b"GGUF":
+        raise HeaderError("no GGUF magic")
+    cursor.pos = 4
+    version = cursor.unpack("<I", 4)
+    tensor_count = cursor.unpack("<Q", 8)
+    kv_count = cursor.unpack("<Q", 8)
+    fields: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = cursor.string()
+        kind = cursor.unpack("<I", 4)
+        fields[key] = cursor.value(kind)
+        if key == stop_at:
+            return Header(version, fields, [], 0)
+    tensors = []
+    for _ in range(tensor_count):
+        name = cursor.string()
+        n_dims = cursor.unpack("<I", 4)
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise HeaderError(f"tensor {name!r} claims {n_dims} dimensions")
+        dims = tuple(cursor.unpack("<Q", 8) for _ in range(n_dims))
+        ggml_type = cursor.unpack("<I", 4)
+        offset = cursor.unpack("<Q", 8)
+        tensors.append(TensorEntry(name, dims, ggml_type, offset))
+    alignment = fields.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        raise HeaderError(f"general.alignment is {alignment!r}")
+    data_offset = -(-cursor.pos // alignment) * alignment
+    return Header(version, fields, tensors, data_offset)
