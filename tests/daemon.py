@@ -74,9 +74,6 @@ class Daemon:
 
     def launch(self, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         """Start the daemon's process and return at once."""
-        # New ones: the reader of a killed process may still be draining its pipe, into its own.
-        self.lines = []
-        self._queue = queue.Queue()
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("STATE_DIRECTORY", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
         full_env.update(env or {})
@@ -85,7 +82,15 @@ class Daemon:
              str(self.config_path)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
         )
-        threading.Thread(target=self._read, args=(self.proc, self.lines, self._queue),
+        self.follow(self.proc)
+
+    def follow(self, proc: subprocess.Popen[bytes]) -> None:
+        """Take `proc` as the daemon's process and read its JSON lines from now on."""
+        self.proc = proc
+        # New ones: the reader of a killed process may still be draining its pipe, into its own.
+        self.lines = []
+        self._queue = queue.Queue()
+        threading.Thread(target=self._read, args=(proc, self.lines, self._queue),
                          daemon=True).start()
 
     def _read(self, proc: subprocess.Popen[bytes], lines: list[dict[str, Any]],

@@ -143,8 +143,7 @@ def test_socket_activation(make_daemon: DaemonFactory) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES},
     )
-    daemon.proc = proc  # the helper reads its JSON lines and stops it with SIGTERM
-    threading.Thread(target=daemon._read, args=(proc,), daemon=True).start()
+    daemon.follow(proc)  # the helper reads its JSON lines and stops it with SIGTERM
     try:
         assert proc.stderr is not None
         assert b"Listening on" in proc.stderr.readline()
