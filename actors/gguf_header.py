@@ -27,6 +27,7 @@ _SCALARS = {
     12: ("<d", 8),
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 MAX_DIMS = 8
 MAX_STRING = 64 * 1024 * 1024
 
@@ -86,11 +87,17 @@ class _Cursor:
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        length = self.unpack("<Q", 8)
-        if self.pos + length > len(self.data):
-            raise HeaderError(f"a string at byte {self.pos} runs past the header")
-        self.pos += length
+    def skip_strings(self, count: int) -> None:
+        # One tight loop: a vocabulary holds a few hundred thousand strings.
+        data, pos, end = self.data, self.pos, len(self.data)
+        unpack = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise HeaderError(f"a string array at byte {self.pos} runs past the header")
+            pos += 8 + unpack(data, pos)[0]
+        if pos > end:
+            raise HeaderError(f"a string array at byte {self.pos} runs past the header")
+        self.pos = pos
 
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
@@ -107,8 +114,7 @@ class _Cursor:
                     raise HeaderError(f"an array at byte {self.pos} runs past the header")
                 self.pos += size
             elif item_type == _STRING:
-                for _ in range(count):
-                    self.skip_string()
+                self.skip_strings(count)
             else:
                 raise HeaderError(f"an array of unknown type {item_type} at byte {self.pos}")
             return ArrayValue(item_type, count)

@@ -8,7 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import cancel, downloads, live, report, runtime
+from bench import cancel, downloads, live, llamacpp, report, runtime
 from bench.common import Result, Row, log, raise_nofile
 
 BENCHMARKS: dict[str, Callable[[], Result]] = {
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "load": runtime.bench_load,
     "memory": runtime.bench_memory,
     "startup": runtime.bench_startup,
+    "llamacpp": llamacpp.bench_llamacpp,
 }
 
 

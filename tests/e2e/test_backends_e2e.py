@@ -162,3 +162,17 @@ def test_architecture_no_runtime_runs_is_refused_on_upload(
     assert "'notanarch' model" in json.loads(r.text)["message"]
     assert view(daemon, model_id)["downloaded"] is False
     assert 200 == httpx.get(f"{daemon.url}/models").status_code  # the daemon is unharmed
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_chat_without_max_tokens_runs_past_16(served: tuple[Daemon, dict[str, str]],
+                                              runtime: str) -> None:
+    daemon, ids = served
+    r = httpx.post(f"{daemon.url}/v1/chat/completions", timeout=60, json={
+        "model": ids[runtime], "messages": [{"role": "user", "content": "Hi"}], "seed": 3,
+        "temperature": 0.5})
+    assert 200 == r.status_code, r.text
+    answer = r.json()
+    # The plain template (the tiny file has none) until "User:", the end of text or the
+    # context (with this seed: the 128-token context of the file); never cut at 16 tokens.
+    assert answer["usage"]["completion_tokens"] > 16, answer

