@@ -197,7 +197,7 @@ class Out:
 
 
 def _table(out: Out, models: list[dict[str, Any]]) -> None:
-    from supervisor.client import model_row
+    from supervisor.views import model_row
 
     header = ("ID", "NAME", "STATE", "SIZE", "LOADED")
     rows = [model_row(m) for m in models]
@@ -283,7 +283,7 @@ def resume_hint(model_id: str, kept: object) -> str:
     """What a cancelled download left, from the model's `partialBytes` after the cancel. The
     daemon keeps a partial only when it can resume it: an origin that does not serve byte
     ranges leaves none."""
-    from supervisor.client import format_bytes
+    from supervisor.views import format_bytes
 
     if isinstance(kept, int) and kept > 0:
         return f"{format_bytes(kept)} kept; `modeld pull {model_id}` resumes it"
@@ -312,7 +312,8 @@ def cmd_rm(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
-    from supervisor.client import ClientError, format_bytes
+    from supervisor.client import ClientError
+    from supervisor.views import format_bytes
 
     path: Path = args.path
     if not path.is_file():
@@ -380,15 +381,15 @@ def _upload(api: Api, model_id: str, path: Path, out: Out) -> dict[str, Any]:
 def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     import trio
 
-    from supervisor import client
+    from supervisor import client, views
 
     view: client.PullView
     if out.json:
-        view = client.JsonPullView(out.line)
+        view = views.JsonPullView(out.line)
     elif out.tty:
-        view = client.RichPullView(args.id)
+        view = views.RichPullView(args.id)
     else:
-        view = client.PlainPullView(out.line)
+        view = views.PlainPullView(out.line)
     interrupt: client.Interrupt = "leave"
     if args.cancel_on_interrupt:
         interrupt = "cancel"
@@ -397,7 +398,7 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     try:
         outcome = trio.run(
             lambda: client.run_pull(endpoint, args.id, view, interrupt=interrupt,
-                                    ask=client.ask_on_terminal(args.id))
+                                    ask=views.ask_on_terminal(args.id))
         )
     finally:
         view.close()
@@ -407,7 +408,7 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     if outcome.result == "COMPLETED":  # even if Ctrl-C came too late to matter
         if not out.json:
             known = outcome.model.get("bytes")
-            size = client.format_bytes(progress.get("total") or progress.get("bytes") or (
+            size = views.format_bytes(progress.get("total") or progress.get("bytes") or (
                 known.get("value") if isinstance(known, dict) else None))
             already = "already " if outcome.model.get("downloaded") else ""
             out.line(f"{model_id} {already}downloaded ({size})")

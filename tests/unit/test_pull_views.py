@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from supervisor.client import PlainPullView
+from supervisor.views import PlainPullView
 
 
 def test_a_failed_download_ends_with_the_bytes_done_and_the_reason() -> None:
