@@ -3,12 +3,21 @@ memory, before a worker process is started for it."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
 import psutil
+import structlog
 
 from actors import messages as m
-from actors.errors import InsufficientMemory
-from actors.gguf import GGUFInfo
+from actors.errors import InsufficientMemory, InvalidInput
+from actors.gguf import GGUFInfo, GGUFInvalid
+from actors.runtimes import CTRANSFORMERS, RuntimeRefused, choose_runtime
 from actors.spec import ModelSpec
+
+log = structlog.get_logger("modeld.actor")
 
 MEMORY_MARGIN = 256 * 1024 * 1024
 
@@ -24,6 +33,20 @@ def facts_from(info: GGUFInfo) -> m.FileFacts:
     )
 
 
+def read_facts(inspect: Callable[[Path], GGUFInfo], path: Path,
+               model_id: str) -> m.FileFacts | None:
+    """The facts of a published file (blocking); a bad file is logged here and refused at
+    load, and then only its size is known."""
+    try:
+        return facts_from(inspect(path))
+    except (GGUFInvalid, OSError) as exc:
+        log.warning("model_file_invalid", model=model_id, reason=str(exc))
+    try:
+        return m.FileFacts(size=os.path.getsize(path))
+    except OSError:
+        return None
+
+
 def check_memory(spec: ModelSpec, file_size: int) -> None:
     """Refuse a model that cannot fit: its catalog `ram`, else its file size (the worker reads
     the weights into memory), plus a margin, against what is available now. Raises
@@ -35,3 +58,20 @@ def check_memory(spec: ModelSpec, file_size: int) -> None:
             f"loading needs about {need / 1e9:.1f} GB ({need} bytes) but only "
             f"{available / 1e9:.1f} GB are available; unload other models or free memory",
         )
+
+
+MAX_DEFAULT_CONTEXT = 4096  # tokens, when neither the model's record nor its file says less
+
+
+def runtime_spec(spec: ModelSpec, info: GGUFInfo, default_runtime: str,
+                 default_parallel: int) -> ModelSpec:
+    """The spec a worker is started with: its runtime chosen from the file's architecture
+    (InvalidInput when none runs it), a context length and the parallel slots set."""
+    try:
+        runtime = choose_runtime(spec.runtime or default_runtime, info.architecture)
+    except RuntimeRefused as exc:
+        raise InvalidInput(str(exc), code="runtime_unsupported") from None
+    context = spec.context_length or min(info.context_length or MAX_DEFAULT_CONTEXT,
+                                         MAX_DEFAULT_CONTEXT)
+    parallel = 1 if runtime == CTRANSFORMERS else spec.parallel or default_parallel
+    return attrs.evolve(spec, runtime=runtime, context_length=context, parallel=parallel)

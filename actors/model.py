@@ -11,7 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import structlog
@@ -31,11 +31,11 @@ from actors.errors import (
 )
 from actors.generation import GenerationStream
 from actors.gguf import GGUF_MAGIC, ArchitectureUnsupported, GGUFInfo, GGUFInvalid, inspect_gguf
-from actors.load_checks import check_memory, facts_from
+from actors.load_checks import check_memory, facts_from, read_facts, runtime_spec
 from actors.partial import held_marker, partial_bytes, remove_partial
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
-from actors.runtimes import CTRANSFORMERS, RuntimeRefused, choose_runtime, preview_runtime
+from actors.runtimes import preview_runtime
 from actors.spec import ModelSpec
 from actors.state import Event, State, transition
 from actors.store import Store
@@ -48,7 +48,6 @@ UNLOAD_GRACE = 3.0  # seconds a worker gets to exit when asked, before it is kil
 STOP_BOUND = UNLOAD_GRACE + 5.0  # the most a worker's stop may take, reaping included
 # Without a context length in the spec, a worker gets the one the file was trained with, up to
 # this: the KV cache grows with it, and some files claim 32k or more.
-MAX_DEFAULT_CONTEXT = 4096
 
 
 @attrs.frozen
@@ -68,13 +67,6 @@ def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     reply.close()
-
-
-def _size_or_none(path: Path) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return None
 
 
 Message = m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited
@@ -268,14 +260,8 @@ class ModelActor:
 
     async def _refresh_facts(self) -> None:
         """Read the published file's header; a bad file is reported here and refused at load."""
-        try:
-            info = await trio.to_thread.run_sync(self._inspect, self.dest)
-        except (GGUFInvalid, OSError) as exc:
-            log.warning("model_file_invalid", model=self.spec.id, reason=str(exc))
-            size = await trio.to_thread.run_sync(_size_or_none, self.dest)
-            self._facts = None if size is None else m.FileFacts(size=size)
-        else:
-            self._facts = facts_from(info)
+        self._facts = await trio.to_thread.run_sync(read_facts, self._inspect, self.dest,
+                                                    self.spec.id)
 
     # -- download --------------------------------------------------------------------------
 
@@ -408,23 +394,25 @@ class ModelActor:
             _reply_now(cmd.reply, Conflict(why, code="not_loadable"))
 
     def _handle_generate(self, cmd: m.Generate) -> None:
-        worker = self._worker
-        if self.state is not State.LOADED or worker is None:
-            why = f"the model is {self.state.value}, not loaded; load it first"
-            _reply_now(cmd.reply, Conflict(why, code="not_loaded"))
-            return
-        self._gate.touch(self.spec.id)
-        stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params))
-        _reply_now(cmd.reply, stream)
+        worker = self._loaded_worker(cmd.reply)
+        if worker is not None:
+            stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params))
+            _reply_now(cmd.reply, stream)
 
     def _handle_embed(self, cmd: m.Embed) -> None:
-        worker = self._worker
-        if self.state is not State.LOADED or worker is None:
+        worker = self._loaded_worker(cmd.reply)
+        if worker is not None:
+            _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts))
+
+    def _loaded_worker(self, reply: trio.MemorySendChannel[Any]) -> WorkerHandle | None:
+        """The worker that serves a request (and the model counts as used), or None when the
+        request was refused because the model is not loaded."""
+        if self.state is not State.LOADED or self._worker is None:
             why = f"the model is {self.state.value}, not loaded; load it first"
-            _reply_now(cmd.reply, Conflict(why, code="not_loaded"))
-            return
+            _reply_now(reply, Conflict(why, code="not_loaded"))
+            return None
         self._gate.touch(self.spec.id)
-        _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts))
+        return self._worker
 
     def _close_waiters(self) -> None:
         if self._load is not None:
@@ -439,7 +427,9 @@ class ModelActor:
             with attempt.scope:
                 info = await trio.to_thread.run_sync(self._inspect, self.dest)
                 attempt.facts = facts_from(info)
-                spec = self._runtime_spec(info)  # refused before anything is evicted for it
+                # The runtime is chosen (or refused) before anything is evicted for the model.
+                spec = runtime_spec(self.spec, info, self._settings.default_runtime,
+                                    self._settings.parallel)
                 check_memory(self.spec, info.file_size)
                 await self._gate.admit(self.spec.id)
                 admitted = True
@@ -465,23 +455,6 @@ class ModelActor:
                 self._gate.release(self.spec.id)
             attempt.ended.set()
         await self._send.send(LoadEnded(attempt))
-
-    def _runtime_spec(self, info: GGUFInfo) -> ModelSpec:
-        """The spec the worker is started with: its runtime chosen from the file's architecture
-        (InvalidInput when none runs it), a context length and the parallel slots set."""
-        try:
-            runtime = choose_runtime(
-                self.spec.runtime or self._settings.default_runtime, info.architecture
-            )
-        except RuntimeRefused as exc:
-            raise InvalidInput(str(exc), code="runtime_unsupported") from None
-        context = self.spec.context_length or min(
-            info.context_length or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT
-        )
-        parallel = self.spec.parallel or self._settings.parallel
-        if runtime == CTRANSFORMERS:
-            parallel = 1
-        return attrs.evolve(self.spec, runtime=runtime, context_length=context, parallel=parallel)
 
     async def _finish_load(self, attempt: LoadAttempt) -> None:
         self._load = None
