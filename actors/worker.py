@@ -132,11 +132,6 @@ class Worker:
         self._next_id += 1
         return Generation(self, request_id, prompt, params)
 
-    async def tokenize(self, text: str) -> list[int]:
-        """The model's tokens for text (with BOS). Raises WorkerDied, WorkerRequestError."""
-        frame = await self._call({"type": "tokenize", "text": text})
-        return [int(t) for t in frame["tokens"]]
-
     async def embed(self, texts: list[str]) -> Embeddings:
         """One embedding vector per text. Raises WorkerDied, WorkerRequestError (e.g. a
         runtime that gives no embeddings)."""

@@ -4,7 +4,7 @@ Run as ``python -m actors.worker_main --runtime llama.cpp --model PATH --context
 --threads N --parallel N``. The parent (actors/worker.py) talks to it over stdin/stdout in
 frames of a 4-byte big-endian length followed by UTF-8 JSON.
 
-Parent -> child: generate, cancel, tokenize, embed, exit.
+Parent -> child: generate, cancel, embed, exit.
 Child -> parent: ready | error (once, after loading), then per request: piece* done | error,
 or tokens, or embeddings. Frames of requests running together interleave; each carries its id.
 
@@ -170,9 +170,6 @@ def _serve(backend: Backend, inbox: Inbox, out: FrameWriter) -> None:
                         "finish_reason": reason,
                     }
                 )
-            elif kind == "tokenize":
-                tokens = backend.tokenize(str(message["text"]))
-                out.send({"type": "tokens", "id": request_id, "tokens": tokens})
             elif kind == "embed":
                 vectors, n_tokens = backend.embed([str(t) for t in message["input"]])
                 out.send(

@@ -61,8 +61,6 @@ class Backend(Protocol):
     load_seconds: float
     parallel: int
 
-    def tokenize(self, text: str) -> list[int]: ...
-
     def generate(
         self, request: GenerateRequest, *, cancelled: threading.Event, emit: Emit
     ) -> tuple[int, int, str]:

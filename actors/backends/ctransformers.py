@@ -113,11 +113,6 @@ class CTransformersBackend:
             self.vocab_size = int(self._llm.vocab_size)
         self.load_seconds = time.perf_counter() - started
 
-    def tokenize(self, text: str) -> list[int]:
-        with self._lock:
-            result: list[int] = self._llm.tokenize(text)
-            return result
-
     def generate(
         self, request: GenerateRequest, *, cancelled: threading.Event, emit: Emit
     ) -> tuple[int, int, str]:

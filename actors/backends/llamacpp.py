@@ -129,9 +129,6 @@ class LlamaCppBackend:
         self.parallel = parallel
         self.load_seconds = time.perf_counter() - started
 
-    def tokenize(self, text: str) -> list[int]:
-        raise RequestRefused("the llama.cpp backend does not tokenize on its own")
-
     def generate(
         self, request: GenerateRequest, *, cancelled: threading.Event, emit: Emit
     ) -> tuple[int, int, str]:

@@ -148,8 +148,6 @@ async def test_emoji_and_cjk_prompts_do_not_crash(tiny: Path, no_children_left: 
         worker = await start(tiny, context_length=512)
         try:
             long_text = "😀漢字🎉ひらがな" * 500  # 3500 chars, ~11 000 byte-fallback tokens
-            tokens = await worker.tokenize(long_text)
-            assert len(tokens) > 3 * len(long_text)  # more tokens than characters
             with pytest.raises(WorkerRequestError, match="context"):
                 await collect(worker, long_text, GenerateParams(max_new_tokens=4))
             text = await collect(worker, "😀漢字🎉" * 20, GenerateParams(max_new_tokens=8, seed=1))
