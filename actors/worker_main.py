@@ -6,7 +6,7 @@ frames of a 4-byte big-endian length followed by UTF-8 JSON.
 
 Parent -> child: generate, cancel, embed, exit.
 Child -> parent: ready | error (once, after loading), then per request: piece* done | error,
-or tokens, or embeddings. Frames of requests running together interleave; each carries its id.
+or embeddings. Frames of requests running together interleave; each carries its id.
 
 The runtime is a backend (actors/backends/): ctransformers serves one request at a time,
 llama.cpp as many as it has slots, each in its own serving thread here. This module uses the
