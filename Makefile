@@ -36,8 +36,10 @@ lint: deps
 typecheck: deps
 	$(BIN)/mypy --strict supervisor actors
 
+# Two pytest workers: most end-to-end tests wait on daemons and origins, not on the CPU. A test
+# file stays on one worker (its module fixtures, e.g. one loaded Gemma, are made once).
 test: lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # Benchmarks (not part of `make test`): needs nginx, aria2c and curl from Debian.
 bench: deps
