@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import psutil
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from actors.messages import ModelView, Progress
@@ -96,6 +97,8 @@ class ModelOut:
     runtime: str | None = None
     architecture: str | None = None
     parallel: int | None = None
+    pid: int | None = None  # the loaded model's worker process
+    resident_bytes: int | None = None  # its resident memory now
 
 
 @attrs.frozen
@@ -258,6 +261,16 @@ def iso_utc(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def _resident_bytes(pid: int | None) -> int | None:
+    """A worker's resident memory (one small /proc read), or None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
+
+
 def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str, Any]:
     spec, facts = view.spec, view.facts
     f = flags(view.state)
@@ -296,6 +309,8 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         unique=spec.id,
         score=ScoreOut(**attrs.asdict(spec.score)),
         evicted=evicted or None,
+        pid=view.worker_pid,
+        resident_bytes=_resident_bytes(view.worker_pid),
         runtime=view.runtime,
         architecture=facts.architecture if facts else None,
         parallel=spec.parallel,

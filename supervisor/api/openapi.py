@@ -86,6 +86,9 @@ def _schemas() -> dict[str, Schema]:
         "loadSeconds": {"type": "number", "minimum": 0},
         "unique": {"type": "string"},
         "score": _ref("Score"),
+        "pid": {"type": "integer", "minimum": 1,
+                "description": "modeld: the worker process of a loaded model"},
+        "residentBytes": {**SIZE, "description": "modeld: that worker's resident memory now"},
         "evicted": {"type": "array", "items": {"type": "string"},
                     "description": "modeld, in a load's answer: the models unloaded to make "
                     "room ([runtime] max_loaded)"},

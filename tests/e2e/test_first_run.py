@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.daemon import ROOT
@@ -151,6 +152,11 @@ def test_load_says_which_model_it_unloaded_to_make_room(make_daemon: DaemonFacto
     assert second.stdout.rstrip().endswith(f"(unloaded {ids[0]} to make room)"), second.stdout
     again = json.loads(modeld(daemon.url, "--json", "load", ids[1]).stdout)
     assert "evicted" not in again  # already loaded: nothing unloaded this time
+    shown = json.loads(modeld(daemon.url, "show", ids[1]).stdout)
+    assert psutil.Process(shown["pid"]).is_running()  # its worker process
+    assert shown["residentBytes"] > 1_000_000
+    assert shown["runtime"] in ("llama.cpp", "ctransformers")
+    assert "pid" not in json.loads(modeld(daemon.url, "show", ids[0]).stdout)  # unloaded
     assert 0 == daemon.stop()
 
 
