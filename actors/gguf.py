@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import gguf
 
 from actors.gguf_header import ArrayValue, HeaderError, TensorEntry, read_header
 from actors.runtimes import runnable
@@ -114,6 +113,8 @@ def _str_field(fields: dict[str, Any], key: str) -> str | None:
 
 def _tensor_bytes(tensor: TensorEntry) -> int:
     """The bytes of one tensor's data. Raises HeaderError for an unknown tensor type."""
+    import gguf  # (with numpy: 0.25 s) only once a file is inspected, not at every start
+
     try:
         block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.ggml_type)]
     except (ValueError, KeyError):
@@ -122,6 +123,8 @@ def _tensor_bytes(tensor: TensorEntry) -> int:
 
 
 def _quantization(fields: dict[str, Any], tensors: list[TensorEntry]) -> str | None:
+    import gguf
+
     file_type = _int_field(fields, "general.file_type")
     if file_type is not None:
         try:
