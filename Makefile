@@ -11,9 +11,8 @@ CONFIG ?= config.example.toml
 $(BIN)/activate:
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: on Debian/Ubuntu install python3-venv first (sudo apt install python3-venv)" >&2; exit 1; }
 
-# pip's output goes to a log, shown only when the install fails. No byte-compiling of every
-# installed module (20 s): Python compiles what it imports, once.
-PIP_INSTALL = $(BIN)/python -m pip install --disable-pip-version-check --quiet --no-compile
+# pip's output goes to a log, shown only when the install fails.
+PIP_INSTALL = $(BIN)/python -m pip install --disable-pip-version-check --quiet
 
 # `make run` needs the runtime only; `make test` adds the test tools.
 $(VENV)/.runtime: pyproject.toml | $(BIN)/activate
