@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from actors.errors import InvalidInput, OperationFailed, Unavailable
-from actors.worker import Embeddings, WorkerError, WorkerExiting, WorkerRequestError
+from actors.generation import worker_errors
+from actors.worker import Embeddings
 
 log = structlog.get_logger("modeld.actor")
 
@@ -31,18 +31,10 @@ class EmbeddingJob:
         self._texts = texts
 
     async def run(self) -> Embeddings:
-        try:
+        with worker_errors(
+            refused="embedding_refused", unloaded_while="made embeddings",
+            died_while="making embeddings",
+            log_failure=lambda why: log.error("embedding_failed", model=self.model_id,
+                                              reason=why),
+        ):
             return await self._embed(self._texts)
-        except WorkerRequestError as exc:
-            raise InvalidInput(str(exc), code="embedding_refused") from None
-        except WorkerExiting:
-            raise Unavailable(
-                "the model was unloaded while it made embeddings; load it and try again",
-                code="model_unloaded",
-            ) from None
-        except WorkerError as exc:
-            log.error("embedding_failed", model=self.model_id, reason=str(exc))
-            raise OperationFailed(
-                f"the model's worker stopped while making embeddings: {exc}",
-                code="worker_exited",
-            ) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 import structlog
@@ -11,6 +13,28 @@ from actors.ports import TextStream
 from actors.worker import GenerationResult, WorkerError, WorkerExiting, WorkerRequestError
 
 log = structlog.get_logger("modeld.actor")
+
+
+@contextlib.contextmanager
+def worker_errors(*, refused: str, unloaded_while: str, died_while: str,
+                  log_failure: Callable[[str], None]) -> Iterator[None]:
+    """A worker's errors as ModelErrors, the one mapping for generations and embeddings:
+    InvalidInput (code `refused`) when the model refuses the request, Unavailable when it is
+    unloaded meanwhile, OperationFailed (logged by `log_failure`) when its worker dies."""
+    try:
+        yield
+    except WorkerRequestError as exc:
+        raise InvalidInput(str(exc), code=refused) from None
+    except WorkerExiting:
+        raise Unavailable(
+            f"the model was unloaded while it {unloaded_while}; load it and try again",
+            code="model_unloaded",
+        ) from None
+    except WorkerError as exc:
+        log_failure(str(exc))
+        raise OperationFailed(
+            f"the model's worker stopped while {died_while}: {exc}", code="worker_exited"
+        ) from None
 
 
 class GenerationStream:
@@ -46,20 +70,13 @@ class GenerationStream:
         return self
 
     async def __anext__(self) -> str:
-        try:
+        with worker_errors(
+            refused="generation_refused", unloaded_while="generated",
+            died_while="generating",
+            log_failure=lambda why: log.error("generation_failed", model=self.model_id,
+                                              reason=why),
+        ):
             return await self._inner.__anext__()
-        except WorkerRequestError as exc:
-            raise InvalidInput(str(exc), code="generation_refused") from None
-        except WorkerExiting:
-            raise Unavailable(
-                "the model was unloaded while it generated; load it and try again",
-                code="model_unloaded",
-            ) from None
-        except WorkerError as exc:
-            log.error("generation_failed", model=self.model_id, reason=str(exc))
-            raise OperationFailed(
-                f"the model's worker stopped while generating: {exc}", code="worker_exited"
-            ) from None
 
     async def aclose(self) -> None:
         """Stop the generation if it still runs (idempotent; never raises WorkerError)."""
