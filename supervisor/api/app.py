@@ -180,6 +180,11 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     async def add_headers(response: Response) -> Response:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Server"] = SERVER_HEADER
+        sent_body = Incoming.create(request.method, request.headers.items()).has_body()
+        if response.status_code >= 400 and sent_body:
+            # An error may be answered before the body is read; a client that then reuses the
+            # connection would wait forever for hypercorn to read its next request.
+            response.headers["Connection"] = "close"
         origin = request.headers.get("origin")
         if origin is not None and guard.origin_allowed(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
