@@ -11,18 +11,25 @@ CONFIG ?= config.example.toml
 $(BIN)/activate:
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed: on Debian/Ubuntu install python3-venv first (sudo apt install python3-venv)" >&2; exit 1; }
 
-# pip's output goes to a log, shown only when the install fails.
+# The installer's output goes to a log, shown only when the install fails. uv installs in about
+# 15 s what pip takes 70 s for; pip is the fallback where uv cannot be had or cannot reach the
+# index (uv does not read pip.conf).
 PIP_INSTALL = $(BIN)/python -m pip install --disable-pip-version-check --quiet
+define install
+	@echo "installing $(2) into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PIP_INSTALL) uv && $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '$(1)'; } \
+	  > $(VENV)/install.log 2>&1 \
+	  || $(PIP_INSTALL) -e '$(1)' >> $(VENV)/install.log 2>&1 \
+	  || { cat $(VENV)/install.log >&2; exit 1; }
+endef
 
 # `make run` needs the runtime only; `make test` adds the test tools.
 $(VENV)/.runtime: pyproject.toml | $(BIN)/activate
-	@echo "installing modeld into $(VENV) (log: $(VENV)/install.log)"
-	@$(PIP_INSTALL) -e . > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
+	$(call install,.,modeld)
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	@echo "installing modeld and its test tools into $(VENV) (log: $(VENV)/install.log)"
-	@$(PIP_INSTALL) -e '.[test]' > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log >&2; exit 1; }
+	$(call install,.[test],modeld and its test tools)
 	@touch $@ $(VENV)/.runtime
 
 deps: $(VENV)/.installed
@@ -38,8 +45,10 @@ typecheck: deps
 
 # Two pytest workers: most end-to-end tests wait on daemons and origins, not on the CPU. A test
 # file stays on one worker (its module fixtures, e.g. one loaded Gemma, are made once).
+# Bytecode caches are written even where PYTHONDONTWRITEBYTECODE is set: without them every
+# pytest worker compiles and assertion-rewrites its modules again (15 s of collection, not 3 s).
 test: lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # Benchmarks (not part of `make test`): needs nginx, aria2c and curl from Debian.
 bench: deps

@@ -150,7 +150,10 @@ def test_served_document_is_the_built_one(daemon: Daemon) -> None:
 STAND_INS = ["cat-a", "custom-stand-in", "imported-stand-in"]
 
 
+@pytest.fixture(scope="module")
 def fuzz_schema() -> Any:
+    """Built when the test runs, not at collection (where every pytest worker would build the
+    coverage cases of every operation)."""
     doc = build_document()
     param = doc["components"]["parameters"]["model"]
     param["schema"] = {"anyOf": [{"enum": STAND_INS}, param["schema"]]}
@@ -161,7 +164,7 @@ def fuzz_schema() -> Any:
     return schemathesis.openapi.from_dict(doc, config=config)
 
 
-schema = fuzz_schema()
+schema = schemathesis.pytest.from_fixture("fuzz_schema")
 
 
 @schema.parametrize()  # type: ignore[untyped-decorator]
