@@ -117,6 +117,7 @@ class ImportFile(Command):
 
     operation = "publishing the uploaded file"
     temp: Path
+    sha256: str  # of the file's bytes, taken as they arrived
 
 
 @attrs.frozen(kw_only=True)

@@ -238,7 +238,7 @@ class ModelActor:
             log.info("model_updated", model=self.spec.id)
             return self.view()
         if isinstance(cmd, m.ImportFile):
-            return await self._handle_import(cmd.temp)
+            return await self._handle_import(cmd.temp, cmd.sha256)
         if isinstance(cmd, m.Delete):
             return await self._handle_delete()
         raise InvalidInput(f"unknown command {type(cmd).__name__}")
@@ -537,12 +537,20 @@ class ModelActor:
 
     # -- files -----------------------------------------------------------------------------
 
-    async def _handle_import(self, temp: Path) -> m.ModelView:
+    async def _handle_import(self, temp: Path, sha256: str) -> m.ModelView:
         try:
             if self.state not in (State.ABSENT, State.DOWNLOADED):
                 raise Conflict(
                     f"cannot replace the file while the model is {self.state.value}",
                     code="conflict",
+                )
+            if self.spec.url and self.spec.sha256 not in (None, sha256):
+                # Its url's file, verified by that sha256; a model without a url takes any.
+                raise InvalidInput(
+                    f"the file's sha256 is {sha256}; this model downloads from its url a "
+                    f"file with sha256 {self.spec.sha256}: upload that file, or update the "
+                    "model's url and sha256",
+                    code="checksum_mismatch",
                 )
             try:
                 info = await trio.to_thread.run_sync(self._inspect, temp)
@@ -564,10 +572,24 @@ class ModelActor:
         self._partial = 0
         self.error = None
         self._move(Event.FILE_IMPORTED)
+        await self._remember_sha256(sha256)
         self._publish(status="COMPLETED", percentage=100.0, bytes=info.file_size,
                       total=info.file_size)
         log.info("model_imported", model=self.spec.id, bytes=info.file_size)
         return self.view()
+
+    async def _remember_sha256(self, sha256: str) -> None:
+        """Record the imported file's sha256 (clients find a file imported before by it)."""
+        if not self.spec.custom or self.spec.sha256 == sha256:
+            return
+        spec = attrs.evolve(self.spec, sha256=sha256)
+        try:
+            await trio.to_thread.run_sync(self._store.write_record, spec)
+        except OSError as exc:  # the file is published all the same; only the hash is lost
+            log.warning("record_not_written", model=self.spec.id,
+                        reason=exc.strerror or str(exc))
+            return
+        self.spec = spec
 
     def _publish_import(self, temp: Path) -> None:
         """Publish an uploaded file; an earlier download's partial is no longer needed."""

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="display name (default: the file name)")
     imp.add_argument("--model-type", help="ctransformers model type (default: llama)")
     imp.add_argument("--description")
+    imp.add_argument("--copy", action="store_true",
+                     help="import the file again even if a model already has it")
     return parser
 
 
@@ -319,6 +321,17 @@ def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
     if not path.is_file():
         raise ClientError(f"{path} is not a file")
     _check_architecture(path)
+    if not args.copy:
+        known = _model_with_file(api, path)
+        if known is not None:
+            if out.json:
+                out.data(known)
+            elif out.tty:
+                out.line(f"{path.name} is already imported as {known['id']}; "
+                         "--copy imports it again")
+            else:
+                out.line(str(known["id"]))
+            return EXIT_OK
     name = args.name or path.name.removesuffix(".gguf")
     seed: dict[str, Any] = {"name": name}
     if args.model_type:
@@ -343,6 +356,18 @@ def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
     else:
         out.line(model_id)
     return EXIT_OK
+
+
+def _model_with_file(api: Api, path: Path) -> dict[str, Any] | None:
+    """A downloaded model whose file has the same sha256 as `path`, if there is one."""
+    import hashlib
+
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    for model in api.models():
+        if model.get("sha256") == digest and model.get("downloaded"):
+            return model
+    return None
 
 
 def _check_architecture(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -243,7 +244,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         try:
             try:
                 with disk_errors_reported():
-                    await _receive_file(temp)
+                    sha256 = await _receive_file(temp)
             except InvalidInput as exc:
                 # Refused before the whole body came: the connection cannot be reused (the
                 # rest of the body is still on its way), so it is closed after the answer
@@ -251,7 +252,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
                 response = error_response(exc.code, str(exc), 400)
                 response.headers["Connection"] = "close"
                 return response
-            return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp),
+            return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp, sha256=sha256),
                               wait=load_wait)
         finally:
             # The actor takes the file (publishing or deleting it); if the command never
@@ -339,10 +340,17 @@ def _check_prefix(prefix: bytes) -> None:
         raise InvalidInput(unrunnable_message(architecture), code="model_file_invalid")
 
 
-async def _receive_file(temp: Path) -> None:
-    """Stream the request body into `temp`, writing in a thread in large blocks. A file whose
-    architecture no runtime runs is refused (400) within its first MiB."""
+async def _receive_file(temp: Path) -> str:
+    """Stream the request body into `temp`, writing (and hashing) in a thread in large blocks;
+    return its sha256. A file whose architecture no runtime runs is refused (400) within its
+    first MiB."""
     fd = await trio.to_thread.run_sync(os.open, temp, os.O_WRONLY | os.O_TRUNC)
+    hasher = hashlib.sha256()
+
+    def write(data: bytes) -> None:
+        _write_all(fd, data)
+        hasher.update(data)
+
     try:
         buffer = bytearray()
         checked = False
@@ -353,13 +361,14 @@ async def _receive_file(temp: Path) -> None:
                 checked = True
             if len(buffer) >= FILE_CHUNK:
                 data, buffer = bytes(buffer), bytearray()
-                await trio.to_thread.run_sync(_write_all, fd, data)
+                await trio.to_thread.run_sync(write, data)
         if not checked:
             _check_prefix(bytes(buffer))
         if buffer:
-            await trio.to_thread.run_sync(_write_all, fd, bytes(buffer))
+            await trio.to_thread.run_sync(write, bytes(buffer))
     finally:
         os.close(fd)
+    return hasher.hexdigest()
 
 
 def _write_all(fd: int, data: bytes) -> None:

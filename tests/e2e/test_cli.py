@@ -116,6 +116,14 @@ def test_ls_show_import_load_unload_rm(make_daemon: DaemonFactory, origin: Origi
     assert [model_id, "My", "Tiny", "downloaded", "469.8", "KB", "no"] == rows[-1]
     model = json.loads(modeld(url, "show", model_id).stdout)
     assert (True, False, True) == (model["downloaded"], model["loaded"], model["custom"])
+    # The same file again is the same model (by its sha256), unless a copy is asked for.
+    again = modeld(url, "import", str(tiny), "--name", "Another Name")
+    assert (0, f"{model_id}\n") == (again.returncode, again.stdout)
+    copied = modeld(url, "import", str(tiny), "--copy", "--name", "Tiny Copy")
+    assert 0 == copied.returncode, copied.stderr
+    copy_id = copied.stdout.strip()
+    assert copy_id.startswith("tiny-copy-")
+    assert 0 == modeld(url, "rm", copy_id).returncode
 
     loaded = modeld(url, "load", model_id)
     assert 0 == loaded.returncode, loaded.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -123,6 +124,26 @@ def test_import_a_gguf_file(make_daemon: DaemonFactory, sdk_for: Callable[[Daemo
     assert 256 == body["maxTokens"]["total"]
     published = daemon.storage / "models" / f"{model_id}.gguf"
     assert gguf.read_bytes() == published.read_bytes()
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert digest == body["sha256"]  # recorded: clients find a file imported before by it
+
+    # Another file replaces it (and its sha256)...
+    other = write_tiny_llama(tmp_path / "other.gguf", context_length=128)
+    r = httpx.put(f"{daemon.url}/model/{model_id}/file", content=other.read_bytes(),
+                  headers={"content-type": "application/octet-stream"})
+    assert (200, hashlib.sha256(other.read_bytes()).hexdigest()) == (r.status_code,
+                                                                     r.json()["sha256"])
+    r = httpx.put(f"{daemon.url}/model/{model_id}/file", content=gguf.read_bytes(),
+                  headers={"content-type": "application/octet-stream"})
+    assert (200, digest) == (r.status_code, r.json()["sha256"])
+    # ...but not for a model whose url serves a file of a known sha256.
+    pinned = httpx.post(f"{daemon.url}/models/create", json={
+        "name": "Pinned", "url": "https://127.0.0.1:9/pinned.gguf", "sha256": "0" * 64}).json()
+    r = httpx.put(f"{daemon.url}/model/{pinned['id']}/file", content=gguf.read_bytes(),
+                  headers={"content-type": "application/octet-stream"})
+    assert (400, "checksum_mismatch") == (r.status_code, r.json()["error"])
+    assert digest in r.json()["message"]
+    assert not (daemon.storage / "models" / f"{pinned['id']}.gguf").exists()
 
     # A file that is not GGUF is refused and changes nothing.
     r = httpx.put(f"{daemon.url}/model/{model_id}/file", content=b"not a model" * 100,
