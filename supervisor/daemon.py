@@ -23,6 +23,7 @@ from actors.store import Store, StoreError
 from supervisor import sdnotify
 from supervisor.address import clear_address, write_address
 from supervisor.api.app import create_asgi, read_token
+from supervisor.api.ops import Phase, Readiness
 from supervisor.config import Config
 from supervisor.logs import hide_secret
 from supervisor.registry import Registry, serve_registry
@@ -70,6 +71,11 @@ async def _open_store(config: Config) -> Store:
         raise StartupError(
             f"cannot use the storage dir {path}: {reason} (set [storage] dir or --storage-dir "
             "to a directory modeld's user may create and write)") from None
+
+
+async def _stopping_when(event: trio.Event, readiness: Readiness) -> None:
+    await event.wait()
+    readiness.phase = Phase.STOPPING  # GET /health: 503 while HTTP drains
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -134,7 +140,9 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
             root.cancel_scope.cancel()
             log.info("stopped", during="startup")
             return
-        app = create_asgi(registry, config, token=token)
+        readiness = Readiness(Phase.STARTING)
+        root.start_soon(_stopping_when, stop, readiness)
+        app = create_asgi(registry, config, token=token, readiness=readiness)
         async with trio.open_nursery() as http:
             try:
                 binds = await http.start(
@@ -151,6 +159,8 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
                 raise _listen_error(config, bind_error) from None
             activated = any(bind.startswith("fd://") for bind in hc.bind)
             await _record_address(store.root, binds)  # before `listening`: then it is there
+            if not stop.is_set():
+                readiness.phase = Phase.SERVING
             log.info("listening", urls=binds, pid=os.getpid(), socket_activated=activated)
             if announce is not None:
                 announce(binds[0])

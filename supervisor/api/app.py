@@ -9,7 +9,7 @@ in the path (400). Handlers then read bodies within limits (413, 400) and talk t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from quart import Response, has_websocket_context, jsonify, request, websocket
@@ -37,11 +37,15 @@ from supervisor.api.guard import (
     body_media_type,
     check_media_type,
     check_model_id,
+    needs_token,
 )
 from supervisor.api.progress import ASGIApp, ProgressFeed, with_lean_progress
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import BodyError
+
+if TYPE_CHECKING:
+    from supervisor.api.ops import Readiness
 
 __all__ = [
     "PayloadTooLarge", "create_app", "create_asgi", "error_response", "json_reply", "no_content",
@@ -128,7 +132,8 @@ def read_token(path: str) -> str | None:
     return token
 
 
-def create_app(registry: Registry, config: Config, *, token: str | None = None) -> QuartTrio:
+def create_app(registry: Registry, config: Config, *, token: str | None = None,
+               readiness: Readiness | None = None) -> QuartTrio:
     # No static folder: nothing under the working directory may ever be served.
     app = QuartTrio("modeld", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None  # bodies are limited per route (1 MiB for JSON)
@@ -150,10 +155,10 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
             request.headers.items(),
             target=_raw_target(request.scope),
         )
+        view = app.view_functions.get(request.endpoint) if request.endpoint else None
         try:
-            guard.check(incoming)
-            if request.url_rule is not None and request.endpoint is not None:
-                view = app.view_functions.get(request.endpoint)
+            guard.check(incoming, token=needs_token(view))
+            if request.url_rule is not None and view is not None:
                 check_media_type(incoming, body_media_type(view))
             _check_path_ids(request.view_args)
         except ModelError as exc:
@@ -226,17 +231,21 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     from supervisor.api.models import register_routes
     from supervisor.api.openai import register_openai
     from supervisor.api.openapi import register_openapi
+    from supervisor.api.ops import Readiness as _Readiness
+    from supervisor.api.ops import register_ops
 
     register_routes(app, registry, config, feed)
+    register_ops(app, readiness or _Readiness())
     register_openapi(app)
     register_openai(app, registry, config)
     return app
 
 
-def create_asgi(registry: Registry, config: Config, *, token: str | None = None) -> ASGIApp:
+def create_asgi(registry: Registry, config: Config, *, token: str | None = None,
+                readiness: Readiness | None = None) -> ASGIApp:
     """What the daemon serves: the Quart-Trio app, with progress WebSockets served lean (see
     supervisor/api/progress.py)."""
-    app = create_app(registry, config, token=token)
+    app = create_app(registry, config, token=token, readiness=readiness)
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
     return with_lean_progress(app, registry, guard, app.extensions[FEED])
 

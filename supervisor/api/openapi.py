@@ -152,6 +152,8 @@ def _schemas() -> dict[str, Schema]:
     nullable_number = {"type": ["number", "null"]}
 
     return {
+        "Health": _obj({"status": {"type": "string", "enum": ["ok", "starting", "stopping"]}},
+                       ["status"]),
         "Error": _obj(
             {
                 "error": {"type": "string", "description": "machine-readable code"},
@@ -442,6 +444,16 @@ def build_document() -> dict[str, Any]:
                         tags=models_tag, model=False),
         },
         **_openai_paths(),
+        "/health": {
+            "get": _op("modeld_health", "Is the daemon serving? (readiness)",
+                       {"200": {"description": "serving",
+                                "content": {"application/json": {"schema": _ref("Health")}}},
+                        "503": {"$ref": "#/components/responses/EHealth503"},
+                        "403": {"$ref": "#/components/responses/E403"}},
+                       tags=["modeld"], model=False,
+                       description="Needs no token, even when [server] token_file is set: it "
+                       "reveals nothing but this status. The Host and Origin checks apply."),
+        },
         "/openapi.json": {
             "get": _op("modeld_openapi", "This document",
                        {"200": {"description": "the OpenAPI document",
@@ -485,6 +497,11 @@ def build_document() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("Error")}},
                 }
                 for status, why in ERRORS.items()
+            } | {
+                "EHealth503": {
+                    "description": "starting or stopping",
+                    "content": {"application/json": {"schema": _ref("Health")}},
+                },
             } | {
                 f"EOpenAI{status}": {
                     "description": f"OpenAI's error shape (HTTP {status})",
