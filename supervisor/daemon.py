@@ -25,8 +25,10 @@ from supervisor.address import clear_address, write_address
 from supervisor.api.app import create_asgi, read_token
 from supervisor.api.ops import Phase, Readiness
 from supervisor.config import Config
-from supervisor.logs import hide_secret
+from supervisor.logs import hide_secret, observe_events
+from supervisor.metrics import Metrics
 from supervisor.registry import Registry, serve_registry
+from supervisor.wire import resident_bytes
 
 log = structlog.get_logger("modeld.daemon")
 E = TypeVar("E", bound=BaseException)
@@ -132,6 +134,10 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
         starting = trio.CancelScope()
         root.start_soon(_cancel_when, stop, starting)
         registry: Registry | None = None
+        # Counting from the first event on: downloads resumed at start-up included.
+        metrics = Metrics(lambda: registry.views() if registry else [], resident_bytes,
+                          lambda model_id: registry is not None and registry.knows(model_id))
+        observe_events(metrics.observe)
         with starting:
             store = await _open_store(config)
             registry = await root.start(
@@ -142,7 +148,7 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
             return
         readiness = Readiness(Phase.STARTING)
         root.start_soon(_stopping_when, stop, readiness)
-        app = create_asgi(registry, config, token=token, readiness=readiness)
+        app = create_asgi(registry, config, token=token, readiness=readiness, metrics=metrics)
         async with trio.open_nursery() as http:
             try:
                 binds = await http.start(

@@ -8,11 +8,12 @@ in the path (400). Handlers then read bodies within limits (413, 400) and talk t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from quart import Response, has_websocket_context, jsonify, request, websocket
+from quart import Response, g, has_websocket_context, jsonify, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -41,6 +42,7 @@ from supervisor.api.guard import (
 )
 from supervisor.api.progress import ASGIApp, ProgressFeed, with_lean_progress
 from supervisor.config import Config
+from supervisor.metrics import Metrics
 from supervisor.registry import Registry
 from supervisor.wire import BodyError
 
@@ -54,6 +56,8 @@ __all__ = [
 
 log = structlog.get_logger("modeld.api")
 FEED = "modeld.progress_feed"
+METRICS = "modeld.metrics"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 STATUS: list[tuple[type[Exception], int]] = [
     (ModelNotFound, 410),
@@ -133,7 +137,7 @@ def read_token(path: str) -> str | None:
 
 
 def create_app(registry: Registry, config: Config, *, token: str | None = None,
-               readiness: Readiness | None = None) -> QuartTrio:
+               readiness: Readiness | None = None, metrics: Metrics | None = None) -> QuartTrio:
     # No static folder: nothing under the working directory may ever be served.
     app = QuartTrio("modeld", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None  # bodies are limited per route (1 MiB for JSON)
@@ -143,6 +147,8 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
     feed = ProgressFeed()
     app.extensions[FEED] = feed
+    metrics = metrics or Metrics()
+    app.extensions[METRICS] = metrics
 
     def refuse(event: str, exc: ModelError) -> None:
         # Never the header values: they may hold the token.
@@ -150,6 +156,7 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
 
     @app.before_request
     async def check_request() -> None:
+        g.modeld_began = time.perf_counter()
         incoming = Incoming.create(
             request.method,
             request.headers.items(),
@@ -183,6 +190,13 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
 
     @app.after_request
     async def add_headers(response: Response) -> Response:
+        # Route templates, never raw paths: the labels stay bounded.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        metrics.requests.labels(method, route, str(response.status_code)).inc()
+        began = getattr(g, "modeld_began", None)
+        if began is not None:
+            metrics.request_seconds.labels(method, route).observe(time.perf_counter() - began)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Server"] = SERVER_HEADER
         sent_body = Incoming.create(request.method, request.headers.items()).has_body()
@@ -235,17 +249,17 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
     from supervisor.api.ops import register_ops
 
     register_routes(app, registry, config, feed)
-    register_ops(app, readiness or _Readiness())
+    register_ops(app, readiness or _Readiness(), metrics)
     register_openapi(app)
     register_openai(app, registry, config)
     return app
 
 
 def create_asgi(registry: Registry, config: Config, *, token: str | None = None,
-                readiness: Readiness | None = None) -> ASGIApp:
+                readiness: Readiness | None = None, metrics: Metrics | None = None) -> ASGIApp:
     """What the daemon serves: the Quart-Trio app, with progress WebSockets served lean (see
     supervisor/api/progress.py)."""
-    app = create_app(registry, config, token=token, readiness=readiness)
+    app = create_app(registry, config, token=token, readiness=readiness, metrics=metrics)
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
     return with_lean_progress(app, registry, guard, app.extensions[FEED])
 

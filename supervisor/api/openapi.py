@@ -444,6 +444,14 @@ def build_document() -> dict[str, Any]:
                         tags=models_tag, model=False),
         },
         **_openai_paths(),
+        "/metrics": {
+            "get": _op("modeld_metrics", "Prometheus metrics",
+                       {"200": {"description": "Prometheus text exposition format 0.0.4; "
+                                "every name starts with modeld_",
+                                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **{str(s): {"$ref": f"#/components/responses/E{s}"} for s in (401, 403)}},
+                       tags=["modeld"], model=False),
+        },
         "/health": {
             "get": _op("modeld_health", "Is the daemon serving? (readiness)",
                        {"200": {"description": "serving",
