@@ -128,8 +128,10 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
         hide_secret(token)
     stop = trio.Event()
     hc = hypercorn_config(config)
+    readiness = Readiness(Phase.STARTING)  # its clock is the uptime in GET /status
     async with trio.open_nursery() as root:
         root.start_soon(_watch_signals, stop)
+        root.start_soon(_stopping_when, stop, readiness)
         # A stop signal during start-up (thousands of models, a slow disk) stops it too.
         starting = trio.CancelScope()
         root.start_soon(_cancel_when, stop, starting)
@@ -146,8 +148,6 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
             root.cancel_scope.cancel()
             log.info("stopped", during="startup")
             return
-        readiness = Readiness(Phase.STARTING)
-        root.start_soon(_stopping_when, stop, readiness)
         app = create_asgi(registry, config, token=token, readiness=readiness, metrics=metrics)
         async with trio.open_nursery() as http:
             try:

@@ -249,7 +249,7 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
     from supervisor.api.ops import register_ops
 
     register_routes(app, registry, config, feed)
-    register_ops(app, readiness or _Readiness(), metrics)
+    register_ops(app, registry, readiness or _Readiness(), metrics)
     register_openapi(app)
     register_openai(app, registry, config)
     return app

@@ -152,6 +152,39 @@ def _schemas() -> dict[str, Schema]:
     nullable_number = {"type": ["number", "null"]}
 
     return {
+        "Status": _obj({
+            "version": {"type": "string"},
+            "uptimeSeconds": {"type": "number", "minimum": 0},
+            "models": NON_NEGATIVE_INT,
+            "loaded": {"type": "array", "items": _obj({
+                "id": {"type": "string"},
+                "state": {"type": "string", "enum": ["loading", "loaded", "unloading"]},
+                "runtime": {"type": ["string", "null"]},
+                "pid": {"type": ["integer", "null"]},
+                "rssBytes": {"type": ["integer", "null"], "minimum": 0},
+                "contextLength": {"type": ["integer", "null"]},
+                "slots": {"type": "integer", "minimum": 1},
+                "slotsBusy": NON_NEGATIVE_INT,
+                "idleSince": {"type": ["string", "null"], "format": "date-time"},
+                "keepAliveSeconds": {"type": ["number", "null"],
+                                     "description": "null: kept until unloaded"},
+                "expiresAt": {"type": ["string", "null"], "format": "date-time"},
+            }, ["id", "state", "pid", "rssBytes", "contextLength", "slotsBusy", "expiresAt"])},
+            "downloads": {"type": "array", "items": _obj({
+                "id": {"type": "string"},
+                "status": {"type": "string", "enum": PROGRESS_STATUSES},
+                "bytes": NON_NEGATIVE_INT,
+                "total": {"type": ["integer", "null"], "minimum": 0},
+                "percentage": {"type": "number", "minimum": 0, "maximum": 100},
+                "rate": {"type": ["number", "null"], "description": "bytes per second"},
+                "eta": {"type": ["number", "null"], "description": "seconds"},
+                "retrying": {"type": ["string", "null"]},
+            }, ["id", "bytes", "total", "rate", "eta"])},
+            "storage": _obj({"dir": {"type": "string"}, "usedBytes": SIZE,
+                             "freeBytes": SIZE, "totalBytes": SIZE},
+                            ["usedBytes", "freeBytes"]),
+            "memory": _obj({"availableBytes": SIZE, "totalBytes": SIZE}, ["availableBytes"]),
+        }, ["version", "uptimeSeconds", "loaded", "downloads", "storage", "memory"]),
         "Health": _obj({"status": {"type": "string", "enum": ["ok", "starting", "stopping"]}},
                        ["status"]),
         "Error": _obj(
@@ -450,6 +483,12 @@ def build_document() -> dict[str, Any]:
                                 "every name starts with modeld_",
                                 "content": {"text/plain": {"schema": {"type": "string"}}}},
                         **{str(s): {"$ref": f"#/components/responses/E{s}"} for s in (401, 403)}},
+                       tags=["modeld"], model=False),
+        },
+        "/status": {
+            "get": _op("modeld_status", "The daemon at a glance",
+                       _responses(200, "Status", ok_description="version, uptime, loaded "
+                                  "models, running downloads, memory and disk"),
                        tags=["modeld"], model=False),
         },
         "/health": {

@@ -5,6 +5,10 @@ a load into a real worker, a generation and a failed download."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import Daemon
-from tests.gguf_factory import write_tiny_llama
+from tests.daemon import ROOT, Daemon
+from tests.gguf_factory import gguf_of_size, write_tiny_llama
 from tests.origin import Origin, run_origin_in_thread
 
 TOKEN = "ops-token-0123456789"
@@ -33,15 +37,20 @@ class Ops:
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     tmp = tmp_path_factory.mktemp("ops")
     tiny = write_tiny_llama(tmp / "tiny.gguf", seed=5).read_bytes()
+    big = gguf_of_size(8_000_000, seed=9)
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
     with run_origin_in_thread() as origin:
         origin.add("/tiny.gguf", tiny)
+        origin.add("/slow.gguf", big)
+        origin.faults("/slow.gguf").throttle = 64 * 1024
         catalog: list[dict[str, Any]] = [
             {"id": "tiny", "name": "Tiny", "url": origin.url("/tiny.gguf"),
              "sha256": hashlib.sha256(tiny).hexdigest(), "size": len(tiny)},
             # Nothing is served there: its download fails at once.
             {"id": "missing", "name": "Missing", "url": origin.url("/missing.gguf")},
+            # Served slowly: a download that runs while the test looks.
+            {"id": "slow", "name": "Slow", "url": origin.url("/slow.gguf"), "size": len(big)},
         ]
         daemon = Daemon(tmp / "d", catalog, server={"token_file": str(token_file)},
                         download={"retries": 0})
@@ -143,3 +152,61 @@ def test_metrics_count_a_download_a_load_a_generation_and_a_failure(ops: Ops) ->
     labels = {v for (_name, pairs) in after for _k, v in pairs}
     assert "no-such-model" not in labels
     assert not [v for v in labels if v.startswith("/model/") and "<" not in v]
+
+
+def ensure_loaded(ops: Ops, model: str) -> None:
+    if ops.client.get(f"/model/{model}").json()["state"] == "absent":
+        assert 200 == ops.client.post(f"/model/{model}/download").status_code
+        wait_state(ops, model, "downloaded")
+    r = ops.client.post(f"/model/{model}/load")
+    assert 200 == r.status_code, r.text
+
+
+def modeld_cli(ops: Ops, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "--url", ops.daemon.url, "--token", TOKEN, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL)
+
+
+def test_status_and_the_ps_and_status_commands(ops: Ops) -> None:
+    assert 401 == httpx.get(f"{ops.daemon.url}/status").status_code
+    ensure_loaded(ops, "tiny")
+    assert 200 == ops.client.post("/model/slow/download").status_code
+    try:
+        ops.daemon.wait_for("download_started", model="slow")
+        status = ops.client.get("/status").json()
+        assert {"version", "uptimeSeconds", "loaded", "downloads", "storage",
+                "memory"} <= set(status)
+        assert 0 < status["uptimeSeconds"]
+        [tiny] = [m for m in status["loaded"] if m["id"] == "tiny"]
+        view = ops.client.get("/model/tiny").json()
+        assert ("loaded", view["pid"], view["runtime"]) == (tiny["state"], tiny["pid"],
+                                                             tiny["runtime"])
+        assert 0 < tiny["rssBytes"]
+        assert view["maxTokens"]["total"] == tiny["contextLength"]
+        assert 0 == tiny["slotsBusy"]
+        [slow] = [d for d in status["downloads"] if d["id"] == "slow"]
+        assert 8_000_000 == slow["total"]
+        assert 0 <= slow["bytes"] < slow["total"]
+        assert len(ops.tiny) <= status["storage"]["usedBytes"]
+        assert 0 < status["storage"]["freeBytes"]
+        assert 0 < status["memory"]["availableBytes"]
+
+        ps = modeld_cli(ops, "ps")
+        assert 0 == ps.returncode, ps.stderr
+        header, *rows = ps.stdout.splitlines()
+        assert header.split() == ["ID", "RUNTIME", "PID", "MEMORY", "CONTEXT", "BUSY", "IDLE",
+                                  "UNLOADS"]
+        [row] = [r.split() for r in rows if r.startswith("tiny ")]
+        assert ["tiny", tiny["runtime"], str(tiny["pid"])] == row[:3]
+        as_json = json.loads(modeld_cli(ops, "ps", "--json").stdout)
+        assert ["tiny"] == [m["id"] for m in as_json]
+        full = modeld_cli(ops, "status")
+        assert 0 == full.returncode, full.stderr
+        assert f"modeld {status['version']}" in full.stdout
+        assert "slow" in full.stdout and "downloads: 1" in full.stdout
+        assert "loaded: 1" in full.stdout
+    finally:
+        ops.client.post("/model/slow/download/cancel")
