@@ -20,6 +20,9 @@ import attrs
 import trio
 
 FOREVER = math.inf
+# A model just loaded waits at least this long for its first request, whatever its keep-alive:
+# a load on first use with keep_alive 0 must not be unloaded before the request that caused it.
+FIRST_USE_GRACE = 30.0
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -80,6 +83,7 @@ class KeepAlive:
     idle_since: float | None = None
     epoch: int = 0
     loaded: bool = False
+    fresh: bool = False  # loaded, and no request has used it yet
     changed: trio.Event = attrs.field(factory=trio.Event)
 
     @property
@@ -88,7 +92,8 @@ class KeepAlive:
         loaded, or kept forever."""
         if not self.loaded or self.busy or self.idle_since is None or math.isinf(self.duration):
             return None
-        return self.idle_since + self.duration
+        return self.idle_since + (max(self.duration, FIRST_USE_GRACE) if self.fresh
+                                  else self.duration)
 
     def due(self, now: float) -> bool:
         deadline = self.deadline
@@ -98,6 +103,7 @@ class KeepAlive:
         """The model is loaded now, idle, kept for `duration` seconds when idle."""
         self.epoch += 1
         self.loaded, self.busy, self.idle_since, self.duration = True, 0, now, duration
+        self.fresh = True
         self._poke()
 
     def set_duration(self, duration: float) -> None:
@@ -108,6 +114,7 @@ class KeepAlive:
         """A request starts using the model (with its own keep_alive, unless DEFAULT);
         returns the epoch to hand back to `end_use`."""
         self.busy += 1
+        self.fresh = False
         if not isinstance(duration, Default):
             self.duration = duration
         self._poke()

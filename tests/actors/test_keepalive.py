@@ -14,7 +14,13 @@ import trio
 from actors import messages as m
 from actors.errors import ModelError
 from actors.generation import GenerationStream
-from actors.keepalive import DEFAULT, FOREVER, KeepAliveArg, parse_keep_alive
+from actors.keepalive import (
+    DEFAULT,
+    FIRST_USE_GRACE,
+    FOREVER,
+    KeepAliveArg,
+    parse_keep_alive,
+)
 from actors.model import ActorSettings, ModelActor
 from actors.state import State
 from actors.store import Store
@@ -156,6 +162,21 @@ async def test_a_requests_keep_alive_zero_unloads_after_it(
         assert State.LOADED == rig.actor.state
         await second.aclose()
         await trio.sleep(0.001)
+        assert State.DOWNLOADED == rig.actor.state
+
+
+async def test_a_fresh_load_waits_for_its_first_request(
+        autojump_clock: trio.abc.Clock, store: Store, gguf: bytes) -> None:
+    async with running(store, gguf, model_keep="0") as rig:
+        await rig.view(lambda r: m.Load(reply=r, keep_alive=DEFAULT))
+        await trio.sleep(FIRST_USE_GRACE - 1)  # the request that loaded it is on its way
+        assert State.LOADED == rig.actor.state
+        await (await generate(rig)).aclose()
+        await trio.sleep(0.001)
+        assert State.DOWNLOADED == rig.actor.state
+        # Never used at all: unloaded after the grace.
+        await rig.view(lambda r: m.Load(reply=r, keep_alive=DEFAULT))
+        await trio.sleep(FIRST_USE_GRACE + 1)
         assert State.DOWNLOADED == rig.actor.state
 
 
