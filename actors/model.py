@@ -19,6 +19,7 @@ import trio
 
 from actors import messages as m
 from actors.attempts import DownloadAttempt, DownloadEnded, LoadAttempt, LoadEnded, WorkerExited
+from actors.disk import FreeSpace, check_fits, free_bytes
 from actors.download import DownloadError, DownloadRequest
 from actors.embedding import EmbeddingJob
 from actors.errors import (
@@ -95,6 +96,7 @@ class ModelActor:
         gate: LoadGate,
         inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
         progress: Broadcaster[m.Progress] | None = None,
+        free_space: FreeSpace = free_bytes,
     ) -> None:
         self.spec = spec
         self.state = State.ABSENT
@@ -108,6 +110,7 @@ class ModelActor:
         self._spawn = spawn
         self._gate = gate
         self._inspect = inspect
+        self._free_space = free_space
         self._send, self._inbox = trio.open_memory_channel[Message](64)
         self._nursery: trio.Nursery | None = None
         self._download: DownloadAttempt | None = None
@@ -257,7 +260,7 @@ class ModelActor:
         if isinstance(cmd, m.GetSnapshot):
             return self.view()
         if isinstance(cmd, m.StartDownload):
-            return self._handle_download()
+            return await self._handle_download()
         if isinstance(cmd, m.CancelDownload):
             return await self._handle_cancel()
         if isinstance(cmd, m.Unload):
@@ -301,7 +304,7 @@ class ModelActor:
 
     # -- download --------------------------------------------------------------------------
 
-    def _handle_download(self) -> m.ModelView:
+    async def _handle_download(self) -> m.ModelView:
         if self.state is State.ABSENT:
             if self.spec.url is None:
                 raise Conflict(
@@ -309,6 +312,9 @@ class ModelActor:
                     "or import its file",
                     code="no_url",
                 )
+            if self.spec.size is not None:  # refused before any byte when it cannot fit
+                free = await trio.to_thread.run_sync(self._free_space, self.dest.parent)
+                check_fits(self.spec.size - self._partial, free, "the download")
             self._start_download()
         # Downloading: join it. Downloaded, loading or loaded: the file is already here.
         return self.view()

@@ -19,6 +19,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 
 from actors import messages as m
+from actors.disk import check_fits, free_bytes
 from actors.errors import (
     Conflict,
     InsufficientMemory,
@@ -255,6 +256,9 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             raise Conflict("only custom models take an uploaded file", code="not_custom")
         if media_type(request.headers.get("content-type")) != OCTET_STREAM:
             raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
+        if request.content_length is not None:  # refused before any byte when it cannot fit
+            free = await trio.to_thread.run_sync(free_bytes, registry.store.root)
+            check_fits(request.content_length, free, "the upload")
         with disk_errors_reported():
             temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
         try:

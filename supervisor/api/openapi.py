@@ -406,9 +406,11 @@ def build_document() -> dict[str, Any]:
         "/model/{model}/download": {
             "post": _op(
                 "model_specific_model_download", "Start the download (or join the running one)",
-                _responses(200, "Model", *COMMAND, 409), tags=model_tag,
+                _responses(200, "Model", *COMMAND, 409, 507), tags=model_tag,
                 description="Returns at once with downloading: true, or downloaded: true when "
-                "the file is already there. 409 when the model has no url.",
+                "the file is already there. 409 when the model has no url; 507 "
+                "insufficient_storage, before any byte, when its known size does not fit on "
+                "the storage filesystem.",
             ),
         },
         "/model/{model}/download/cancel": {
