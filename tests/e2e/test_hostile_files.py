@@ -60,7 +60,8 @@ class Watch:
         thread = threading.Thread(target=lambda: result.append(job()))
         start = time.monotonic()
         thread.start()
-        with httpx.Client(base_url=self.daemon.url, timeout=60) as client:
+        # A short timeout: a daemon frozen by the job fails the check instead of hanging it.
+        with httpx.Client(base_url=self.daemon.url, timeout=5) as client:
             while thread.is_alive():
                 asked = time.monotonic()
                 assert 200 == client.get("/models").status_code
@@ -86,3 +87,30 @@ def test_hostile_header_is_refused_quickly_and_memory_stays_bounded(daemon: Daem
     assert watch.peak_rss - watch.baseline_rss < 100 * MB, (watch.baseline_rss, watch.peak_rss)
     assert watch.worst_latency < 1.0, watch.worst_latency
     assert not httpx.get(f"{daemon.url}/model/{model_id}").json()["downloaded"]
+
+
+NESTED_LOOPS = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                "{% endfor %}")
+
+
+def test_hostile_chat_template_is_a_400_and_the_daemon_stays_responsive(
+        daemon: Daemon, tmp_path: Path) -> None:
+    # On ctransformers modeld renders the template (llama.cpp renders it in its worker, and
+    # already at load)
+    path = write_tiny_llama(tmp_path / "t.gguf", chat_template=NESTED_LOOPS)
+    model_id = create(daemon, "hostile template", runtime="ctransformers")
+    assert 200 == upload(daemon, model_id, path).status_code
+    body = {"model": model_id, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4}
+    watch = Watch(daemon)
+    r = watch.run(lambda: httpx.post(f"{daemon.url}/v1/chat/completions", json=body,
+                                     timeout=60))
+    assert 400 == r.status_code, r.text
+    error = r.json()["error"]
+    assert "chat_template_limit" == error["code"]
+    assert "took longer than 2 s to render" in error["message"]
+    assert watch.worst_latency < 1.0, watch.worst_latency
+    # The model itself still answers (a completion needs no template)
+    r = httpx.post(f"{daemon.url}/v1/completions", json={"model": model_id, "prompt": "Hi",
+                                                         "max_tokens": 2}, timeout=60)
+    assert 200 == r.status_code, r.text
