@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tests.daemon import Daemon
+from tests.e2e.test_cli import modeld
 from tests.gguf_factory import write_tiny_llama
 
 T = TypeVar("T")
@@ -114,3 +115,14 @@ def test_hostile_chat_template_is_a_400_and_the_daemon_stays_responsive(
     r = httpx.post(f"{daemon.url}/v1/completions", json={"model": model_id, "prompt": "Hi",
                                                          "max_tokens": 2}, timeout=60)
     assert 200 == r.status_code, r.text
+
+
+def test_a_refused_import_leaves_no_model(daemon: Daemon, tmp_path: Path) -> None:
+    hostile = write_tiny_llama(tmp_path / "hostile.gguf", empty_strings=2_000_000)
+    before = {m["id"] for m in httpx.get(f"{daemon.url}/models").json()["iterable"]}
+    records = set((daemon.storage / "custom").glob("*.json"))
+    done = modeld(daemon.url, "import", str(hostile), "--name", "refused import")
+    assert 0 != done.returncode
+    assert "more than the 1048576" in done.stderr
+    assert before == {m["id"] for m in httpx.get(f"{daemon.url}/models").json()["iterable"]}
+    assert records == set((daemon.storage / "custom").glob("*.json"))
