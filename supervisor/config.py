@@ -48,6 +48,8 @@ class ServerConfig:
     allowed_hosts: list[str] = attrs.field(factory=list)
     allowed_origins: list[str] = attrs.field(factory=list)
     token_file: str = ""
+    read_timeout: float = attrs.field(default=30.0, validator=_positive)
+    max_connections: int = attrs.field(default=512, validator=_positive)
 
 
 @attrs.frozen
