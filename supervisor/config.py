@@ -55,6 +55,7 @@ class ServerConfig:
 @attrs.frozen
 class StorageConfig:
     dir: str = "~/.local/share/modeld"
+    max_custom_models: int = attrs.field(default=1000, validator=_positive)
 
     def path(self) -> Path:
         return Path(self.dir or "~/.local/share/modeld").expanduser()

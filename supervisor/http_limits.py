@@ -5,7 +5,7 @@ EMFILE (or starve model files, workers and downloads of descriptors).
 hypercorn builds its listeners itself (`trio.SocketListener(...)` in hypercorn.trio.run) and has
 no connection limit, so `cap_connections` hands that module a trio whose SocketListener is
 CappedListener. Connections beyond the limit wait in the kernel's backlog until one closes;
-reaching the limit is logged once (`connection_limit_reached`), not per accept.
+reaching the limit is logged (`connection_limit_reached`) at most once a minute, not per accept.
 """
 
 from __future__ import annotations
@@ -62,24 +62,26 @@ class _CountedStream(trio.abc.HalfCloseableStream):
 
 
 class _Slots:
-    """The connection slots of the daemon's listeners, and whether reaching the limit was
-    logged already (again only once a tenth of the slots were free in between)."""
+    """The connection slots of the daemon's listeners. Reaching the limit is logged at most
+    once every LOG_EVERY seconds, however many connections wait."""
+
+    LOG_EVERY = 60.0
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.semaphore = trio.Semaphore(limit)
-        self.full = False
+        self.logged_at: float | None = None
 
     async def acquire(self) -> None:
-        if self.semaphore.value == 0 and not self.full:
-            self.full = True
-            log.warning("connection_limit_reached", limit=self.limit)
+        if self.semaphore.value == 0:
+            now = trio.current_time()
+            if self.logged_at is None or now - self.logged_at >= self.LOG_EVERY:
+                self.logged_at = now
+                log.warning("connection_limit_reached", limit=self.limit)
         await self.semaphore.acquire()
 
     def release(self) -> None:
         self.semaphore.release()
-        if self.semaphore.value > self.limit // 10:
-            self.full = False
 
 
 class CappedListener(trio.abc.Listener[_CountedStream]):

@@ -1,6 +1,7 @@
-"""Slow clients through a real daemon: a request head or body that stalls is dropped after
-`[server] read_timeout`, and connections beyond `[server] max_connections` wait their turn
-(logged once) instead of exhausting the daemon's file descriptors."""
+"""The daemon's limits, through one real daemon: a request head or body that stalls is dropped
+after `[server] read_timeout`; connections beyond `[server] max_connections` wait their turn
+(logged once) instead of exhausting the daemon's file descriptors; custom models stop at
+`[storage] max_custom_models`."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from tests.daemon import Daemon
 
 READ_TIMEOUT = 1.0
 LIMIT = 8  # the lowest limit modeld accepts
+MAX_CUSTOM = 4
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     served = Daemon(tmp_path_factory.mktemp("slow") / "d",
-                    server={"read_timeout": READ_TIMEOUT, "max_connections": LIMIT})
+                    server={"read_timeout": READ_TIMEOUT, "max_connections": LIMIT},
+                    storage={"max_custom_models": MAX_CUSTOM})
     served.start()
     try:
         yield served
@@ -83,3 +86,20 @@ def test_connections_beyond_the_limit_wait_and_are_logged_once(daemon: Daemon) -
     assert 200 == httpx.get(f"{daemon.url}/models", timeout=20).status_code
     assert 1 == len(daemon.events("connection_limit_reached"))
     assert not [line for line in daemon.raw_lines if "Traceback" in line]
+
+
+def test_custom_models_stop_at_the_limit(daemon: Daemon) -> None:
+    def custom() -> list[str]:
+        models = httpx.get(f"{daemon.url}/models").json()["iterable"]
+        return [m["id"] for m in models if m["custom"]]
+
+    for i in range(MAX_CUSTOM - len(custom())):
+        assert 200 == httpx.post(f"{daemon.url}/models/create",
+                                 json={"name": f"m{i}"}).status_code
+    r = httpx.post(f"{daemon.url}/models/create", json={"name": "one too many"})
+    assert (409, "too_many_models") == (r.status_code, r.json()["error"])
+    assert "max_custom_models" in r.json()["message"]
+    assert MAX_CUSTOM == len(custom())
+    # Deleting one makes room
+    assert 204 == httpx.post(f"{daemon.url}/models/{custom()[0]}/delete").status_code
+    assert 200 == httpx.post(f"{daemon.url}/models/create", json={"name": "fits"}).status_code
