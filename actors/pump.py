@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 import trio
 
-from actors.worker import FrameReader, WorkerError
-from actors.worker_main import Frame, encode_frame
+from actors.children import open_child
+from actors.frames import Frame, FrameError, FrameReader, encode_frame
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE = 1.0  # seconds a stopped pump (or the child at exit) gets before being given up
 
 
@@ -168,7 +164,7 @@ class PumpProcess:
                     if frame is None:
                         break
                     self._dispatch(frame)
-        except (WorkerError, KeyError, TypeError, ValueError) as exc:
+        except (FrameError, KeyError, TypeError, ValueError) as exc:
             reason = f"the download's pump process broke the protocol: {exc}"
         finally:
             self._alive, self._gone = False, reason
@@ -196,14 +192,9 @@ async def with_pump(fd: int, body: Callable[[PumpProcess], Awaitable[None]],
     stopped and reaped when `body` ends, however it ends. `body`'s exception propagates as
     itself, never inside an exception group. Raises PumpFailed (`died`) when the child cannot
     start."""
-    env = dict(os.environ)
-    # -m actors.pump_main must import from this source tree whatever the cwd.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     try:
-        process = await trio.lowlevel.open_process(
-            [python, "-m", "actors.pump_main", str(fd)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, pass_fds=(fd,), env=env)
+        process = await open_child("actors.pump_main", [str(fd)], python=python,
+                                   pass_fds=(fd,))
     except OSError as exc:
         raise PumpFailed("died", f"cannot start the download's pump process ({python}): "
                          f"{exc.strerror or exc}") from None

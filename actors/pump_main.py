@@ -8,7 +8,7 @@ answer is acceptable, retries) and records progress. Keeping the bytes out of th
 process keeps them away from its interpreter lock: the event loop answers requests at once
 however many downloads run.
 
-Frames as in actors/worker_main.py (4-byte big-endian length, UTF-8 JSON).
+Frames as in actors/frames.py.
 Parent -> child:
   pump {id, scheme, host, port, target, netloc, headers: [[k, v]...], start, end, timeout,
         total, etag}           a response that is exactly [start, end) of that file goes on
@@ -47,7 +47,7 @@ from typing import cast
 import certifi
 import h11
 
-from actors.worker_main import Frame, FrameWriter, read_frame
+from actors.frames import Frame, FrameError, FrameWriter, read_frame
 
 PUMP_BUFFER = 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024
@@ -359,7 +359,7 @@ def main(argv: list[str]) -> int:
     server = Server(int(argv[0]), FrameWriter(os.fdopen(protocol_fd, "wb", buffering=0)))
     try:
         server.serve()
-    except (ValueError, KeyError, TypeError) as exc:
+    except (FrameError, ValueError, KeyError, TypeError) as exc:
         print(f"modeld pump: protocol error: {exc}", file=sys.stderr)
         return 2
     return 0
