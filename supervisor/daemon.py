@@ -25,6 +25,7 @@ from supervisor.address import clear_address, write_address
 from supervisor.api.app import create_asgi, read_token
 from supervisor.api.ops import Phase, Readiness
 from supervisor.config import Config
+from supervisor.http_limits import cap_connections, connection_limit
 from supervisor.logs import hide_secret, observe_events
 from supervisor.metrics import Metrics
 from supervisor.registry import Registry, serve_registry
@@ -51,7 +52,11 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 3.0
-    hc.keep_alive_timeout = 30.0
+    # hypercorn's idle timer runs from the connection's start until a whole request head has
+    # come, and between requests: it is the header timeout (bodies: supervisor/api/models.py).
+    # Its own read_timeout would also cut streams whose client sends nothing (progress
+    # WebSockets, server-sent events), so it stays off.
+    hc.keep_alive_timeout = config.server.read_timeout
     hc.include_server_header = False
     return hc
 
@@ -128,6 +133,7 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
         hide_secret(token)
     stop = trio.Event()
     hc = hypercorn_config(config)
+    cap_connections(connection_limit(config.server.max_connections))
     readiness = Readiness(Phase.STARTING)  # its clock is the uptime in GET /status
     async with trio.open_nursery() as root:
         root.start_soon(_watch_signals, stop)

@@ -379,8 +379,14 @@ class Registry:
                                                                 keep_alive=keep_alive))
 
     async def create(self, spec: ModelSpec) -> m.ModelView:
-        """Register a custom model under a new id (spec.id is ignored): record, then actor."""
+        """Register a custom model under a new id (spec.id is ignored): record, then actor.
+        Raises Conflict (too_many_models) at `[storage] max_custom_models`."""
         async with self._lock:
+            limit = self.config.storage.max_custom_models
+            if len(self._entries) - len(self._catalog_ids) >= limit:
+                raise Conflict(
+                    f"modeld holds {limit} custom models, the most [storage] max_custom_models "
+                    "allows; delete some, or raise the limit", code="too_many_models")
             model_id = slug_id(spec.name, uuid.uuid4().hex)
             while model_id in self._entries:
                 model_id = slug_id(spec.name, uuid.uuid4().hex)

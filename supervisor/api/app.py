@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+import trio
 from quart import Response, g, has_websocket_context, jsonify, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -51,8 +52,8 @@ if TYPE_CHECKING:
     from supervisor.api.ops import Readiness
 
 __all__ = [
-    "PayloadTooLarge", "create_app", "create_asgi", "error_response", "json_reply", "no_content",
-    "read_token",
+    "READ_TIMEOUT", "PayloadTooLarge", "create_app", "create_asgi", "error_response",
+    "json_reply", "no_content", "read_token",
 ]
 
 log = structlog.get_logger("modeld.api")
@@ -86,6 +87,7 @@ HTTP_CODES = {
 
 # What a browser page on an allowed origin may do (CORS); foreign origins never get this far.
 CORS_METHODS = "GET, POST, PUT, OPTIONS"
+READ_TIMEOUT = "MODELD_READ_TIMEOUT"  # app.config key: seconds a request body may stall
 CORS_HEADERS = "Authorization, Content-Type"
 SERVER_HEADER = f"modeld/{__version__}"
 
@@ -144,6 +146,7 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
     app = QuartTrio("modeld", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None  # bodies are limited per route (1 MiB for JSON)
     app.config["JSON_SORT_KEYS"] = False
+    app.config[READ_TIMEOUT] = config.server.read_timeout
     # `//` in a path is not merged into a redirect (308 with an HTML body): it is a 404.
     app.url_map.merge_slashes = False
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
@@ -263,7 +266,36 @@ def create_asgi(registry: Registry, config: Config, *, token: str | None = None,
     supervisor/api/progress.py)."""
     app = create_app(registry, config, token=token, readiness=readiness, metrics=metrics)
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
-    return with_lean_progress(app, registry, guard, app.extensions[FEED])
+    return with_lean_progress(_closing_sends(app), registry, guard, app.extensions[FEED])
+
+
+FINAL_SEND_BOUND = 30.0  # seconds the last send of a response may take, shielded
+
+
+def _closing_sends(app: ASGIApp) -> ASGIApp:
+    """Shield the last send of each HTTP response (bounded by FINAL_SEND_BOUND).
+
+    After an answer with `Connection: close` whose request body was not all read, hypercorn
+    closes the connection from inside that last send; the disconnect this reports makes
+    quart-trio cancel the app, which cut the close short and left the connection open (a
+    client that stopped sending then waited forever)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_shielding_the_last(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True) as scope_:
+                    scope_.deadline = trio.current_time() + FINAL_SEND_BOUND
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, send_shielding_the_last)
+
+    return wrapped
 
 
 def _raw_target(scope: Any) -> str:

@@ -184,6 +184,8 @@ class Guard:
         """
         self.check_host(incoming)
         self.check_origin(incoming)
+        if is_preflight(incoming):
+            return  # from an allowed origin (checked above): browsers never send a token here
         if token:
             self.check_token(incoming)
 
@@ -231,6 +233,14 @@ class Guard:
                 "a valid 'Authorization: Bearer <token>' header is required; the token is "
                 "in the file named by [server] token_file"
             )
+
+
+def is_preflight(incoming: Incoming) -> bool:
+    """A CORS preflight: OPTIONS with an Origin and Access-Control-Request-Method. A browser
+    sends it without credentials; it reaches no handler (Quart answers OPTIONS itself), so it
+    needs no token once its Origin passed."""
+    return (incoming.method == "OPTIONS" and incoming.first("origin") is not None
+            and incoming.first("access-control-request-method") is not None)
 
 
 def _offered_tokens(incoming: Incoming) -> list[str]:

@@ -6,7 +6,9 @@ has slots (llama.cpp: `parallel`; ctransformers: one, it must never be called co
 Waiting requests are bounded per slot, and a client that goes away cancels its generation
 between two pieces. Chat on a llama.cpp model whose file has a chat template is rendered by
 llama.cpp with that template; otherwise modeld renders the template (or, for a file without
-one, PLAIN_TEMPLATE). Errors use OpenAI's error shape.
+one, PLAIN_TEMPLATE). Either way modeld renders it first in a renderer process with limits
+(supervisor/chat_renderer.py): a template that goes beyond one is a 400 before any worker sees
+it. Errors use OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -39,15 +41,15 @@ from supervisor.api.embeddings import (
 )
 from supervisor.api.models import answer_within, read_json_body
 from supervisor.api.openai_requests import (
-    PLAIN_TURN_END,
     OpenAIError,
     Sampling,
     messages_of,
     parse_sampling,
     prompt_of,
-    render_chat,
     response_schema,
 )
+from supervisor.chat_renderer import ChatRenderer
+from supervisor.chat_template import FAILED, PLAIN_TURN_END, TemplateRefused
 from supervisor.config import Config
 from supervisor.metrics import Metrics
 from supervisor.registry import Registry
@@ -123,6 +125,12 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
     load_wait = config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
+    renderer = ChatRenderer()
+
+    @app.after_serving
+    async def close_renderer() -> None:
+        await renderer.aclose()
+
     metrics: Metrics = app.extensions[METRICS]
 
     def count_tokens(model_id: str, result: GenerationResult | None) -> None:
@@ -194,10 +202,13 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         rendered_by_runtime = (messages is not None and template is not None
                                and view.runtime == LLAMA_CPP)
         stop = sampling.stop
-        if messages is not None and not rendered_by_runtime:
-            prompt = render_chat(template, messages)
-            if template is None:  # the plain template: the next "User:" line ends the turn
-                stop = (*stop, PLAIN_TURN_END)
+        if messages is not None:
+            rendered = await render_prompt(model_id, template, messages,
+                                           judge_failures=not rendered_by_runtime)
+            if not rendered_by_runtime:
+                prompt = rendered
+                if template is None:  # the plain template: the next "User:" line ends the turn
+                    stop = (*stop, PLAIN_TURN_END)
         params = GenerateParams(
             max_new_tokens=min(limit, context) if context else limit,
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -230,6 +241,19 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             await stream.aclose()
             raise
         return stream, first, view
+
+    async def render_prompt(model_id: str, template: str | None,
+                            messages: list[dict[str, str]], *, judge_failures: bool) -> str:
+        """The chat prompt, rendered off the event loop within limits; a template beyond a
+        limit (or one that fails, unless llama.cpp is to render it its own way) is a 400."""
+        try:
+            return await renderer.render(template, messages)
+        except TemplateRefused as exc:
+            if exc.kind == FAILED and not judge_failures:
+                return ""  # llama.cpp's engine renders it, and reports its own errors
+            log.warning("chat_template_failed", model=model_id, reason=str(exc))
+            raise OpenAIError(400, str(exc), param="messages",
+                              code=f"chat_template_{exc.kind}") from None
 
     def slots(model_id: str) -> int:
         try:
