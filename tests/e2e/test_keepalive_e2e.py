@@ -57,6 +57,18 @@ def test_keep_alive_end_to_end(make_daemon: DaemonFactory, tmp_path: Path) -> No
     daemon.wait_for("model_expired", model=a)
     assert (False, None) == (view(url, a)["loaded"], view(url, a).get("expiresAt"))
 
+    # A custom model's own keep-alive: set on update, shown, checked.
+    r = httpx.post(f"{url}/model/update", json={"id": a, "keepAlive": "soon"})
+    assert (400, "invalid_body") == (r.status_code, r.json()["error"])
+    assert "keepAlive" in r.json()["message"]
+    r = httpx.post(f"{url}/models/create", json={"name": "K", "keepAlive": "2h"})
+    assert (200, "2h") == (r.status_code, r.json()["keepAlive"])
+    r = httpx.post(f"{url}/model/update", json={"id": a, "keepAlive": "1s"})
+    assert (200, "1s") == (r.status_code, r.json()["keepAlive"])
+    r = httpx.post(f"{url}/v1/completions", json={"model": a, "prompt": "x",
+                                                  "keep_alive": "later"})
+    assert (400, "keep_alive") == (r.status_code, r.json()["error"]["param"])
+
     # A request's keep_alive -1 keeps it; an explicit load keeps another.
     assert 200 == complete(url, a, keep_alive=-1).status_code
     assert view(url, a).get("expiresAt") is None
