@@ -103,4 +103,16 @@ def test_keep_alive_end_to_end(make_daemon: DaemonFactory, tmp_path: Path) -> No
     assert [a, c, a, c] == expired(daemon, 4)
     assert view(url, b)["loaded"] is True  # loaded explicitly: still there
     assert [] == daemon.events("request_crashed")
-    assert 0 == daemon.stop()
+
+    # Stopping: /health never answers 200 again (503 on a connection still open, then the
+    # port is closed); the daemon exits cleanly.
+    with httpx.Client(base_url=url) as client:
+        assert 200 == client.get("/health").status_code
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_for("stop_requested")
+        try:
+            assert 503 == client.get("/health").status_code
+        except httpx.TransportError:
+            pass  # hypercorn closed the idle connection and the listener
+    assert 0 == daemon.proc.wait(timeout=30)
