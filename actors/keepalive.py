@@ -120,6 +120,12 @@ class KeepAlive:
         self._poke()
         return self.epoch
 
+    def lend(self, duration: KeepAliveArg) -> Callable[[], None]:
+        """`begin_use`; the model is in use (never expired nor evicted) until the returned
+        call (a stream's close, a job's end)."""
+        epoch = self.begin_use(duration)
+        return lambda: self.end_use(epoch, trio.current_time())
+
     def end_use(self, epoch: int, now: float) -> None:
         if epoch != self.epoch or not self.busy:
             return

@@ -158,8 +158,11 @@ class ModelActor:
             **self._keep.view_fields(),
         )
 
-    def _default_keep_alive(self) -> float:
-        """A load on first use: the model's own keep-alive, else [runtime] keep_alive."""
+    def _keep_for(self, keep_alive: KeepAliveArg) -> float:
+        """Seconds; DEFAULT (a load on first use): the model's own keep-alive, else
+        [runtime] keep_alive."""
+        if keep_alive is not DEFAULT:
+            return float(keep_alive)
         if self.spec.keep_alive is not None:
             return parse_keep_alive(self.spec.keep_alive)
         return self._settings.keep_alive
@@ -436,7 +439,7 @@ class ModelActor:
         if self.state is State.LOADED:
             self._gate.touch(self.spec.id)
             if cmd.keep_alive is not DEFAULT:
-                self._keep.set_duration(self._resolve_keep(cmd.keep_alive))
+                self._keep.set_duration(self._keep_for(cmd.keep_alive))
             _reply_now(cmd.reply, self.view())
         elif self.state is State.LOADING:
             assert self._load is not None
@@ -460,28 +463,18 @@ class ModelActor:
             }[self.state]
             _reply_now(cmd.reply, Conflict(why, code="not_loadable"))
 
-    def _resolve_keep(self, keep_alive: KeepAliveArg) -> float:
-        return self._default_keep_alive() if keep_alive is DEFAULT else float(keep_alive)
-
-    def _begin_use(self, keep_alive: KeepAliveArg) -> Callable[[], None]:
-        """The model is in use (never expired nor evicted) until the returned call."""
-        if keep_alive is not DEFAULT:
-            keep_alive = self._resolve_keep(keep_alive)
-        epoch = self._keep.begin_use(keep_alive)
-        return lambda: self._keep.end_use(epoch, trio.current_time())
-
     def _handle_generate(self, cmd: m.Generate) -> None:
         worker = self._loaded_worker(cmd.reply)
         if worker is not None:
             stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params),
-                                      on_close=self._begin_use(cmd.keep_alive))
+                                      on_close=self._keep.lend(cmd.keep_alive))
             _reply_now(cmd.reply, stream)
 
     def _handle_embed(self, cmd: m.Embed) -> None:
         worker = self._loaded_worker(cmd.reply)
         if worker is not None:
             _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts,
-                                               on_done=self._begin_use(cmd.keep_alive)))
+                                               on_done=self._keep.lend(cmd.keep_alive)))
 
     def _loaded_worker(self, reply: trio.MemorySendChannel[Any]) -> WorkerHandle | None:
         """The worker that serves a request (and the model counts as used), or None when the
@@ -543,7 +536,7 @@ class ModelActor:
         if worker is not None:
             self._worker = worker
             self._load_seconds = round(attempt.seconds, 4)
-            self._keep.start(self._resolve_keep(self._load_keep), trio.current_time())
+            self._keep.start(self._keep_for(self._load_keep), trio.current_time())
             self._move(Event.LOAD_DONE)
             log.info(
                 "model_loaded",
