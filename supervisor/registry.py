@@ -63,6 +63,7 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
         runtime=entry.runtime,
         parallel=entry.parallel,
         custom=False,
+        source=entry.source,
     )
 
 
@@ -352,18 +353,31 @@ class Registry:
         stops first."""
         return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply))
 
-    async def create(self, spec: ModelSpec) -> m.ModelView:
+    async def create(
+        self, spec: ModelSpec, *, ids: tuple[str, ...] = (),
+        reuse: Callable[[ModelSpec], bool] | None = None,
+    ) -> m.ModelView:
         """Register a custom model under a new id (spec.id is ignored): record, then actor.
         Raises Conflict (too_many_models) at `[storage] max_custom_models`."""
         async with self._lock:
+            # The first of `ids` that is free, unless a model that `reuse` accepts holds one
+            # first (then that model is the answer); else a new id from the name.
+            for candidate in ids:
+                taken = self._entries.get(candidate)
+                if taken is None:
+                    model_id = candidate
+                    break
+                if reuse is not None and reuse(taken.actor.spec):
+                    return taken.view()
+            else:
+                model_id = slug_id(spec.name, uuid.uuid4().hex)
+                while model_id in self._entries:
+                    model_id = slug_id(spec.name, uuid.uuid4().hex)
             limit = self.config.storage.max_custom_models
             if len(self._entries) - len(self._catalog_ids) >= limit:
                 raise Conflict(
                     f"modeld holds {limit} custom models, the most [storage] max_custom_models "
                     "allows; delete some, or raise the limit", code="too_many_models")
-            model_id = slug_id(spec.name, uuid.uuid4().hex)
-            while model_id in self._entries:
-                model_id = slug_id(spec.name, uuid.uuid4().hex)
             assert is_valid_id(model_id)
             spec = attrs.evolve(spec, id=model_id)
             await trio.to_thread.run_sync(self.store.write_record, spec)

@@ -43,6 +43,7 @@ from supervisor.api.guard import (
     media_type,
 )
 from supervisor.api.progress import CONNECTION_GONE, ProgressFeed
+from supervisor.api.sources import RESOLVE_WAIT, create_from_source, pin_catalog_source
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
@@ -188,6 +189,8 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.post("/model/<model>/download")
     async def download(model: str) -> Response:
         await refuse_body()
+        with answer_within(RESOLVE_WAIT):  # a catalog model's source is resolved first
+            await pin_catalog_source(registry, config, check_model_id(model))
         return await call(model, lambda r: m.StartDownload(reply=r))
 
     @app.post("/model/<model>/download/cancel")
@@ -286,6 +289,9 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.post("/models/create")
     async def create() -> Response:
         body = parse_model_body(await read_json_body())
+        if body.source is not None:  # a Hub reference: resolved and pinned first
+            with answer_within(RESOLVE_WAIT):
+                return json_reply(model_json(await create_from_source(registry, config, body)))
         spec = spec_from_create(body, "new", allow_http=config.download.allow_http)
         with answer_within(30):
             view = await registry.create(spec)
