@@ -30,6 +30,7 @@ from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
 from supervisor.config import CatalogEntry, Config
+from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
 log = structlog.get_logger("modeld.registry")
@@ -416,6 +417,8 @@ async def serve_registry(
     async with trio.open_nursery() as nursery:
         registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn)
         specs = [spec_from_catalog(entry) for entry in config.models]
+        # Catalog models with a Hub source: the commit and file of their first download.
+        specs = await trio.to_thread.run_sync(apply_pins, store.root, specs)
         registry._catalog_ids.update(spec.id for spec in specs)
         for spec in records:
             if spec.id in registry._catalog_ids:

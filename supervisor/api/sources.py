@@ -4,7 +4,7 @@ A custom model is resolved before its record is written: the record holds the re
 commit and file it resolved to, and that file's url, LFS sha256 and size, so its download is
 verified like any other and a later move of the branch changes nothing. A catalog entry with
 a `source` is resolved when it is first downloaded (never at start-up), and keeps that pin in
-memory while modeld runs.
+`pins/<id>.json` (supervisor/pins.py), so that it stays pinned across restarts.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
+import trio
 
 from actors import messages as m
 from actors.errors import InvalidInput
@@ -19,6 +20,7 @@ from actors.spec import ModelSpec
 from supervisor.config import Config
 from supervisor.hub import Resolved, resolve
 from supervisor.hub_refs import BadReference, HubRef, model_id_for, parse_reference, quant_tag
+from supervisor.pins import write_pin
 from supervisor.registry import Registry
 from supervisor.wire import BodyError, ModelBody, spec_from_create
 
@@ -95,4 +97,6 @@ async def pin_catalog_source(registry: Registry, config: Config, model_id: str) 
     def pin(current: ModelSpec) -> ModelSpec:
         return current if current.url is not None else pinned(current, resolved)
 
-    await registry.call(model_id, lambda r: m.UpdateSpec(reply=r, change=pin))
+    view = await registry.call(model_id, lambda r: m.UpdateSpec(reply=r, change=pin))
+    # Kept for the next start (whichever concurrent resolution pinned first is the one kept).
+    await trio.to_thread.run_sync(write_pin, registry.store.root, view.spec)

@@ -4,7 +4,6 @@ HfApi for the metadata, a real daemon and the real `modeld` command line for the
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 from collections.abc import Iterator
 
@@ -97,8 +96,8 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
 
     # The catalog's source is resolved at its first download, never before.
     assert "revision" not in httpx.get(f"{url}/model/cat-hub").json()
-    cat = modeld(url, "pull", "cat-hub")
-    assert 0 == cat.returncode, cat.stderr
+    assert 200 == httpx.post(f"{url}/model/cat-hub/download").status_code
+    daemon.wait_for("download_completed", model="cat-hub")
     assert Q8 == (models / "cat-hub.gguf").read_bytes()
     assert (second, "m.Q8_0.gguf") == tuple(
         httpx.get(f"{url}/model/cat-hub").json()[k] for k in ("revision", "file"))
@@ -125,7 +124,22 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
     assert "hub_quant_ambiguous" == ambiguous["error"]
     assert "Q5_K_M, Q8_0" in ambiguous["message"]
     assert "invalid_reference" == refused("hf.co/user")["error"]
-    failed = modeld(url, "pull", "hf.co/user/multi")
+    failed = modeld(url, "pull", "hf.co/user/multi")  # the CLI says the daemon's reason
     assert (1, True) == (failed.returncode, "Q5_K_M, Q8_0" in failed.stderr)
-    listed = json.loads(modeld(url, "ls", "--json").stdout)
+    listed = httpx.get(f"{url}/models").json()["iterable"]
     assert not [m for m in listed if m["id"].startswith(("hf-user-nope", "hf-user-multi"))]
+
+    # Offline: a restart with the Hub out of reach starts at once, pins and files intact, and
+    # the reference that made a model still finds it.
+    assert 0 == daemon.stop()
+    offline = make_daemon(catalog, hub={"endpoint": f"http://127.0.0.1:{closed_port()}"},
+                          storage={"dir": str(daemon.storage)}).start()
+    cat_model = httpx.get(f"{offline.url}/model/cat-hub").json()
+    assert (True, second, "hf.co/user/repo:Q8_0") == (
+        cat_model["downloaded"], cat_model["revision"], cat_model["source"])
+    again = modeld(offline.url, "pull", "hf.co/user/repo:q4_k_m")
+    assert 0 == again.returncode, again.stderr
+    assert f"{model_id} already downloaded" in again.stdout
+    assert first == httpx.get(f"{offline.url}/model/{model_id}").json()["revision"]
+    unreachable = httpx.post(f"{offline.url}/models/create", json={"source": "hf.co/user/new"})
+    assert (503, "hub_unreachable") == (unreachable.status_code, unreachable.json()["error"])
