@@ -9,6 +9,7 @@ for the Hub by other tools is never picked up.
 from __future__ import annotations
 
 import functools
+import re
 import urllib.parse
 from typing import Any
 
@@ -23,6 +24,7 @@ from supervisor.hub_refs import ChoiceError, HubRef, choose_file
 log = structlog.get_logger("modeld.hub")
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+COMMIT = re.compile(r"[0-9a-f]{40}")
 REQUEST_TIMEOUT = 20.0  # seconds for the metadata request (the caller bounds the whole wait)
 
 
@@ -62,7 +64,7 @@ def _resolve_blocking(ref: HubRef, endpoint: str) -> Resolved:
     info = _model_info(ref, endpoint)
     where = ref.canonical()
     commit = getattr(info, "sha", None)
-    if not isinstance(commit, str) or len(commit) != 40:
+    if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
         raise Unavailable(f"{endpoint} answered for {where} without a commit id",
                           code="hub_bad_answer")
     siblings = {s.rfilename: s for s in getattr(info, "siblings", None) or []}

@@ -36,7 +36,8 @@ def write_pin(root: Path, spec: ModelSpec) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
-def _canonical(source: str) -> str | None:
+def canonical_source(source: str) -> str | None:
+    """`source` in its canonical form (hf.co/..., quantization upper-case), or None."""
     try:
         return parse_reference(source).canonical()
     except BadReference:
@@ -63,7 +64,7 @@ def _pinned(root: Path, spec: ModelSpec) -> ModelSpec:
     except (OSError, ValueError) as exc:
         log.error("pin_unreadable", model=spec.id, path=str(path), reason=str(exc))
         return spec
-    if not isinstance(data, dict) or data.get("source") != _canonical(spec.source or ""):
+    if not isinstance(data, dict) or data.get("source") != canonical_source(spec.source or ""):
         return spec
     if not (isinstance(data.get("url"), str) and isinstance(data.get("size"), int)
             and isinstance(data.get("sha256"), str) and SHA256_PATTERN.fullmatch(data["sha256"])

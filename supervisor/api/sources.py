@@ -20,7 +20,7 @@ from actors.spec import ModelSpec
 from supervisor.config import Config
 from supervisor.hub import Resolved, resolve
 from supervisor.hub_refs import BadReference, HubRef, model_id_for, parse_reference, quant_tag
-from supervisor.pins import write_pin
+from supervisor.pins import canonical_source, write_pin
 from supervisor.registry import Registry
 from supervisor.wire import BodyError, ModelBody, spec_from_create
 
@@ -68,17 +68,19 @@ async def create_from_source(registry: Registry, config: Config, body: ModelBody
     if body.url is not None:
         raise BodyError("$.source: give url or source, not both")
     ref = parse_source(body.source)
-    for view in registry.views():
-        if view.spec.source == ref.canonical():
+    for view in registry.views():  # a catalog entry's source is as its config spells it
+        if view.spec.source and canonical_source(view.spec.source) == ref.canonical():
             return view
-    name = body.name or ref.repo.split("/", 1)[1] + (f" {ref.quant}" if ref.quant else "")
-    spec = spec_from_create(attrs.evolve(body, name=name, source=None), "new",
+    spec = spec_from_create(attrs.evolve(body, name=body.name or "hub", source=None), "new",
                             allow_http=config.download.allow_http)
     resolved = await resolve(ref, config.hub.endpoint)
     if body.sha256 is not None and body.sha256 != resolved.sha256:
         raise InvalidInput(f"$.sha256: the Hub's {resolved.file} at {resolved.commit} has "
                            f"sha256 {resolved.sha256}, not {body.sha256}",
                            code="hub_sha256_mismatch")
+    if body.name is None:
+        what = quant_tag(resolved.file) or resolved.file.rsplit("/", 1)[-1]
+        spec = attrs.evolve(spec, name=f"{ref.repo.split('/', 1)[1]} {what}")
     ids = (model_id_for(ref.repo, resolved.file),
            model_id_for(ref.repo, resolved.file, ref.canonical()))
     return await registry.create(pinned(spec, resolved), ids=ids,

@@ -78,8 +78,9 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
     model = httpx.get(f"{url}/model/{model_id}").json()
     assert ("hf.co/user/repo:Q4_K_M", first, "m.Q4_K_M.gguf") == (
         model["source"], model["revision"], model["file"])
-    assert (True, True, hashlib.sha256(FIRST).hexdigest(), "Q4_K_M") == (
-        model["downloaded"], model["custom"], model["sha256"], model["quantization"])
+    assert (True, True, hashlib.sha256(FIRST).hexdigest(), "Q4_K_M", "repo Q4_K_M") == (
+        model["downloaded"], model["custom"], model["sha256"], model["quantization"],
+        model["name"])
 
     # The branch moves on: the record stays pinned, whichever form names the same file.
     second = hub.publish("user/repo", {"m.Q4_K_M.gguf": SECOND, "m.Q8_0.gguf": Q8})
@@ -94,8 +95,11 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
         "source": "https://huggingface.co/user/repo/blob/main/m.Q4_K_M.gguf"}).json()
     assert at_head["id"].startswith(f"{model_id}-") and second == at_head["revision"]
 
-    # The catalog's source is resolved at its first download, never before.
+    # The catalog's source is resolved at its first download, never before; its reference
+    # names it.
     assert "revision" not in httpx.get(f"{url}/model/cat-hub").json()
+    named = httpx.post(f"{url}/models/create", json={"source": "huggingface.co/user/repo:q8_0"})
+    assert "cat-hub" == named.json()["id"]
     assert 200 == httpx.post(f"{url}/model/cat-hub/download").status_code
     daemon.wait_for("download_completed", model="cat-hub")
     assert Q8 == (models / "cat-hub.gguf").read_bytes()
