@@ -244,6 +244,12 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
                     "file",
                     code="not_custom",
                 )
+            if current.source is not None and (body.url not in (None, current.url)
+                                               or body.sha256 not in (None, current.sha256)):
+                raise InvalidInput(
+                    f"$.url: this model is pinned to {current.file} of {current.source}; its url "
+                    "and sha256 are the Hub's (create another model for another file)",
+                    code="source_pinned")
             try:
                 return spec_from_update(body, current, allow_http=config.download.allow_http)
             except BodyError as exc:  # told to the caller as a 400 by the actor

@@ -82,6 +82,13 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
         model["downloaded"], model["custom"], model["sha256"], model["quantization"],
         model["name"])
 
+    # Its url and sha256 are the Hub's: an update may resend them, not change them.
+    model["name"] = "Renamed"
+    assert 200 == httpx.post(f"{url}/model/update", json=model).status_code
+    changed = httpx.post(f"{url}/model/update",
+                         json={"id": model_id, "url": "https://elsewhere.example/m.gguf"})
+    assert (400, "source_pinned") == (changed.status_code, changed.json()["error"])
+
     # The branch moves on: the record stays pinned, whichever form names the same file.
     second = hub.publish("user/repo", {"m.Q4_K_M.gguf": SECOND, "m.Q8_0.gguf": Q8})
     again = modeld(url, "pull", "hf.co/user/repo:Q4_K_M")
