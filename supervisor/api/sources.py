@@ -17,6 +17,7 @@ import trio
 from actors import messages as m
 from actors.errors import InvalidInput
 from actors.spec import ModelSpec
+from actors.state import State
 from supervisor.config import Config
 from supervisor.hub import Resolved, resolve
 from supervisor.hub_refs import BadReference, HubRef, model_id_for, parse_reference, quant_tag
@@ -88,10 +89,12 @@ async def create_from_source(registry: Registry, config: Config, body: ModelBody
 
 
 async def pin_catalog_source(registry: Registry, config: Config, model_id: str) -> None:
-    """Before a download: a catalog model with a source and no pin yet is resolved and pinned
-    (in memory). Nothing happens for any other model."""
-    spec = registry.view(model_id).spec
-    if spec.source is None or spec.url is not None:
+    """Before a download: a catalog model with a source and no pin yet, and no file, is
+    resolved and pinned (and the pin kept). Nothing happens for any other model: one whose file
+    is here needs no Hub (offline included)."""
+    view = registry.view(model_id)
+    spec = view.spec
+    if spec.source is None or spec.url is not None or view.state is not State.ABSENT:
         return
     ref = parse_source(spec.source, f"the catalog's source of {model_id}")
     resolved = await resolve(ref, config.hub.endpoint)
