@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
            "memory and disk")
     client("show", "one model as JSON").add_argument("id")
     pull = client("pull", "download a model, showing its progress until it is done")
-    pull.add_argument("id")
+    pull.add_argument("id", help="a model id, or a Hub reference (hf.co/USER/REPO[:QUANT]"
+                      "[@REVISION], hf.co/USER/REPO/FILE.gguf, a huggingface.co URL): the "
+                      "model is created first if needed")
     pull.add_argument("--cancel-on-interrupt", action="store_true",
                       help="on Ctrl-C cancel the download without asking (default: ask at a "
                       "terminal; otherwise leave it running in modeld)")
@@ -399,7 +401,10 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     import trio
 
     from supervisor import client, views
+    from supervisor.hub_refs import looks_like_reference
 
+    if looks_like_reference(args.id):
+        args.id = _model_for_reference(endpoint, args.id, out)
     view: client.PullView
     if out.json:
         view = views.JsonPullView(out.line)
@@ -454,6 +459,22 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     out.error(f"lost the progress of {model_id} before the download ended (did modeld stop? "
               "an interrupted download resumes when it starts again)")
     return EXIT_ERROR
+
+
+def _model_for_reference(endpoint: Endpoint, reference: str, out: Out) -> str:
+    """The id of the model `reference` names, created (resolved and pinned) if needed."""
+    from supervisor.client import SLOW, Api, ClientError, model_of
+
+    with Api(endpoint) as api:
+        model = model_of(api.request("POST", "/models/create", json={"source": reference},
+                                     timeout=SLOW))
+    model_id = model.get("id")
+    if not isinstance(model_id, str):
+        raise ClientError("modeld answered the create without a model id")
+    if not out.json:
+        revision = str(model.get("revision") or "")[:12]
+        out.line(f"{reference}: {model_id} ({model.get('file')} at {revision})")
+    return model_id
 
 
 COMMANDS: dict[str, Callable[[Api, argparse.Namespace, Out], int]] = {

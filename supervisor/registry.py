@@ -30,6 +30,7 @@ from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
 from supervisor.config import CatalogEntry, Config
+from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
 log = structlog.get_logger("modeld.registry")
@@ -63,6 +64,7 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
         runtime=entry.runtime,
         parallel=entry.parallel,
         custom=False,
+        source=entry.source,
     )
 
 
@@ -352,18 +354,31 @@ class Registry:
         stops first."""
         return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply))
 
-    async def create(self, spec: ModelSpec) -> m.ModelView:
+    async def create(
+        self, spec: ModelSpec, *, ids: tuple[str, ...] = (),
+        reuse: Callable[[ModelSpec], bool] | None = None,
+    ) -> m.ModelView:
         """Register a custom model under a new id (spec.id is ignored): record, then actor.
         Raises Conflict (too_many_models) at `[storage] max_custom_models`."""
         async with self._lock:
+            # The first of `ids` that is free, unless a model that `reuse` accepts holds one
+            # first (then that model is the answer); else a new id from the name.
+            for candidate in ids:
+                taken = self._entries.get(candidate)
+                if taken is None:
+                    model_id = candidate
+                    break
+                if reuse is not None and reuse(taken.actor.spec):
+                    return taken.view()
+            else:
+                model_id = slug_id(spec.name, uuid.uuid4().hex)
+                while model_id in self._entries:
+                    model_id = slug_id(spec.name, uuid.uuid4().hex)
             limit = self.config.storage.max_custom_models
             if len(self._entries) - len(self._catalog_ids) >= limit:
                 raise Conflict(
                     f"modeld holds {limit} custom models, the most [storage] max_custom_models "
                     "allows; delete some, or raise the limit", code="too_many_models")
-            model_id = slug_id(spec.name, uuid.uuid4().hex)
-            while model_id in self._entries:
-                model_id = slug_id(spec.name, uuid.uuid4().hex)
             assert is_valid_id(model_id)
             spec = attrs.evolve(spec, id=model_id)
             await trio.to_thread.run_sync(self.store.write_record, spec)
@@ -402,6 +417,8 @@ async def serve_registry(
     async with trio.open_nursery() as nursery:
         registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn)
         specs = [spec_from_catalog(entry) for entry in config.models]
+        # Catalog models with a Hub source: the commit and file of their first download.
+        specs = await trio.to_thread.run_sync(apply_pins, store.root, specs)
         registry._catalog_ids.update(spec.id for spec in specs)
         for spec in records:
             if spec.id in registry._catalog_ids:

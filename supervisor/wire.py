@@ -99,6 +99,9 @@ class ModelOut:
     parallel: int | None = None
     pid: int | None = None  # the loaded model's worker process
     resident_bytes: int | None = None  # its resident memory now
+    source: str | None = None  # a Hub reference, and the commit and file it is pinned to
+    revision: str | None = None
+    file: str | None = None
 
 
 @attrs.frozen
@@ -191,6 +194,9 @@ class ModelBody:
     runtime: str | None = None
     parallel: int | None = None
     architecture: Any = None
+    source: str | None = None  # on create only: a Hub reference (supervisor/hub_refs.py)
+    revision: Any = None
+    file: Any = None
 
 
 def _strict(tp: type) -> Any:
@@ -314,6 +320,9 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         runtime=view.runtime,
         architecture=facts.architecture if facts else None,
         parallel=spec.parallel,
+        source=spec.source,
+        revision=spec.revision,
+        file=spec.file,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.

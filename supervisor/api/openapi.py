@@ -97,6 +97,11 @@ def _schemas() -> dict[str, Schema]:
         "architecture": {"type": "string", "description": "modeld: from the GGUF header"},
         "parallel": {"type": "integer", "minimum": 1,
                      "description": "modeld: requests served at once (llama.cpp)"},
+        "source": {"type": "string",
+                   "description": "modeld: the Hugging Face reference it comes from (hf.co/...)"},
+        "revision": {"type": "string", "pattern": "^[0-9a-f]{40}$",
+                     "description": "modeld: the Hub commit the source is pinned to"},
+        "file": {"type": "string", "description": "modeld: the file of that commit"},
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
@@ -146,6 +151,13 @@ def _schemas() -> dict[str, Schema]:
         "error": ANY,
         "partialBytes": ANY,
         "loadSeconds": ANY,
+        "source": {"type": "string", "maxLength": 2048,
+                   "description": "modeld, on create, instead of url: a Hub reference "
+                   "(hf.co/USER/REPO[:QUANT][@REVISION], hf.co/USER/REPO/FILE.gguf, or a "
+                   "huggingface.co blob/resolve URL), resolved and pinned before the model "
+                   "is recorded; ignored on update"},
+        "revision": ANY,
+        "file": ANY,
     }
     update_props = {"id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
                     **body_props}
@@ -392,7 +404,8 @@ def build_document() -> dict[str, Any]:
                 "model_specific_model_download", "Start the download (or join the running one)",
                 _responses(200, "Model", *COMMAND, 409), tags=model_tag,
                 description="Returns at once with downloading: true, or downloaded: true when "
-                "the file is already there. 409 when the model has no url.",
+                "the file is already there. 409 when the model has no url. A catalog model "
+                "with a source is resolved on the Hub first (400, 503 when it cannot be).",
             ),
         },
         "/model/{model}/download/cancel": {
@@ -453,7 +466,8 @@ def build_document() -> dict[str, Any]:
                        tags=models_tag, model=False),
         },
         "/models/create": {
-            "post": _op("models_create_new_model", "Register a custom model",
+            "post": _op("models_create_new_model",
+                        "Register a custom model (from a url, an upload, or a Hub source)",
                         _responses(200, "Model", 400, 409, 413, 415, 503,
                                    ok_description="the new model, with its id"),
                         tags=models_tag, model=False, body=_json_body("SeededModel")),
