@@ -25,10 +25,12 @@ class EmbeddingJob:
         model_id: str,
         embed: Callable[[list[str]], Awaitable[Embeddings]],
         texts: list[str],
+        on_done: Callable[[], None] | None = None,
     ) -> None:
         self.model_id = model_id
         self._embed = embed
         self._texts = texts
+        self._on_done = on_done  # once: the model is no longer in use by this job
 
     async def run(self) -> Embeddings:
         with worker_errors(
@@ -37,4 +39,9 @@ class EmbeddingJob:
             log_failure=lambda why: log.error("embedding_failed", model=self.model_id,
                                               reason=why),
         ):
-            return await self._embed(self._texts)
+            try:
+                return await self._embed(self._texts)
+            finally:
+                done, self._on_done = self._on_done, None
+                if done is not None:
+                    done()

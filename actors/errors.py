@@ -41,6 +41,12 @@ class InsufficientMemory(ModelError):
     code = "insufficient_memory"
 
 
+class InsufficientStorage(ModelError):
+    """A file that does not fit on the storage filesystem (refused before any byte)."""
+
+    code = "insufficient_storage"
+
+
 class Unavailable(ModelError):
     """The actor did not answer (it stopped or restarted while the command waited)."""
 

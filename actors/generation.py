@@ -47,9 +47,11 @@ class GenerationStream:
     (killed, crashed). `result` holds the token counts once the stream has ended.
     """
 
-    def __init__(self, model_id: str, inner: TextStream) -> None:
+    def __init__(self, model_id: str, inner: TextStream,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.model_id = model_id
         self._inner = inner
+        self._on_close = on_close  # once: the model is no longer in use by this stream
 
     @property
     def result(self) -> GenerationResult | None:
@@ -80,4 +82,9 @@ class GenerationStream:
 
     async def aclose(self) -> None:
         """Stop the generation if it still runs (idempotent; never raises WorkerError)."""
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            done, self._on_close = self._on_close, None
+            if done is not None:
+                done()

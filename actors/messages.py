@@ -16,6 +16,7 @@ import trio
 from actors.embedding import EmbeddingJob
 from actors.errors import ModelError
 from actors.generation import GenerationStream
+from actors.keepalive import DEFAULT, FOREVER, KeepAliveArg
 from actors.spec import ModelSpec
 from actors.state import State
 from actors.worker import GenerateParams
@@ -98,12 +99,20 @@ class CancelDownload(Command):
 
 @attrs.frozen(kw_only=True)
 class Load(Command):
+    """Load the model. An explicit load keeps it until it is unloaded (FOREVER) unless it
+    gives its own keep-alive; a load on first use passes DEFAULT (or the request's)."""
+
     operation = "loading the model"
+    keep_alive: KeepAliveArg = FOREVER
 
 
 @attrs.frozen(kw_only=True)
 class Unload(Command):
+    """Unload the model; with `if_idle` (eviction), refuse with Conflict `busy` while a
+    request uses it."""
+
     operation = "unloading the model"
+    if_idle: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -137,6 +146,7 @@ class Generate:
     prompt: str
     params: GenerateParams
     reply: trio.MemorySendChannel[GenerationStream | ModelError]
+    keep_alive: KeepAliveArg = DEFAULT  # the request's own keep_alive, if it gave one
 
 
 @attrs.frozen(kw_only=True)
@@ -146,3 +156,4 @@ class Embed:
 
     texts: list[str]
     reply: trio.MemorySendChannel[EmbeddingJob | ModelError]
+    keep_alive: KeepAliveArg = DEFAULT

@@ -26,6 +26,7 @@ from actors.attempts import (
     LoadEnded,
     WorkerExited,
 )
+from actors.disk import FreeSpace, check_fits, free_bytes
 from actors.download import DownloadError, DownloadRequest
 from actors.embedding import EmbeddingJob
 from actors.errors import (
@@ -38,6 +39,15 @@ from actors.errors import (
 )
 from actors.generation import GenerationStream
 from actors.gguf import GGUF_MAGIC, ArchitectureUnsupported, GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.keepalive import (
+    DEFAULT,
+    Expired,
+    KeepAlive,
+    KeepAliveArg,
+    parse_keep_alive,
+    show_keep_alive,
+    watch_expiry,
+)
 from actors.load_checks import check_memory, facts_from, read_facts, runtime_spec
 from actors.partial import held_marker, partial_bytes, remove_partial
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
@@ -65,6 +75,7 @@ class ActorSettings:
     allow_http: bool = False
     default_runtime: str = "auto"
     parallel: int = 2
+    keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle
 
 
 def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
@@ -77,7 +88,7 @@ def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
 
 
 Message = (m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited
-           | FactsRead)
+           | FactsRead | Expired)
 
 
 class ModelActor:
@@ -92,6 +103,7 @@ class ModelActor:
         gate: LoadGate,
         inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
         progress: Broadcaster[m.Progress] | None = None,
+        free_space: FreeSpace = free_bytes,
     ) -> None:
         self.spec = spec
         self.state = State.ABSENT
@@ -105,6 +117,7 @@ class ModelActor:
         self._spawn = spawn
         self._gate = gate
         self._inspect = inspect
+        self._free_space = free_space
         self._send, self._inbox = trio.open_memory_channel[Message](64)
         self._nursery: trio.Nursery | None = None
         self._download: DownloadAttempt | None = None
@@ -114,6 +127,8 @@ class ModelActor:
         self._facts: m.FileFacts | None = None
         self._partial = 0
         self._load_seconds: float | None = None
+        self._keep = KeepAlive()
+        self._load_keep: KeepAliveArg = DEFAULT  # the keep-alive the load in progress gives
 
     @property
     def mailbox(self) -> trio.MemorySendChannel[Message]:
@@ -140,7 +155,14 @@ class ModelActor:
             ),
             slots=1 if self._worker is None else self._worker.info.parallel,
             context_length=None if self._worker is None else self._worker.info.context_length,
+            **self._keep.view_fields(),
         )
+
+    def _default_keep_alive(self) -> float:
+        """A load on first use: the model's own keep-alive, else [runtime] keep_alive."""
+        if self.spec.keep_alive is not None:
+            return parse_keep_alive(self.spec.keep_alive)
+        return self._settings.keep_alive
 
     # -- running ---------------------------------------------------------------------------
 
@@ -157,6 +179,7 @@ class ModelActor:
             resume = await self._recover()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(watch_expiry, self._keep, self._report_expiry)
                 if resume:
                     log.info("download_resume", model=self.spec.id, bytes=self._partial)
                     self._start_download()
@@ -178,6 +201,17 @@ class ModelActor:
                     orphan, self._load.worker = self._load.worker, None
                     await orphan.aclose(UNLOAD_GRACE)
                     self._gate.release(self.spec.id)
+
+    async def _report_expiry(self) -> None:
+        await self._send.send(Expired())
+
+    async def _expire(self) -> None:
+        """The keep-alive ran out; unload unless the model is in use again (or was already
+        unloaded)."""
+        if self.state is State.LOADED and self._keep.due(trio.current_time()):
+            log.info("model_expired", model=self.spec.id,
+                     keep_alive=show_keep_alive(self._keep.duration))
+            await self._unload()
 
     def _close_mailbox(self) -> None:
         self._send.close()
@@ -221,6 +255,8 @@ class ModelActor:
         elif isinstance(msg, WorkerExited):
             if msg.worker is self._worker:
                 self._worker_died(msg.worker, msg.returncode)
+        elif isinstance(msg, Expired):
+            await self._expire()
         elif isinstance(msg, m.Load):
             self._handle_load(msg)
         elif isinstance(msg, m.Generate):
@@ -243,10 +279,12 @@ class ModelActor:
         if isinstance(cmd, m.GetSnapshot):
             return self.view()
         if isinstance(cmd, m.StartDownload):
-            return self._handle_download()
+            return await self._handle_download()
         if isinstance(cmd, m.CancelDownload):
             return await self._handle_cancel()
         if isinstance(cmd, m.Unload):
+            if cmd.if_idle and self.state is State.LOADED and self._keep.busy:
+                raise Conflict("the model is in use", code="busy")
             await self._unload()
             return self.view()
         if isinstance(cmd, m.UpdateSpec):
@@ -285,7 +323,7 @@ class ModelActor:
 
     # -- download --------------------------------------------------------------------------
 
-    def _handle_download(self) -> m.ModelView:
+    async def _handle_download(self) -> m.ModelView:
         if self.state is State.ABSENT:
             if self.spec.url is None:
                 raise Conflict(
@@ -293,6 +331,9 @@ class ModelActor:
                     "or import its file",
                     code="no_url",
                 )
+            if self.spec.size is not None:  # refused before any byte when it cannot fit
+                free = await trio.to_thread.run_sync(self._free_space, self.dest.parent)
+                check_fits(self.spec.size - self._partial, free, "the download")
             self._start_download()
         # Downloading: join it. Downloaded, loading or loaded: the file is already here.
         return self.view()
@@ -394,9 +435,13 @@ class ModelActor:
     def _handle_load(self, cmd: m.Load) -> None:
         if self.state is State.LOADED:
             self._gate.touch(self.spec.id)
+            if cmd.keep_alive is not DEFAULT:
+                self._keep.set_duration(self._resolve_keep(cmd.keep_alive))
             _reply_now(cmd.reply, self.view())
         elif self.state is State.LOADING:
             assert self._load is not None
+            if cmd.keep_alive is not DEFAULT:
+                self._load_keep = cmd.keep_alive
             self._load.waiters.append(cmd.reply)
         elif self.state is State.DOWNLOADED:
             assert self._nursery is not None
@@ -404,6 +449,7 @@ class ModelActor:
                 scope=trio.CancelScope(), ended=trio.Event(), waiters=[cmd.reply]
             )
             self._load = attempt
+            self._load_keep = cmd.keep_alive
             self.error = None
             self._move(Event.LOAD_START)
             self._nursery.start_soon(self._run_load, attempt)
@@ -414,16 +460,28 @@ class ModelActor:
             }[self.state]
             _reply_now(cmd.reply, Conflict(why, code="not_loadable"))
 
+    def _resolve_keep(self, keep_alive: KeepAliveArg) -> float:
+        return self._default_keep_alive() if keep_alive is DEFAULT else float(keep_alive)
+
+    def _begin_use(self, keep_alive: KeepAliveArg) -> Callable[[], None]:
+        """The model is in use (never expired nor evicted) until the returned call."""
+        if keep_alive is not DEFAULT:
+            keep_alive = self._resolve_keep(keep_alive)
+        epoch = self._keep.begin_use(keep_alive)
+        return lambda: self._keep.end_use(epoch, trio.current_time())
+
     def _handle_generate(self, cmd: m.Generate) -> None:
         worker = self._loaded_worker(cmd.reply)
         if worker is not None:
-            stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params))
+            stream = GenerationStream(self.spec.id, worker.generate(cmd.prompt, cmd.params),
+                                      on_close=self._begin_use(cmd.keep_alive))
             _reply_now(cmd.reply, stream)
 
     def _handle_embed(self, cmd: m.Embed) -> None:
         worker = self._loaded_worker(cmd.reply)
         if worker is not None:
-            _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts))
+            _reply_now(cmd.reply, EmbeddingJob(self.spec.id, worker.embed, cmd.texts,
+                                               on_done=self._begin_use(cmd.keep_alive)))
 
     def _loaded_worker(self, reply: trio.MemorySendChannel[Any]) -> WorkerHandle | None:
         """The worker that serves a request (and the model counts as used), or None when the
@@ -485,6 +543,7 @@ class ModelActor:
         if worker is not None:
             self._worker = worker
             self._load_seconds = round(attempt.seconds, 4)
+            self._keep.start(self._resolve_keep(self._load_keep), trio.current_time())
             self._move(Event.LOAD_DONE)
             log.info(
                 "model_loaded",
@@ -515,6 +574,7 @@ class ModelActor:
         self.error = f"the worker process stopped unexpectedly ({how})"
         self._worker = None
         self._load_seconds = None
+        self._keep.stop()
         self._gate.release(self.spec.id)
         log.error(
             "worker_exited",
@@ -551,6 +611,7 @@ class ModelActor:
         worker, self._worker = self._worker, None
         if worker is None:
             return
+        self._keep.stop()
         await worker.aclose(UNLOAD_GRACE)
         self._gate.release(self.spec.id)
         self._load_seconds = None

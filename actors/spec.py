@@ -95,6 +95,9 @@ class ModelSpec:
     runtime: str | None = None
     # Requests a loaded llama.cpp model serves at once; None: [runtime] parallel.
     parallel: int | None = None
+    # How long it stays loaded when idle after a load on first use ("15m", "0", "-1");
+    # None: [runtime] keep_alive.
+    keep_alive: str | None = None
     custom: bool = False
     created: dt.datetime = attrs.field(factory=utcnow)
     score: ModelScore = ModelScore()

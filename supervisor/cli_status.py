@@ -1,4 +1,5 @@
-"""`modeld ps` and `modeld status`: GET /status, shown for people (or as JSON with --json)."""
+"""`modeld ps`, `modeld status` and `modeld du`: GET /status (and /models), shown for people
+(or as JSON with --json)."""
 
 from __future__ import annotations
 
@@ -105,4 +106,34 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Out) -> int:
                                        "bytesPerSecond": d.get("rate"),
                                        "etaSeconds": d.get("eta"),
                                        "retrying": d.get("retrying")}))
+    return EXIT_OK
+
+
+def cmd_du(api: Api, args: argparse.Namespace, out: Out) -> int:
+    """Bytes per model (its published file, its partial download), totals and free space."""
+    from supervisor.views import format_bytes, print_table
+
+    storage = _status(api).get("storage") or {}
+    models: list[dict[str, Any]] = []
+    for model in api.models():
+        size = model.get("bytes")
+        on_disk = size.get("value") if model.get("downloaded") and isinstance(size, dict) else 0
+        partial = model.get("partialBytes") or 0
+        if on_disk or partial:
+            models.append({"id": model.get("id"), "state": model.get("state"),
+                           "bytes": on_disk or 0, "partialBytes": partial})
+    models.sort(key=lambda m: -(m["bytes"] + m["partialBytes"]))
+    total = sum(m["bytes"] + m["partialBytes"] for m in models)
+    if out.json:
+        out.data({"models": models, "usedBytes": total, "freeBytes": storage.get("freeBytes"),
+                  "dir": storage.get("dir")})
+        return EXIT_OK
+    rows: list[tuple[str, ...]] = [(str(m["id"]), str(m["state"]), format_bytes(m["bytes"]),
+             format_bytes(m["partialBytes"]) if m["partialBytes"] else "-") for m in models]
+    if rows:
+        print_table(out.line, out.tty, ("ID", "STATE", "FILE", "PARTIAL"), rows)
+    else:
+        out.line("no model has files")
+    out.line(f"{format_bytes(total)} in {len(models)} models; "
+             f"{format_bytes(storage.get('freeBytes'))} free in {storage.get('dir')}")
     return EXIT_OK

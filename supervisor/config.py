@@ -14,6 +14,7 @@ import cattrs
 import cattrs.v
 from cattrs.gen import make_dict_structure_fn
 
+from actors.keepalive import parse_keep_alive
 from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, check_url, is_valid_id
 from supervisor.enums import FOUNDATIONS, USAGES
@@ -74,6 +75,23 @@ def _runtime_choice(_inst: object, attr: attrs.Attribute[Any], value: str | None
         raise ValueError(f"{attr.name} must be one of {', '.join(RUNTIME_CHOICES)}")
 
 
+def _is_keep_alive(value: object) -> bool:
+    try:
+        parse_keep_alive(value)
+    except ValueError:
+        return False
+    return True
+
+
+_keep_alive = _rule(_is_keep_alive, 'must be a duration such as "15m", "30s", "0" (unload '
+                    'when idle) or "-1" (keep until unloaded)')
+
+
+def _optional_keep_alive(inst: object, attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        _keep_alive(inst, attr, value)
+
+
 def _optional_positive(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"{attr.name} must be greater than 0")
@@ -86,6 +104,8 @@ class RuntimeConfig:
     load_timeout: float = attrs.field(default=300.0, validator=_positive)
     default_runtime: str = attrs.field(default="auto", validator=_runtime_choice)
     parallel: int = attrs.field(default=2, validator=_positive)
+    # How long a model loaded on first use (/v1) stays loaded when idle.
+    keep_alive: str = attrs.field(default="15m", validator=_keep_alive)
 
     def thread_count(self) -> int:
         return self.threads or (os.cpu_count() or 1)
@@ -120,6 +140,7 @@ class CatalogEntry:
     runtime: str | None = attrs.field(default=None, validator=_runtime_choice)
     parallel: int | None = attrs.field(default=None, validator=_optional_positive)
     source: str | None = None  # a Hub reference instead of url, sha256 and size
+    keep_alive: str | None = attrs.field(default=None, validator=_optional_keep_alive)
 
 
 @attrs.frozen

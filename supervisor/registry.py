@@ -22,6 +22,7 @@ from actors.download import download_file
 from actors.embedding import EmbeddingJob
 from actors.errors import Conflict, ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
+from actors.keepalive import DEFAULT, KeepAliveArg, parse_keep_alive
 from actors.model import ActorSettings, ModelActor
 from actors.ports import Fetcher, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
@@ -63,6 +64,7 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
         context_length=entry.context_length,
         runtime=entry.runtime,
         parallel=entry.parallel,
+        keep_alive=entry.keep_alive,
         custom=False,
         source=entry.source,
     )
@@ -125,21 +127,34 @@ class LruGate:
         self._evicted: dict[str, list[str]] = {}  # per model: whom its last admit unloaded
 
     async def admit(self, model_id: str) -> None:
+        """Make room for `model_id`: unload the least recently used idle models. A model in
+        use is never evicted; when every other loaded model is in use, Unavailable (503)."""
         async with self._lock:
             evicted: list[str] = []
             self._evicted[model_id] = evicted
+            busy: set[str] = set()
             while True:
                 others = [k for k in self._order if k != model_id]
                 if len(others) < self._max:
                     break
-                victim = others[0]
-                log.info("model_evicted", model=victim, to_make_room_for=model_id)
+                idle = [k for k in others if k not in busy and not self._in_use(k)]
+                if not idle:
+                    raise Unavailable(
+                        f"every loaded model is in use, so {model_id} cannot be loaded now "
+                        "([runtime] max_loaded); try again when a request ends",
+                        code="all_busy")
+                victim = idle[0]
                 with trio.move_on_after(30):
                     try:
                         # Its actor releases it here (`release`) once its worker is gone.
-                        await self._registry.call(victim, lambda r: m.Unload(reply=r))
+                        await self._registry.call(victim,
+                                                  lambda r: m.Unload(reply=r, if_idle=True))
+                    except Conflict:
+                        busy.add(victim)  # a request began meanwhile: it stays
+                        continue
                     except (ModelNotFound, Unavailable):
                         self._order.pop(victim, None)  # no actor left to hold memory
+                log.info("model_evicted", model=victim, to_make_room_for=model_id)
                 evicted.append(victim)
                 if victim in self._order:
                     raise Unavailable(
@@ -148,6 +163,12 @@ class LruGate:
                     )
             self._order[model_id] = None
             self._order.move_to_end(model_id)
+
+    def _in_use(self, model_id: str) -> bool:
+        try:
+            return self._registry.view(model_id).busy > 0
+        except ModelNotFound:
+            return False
 
     def release(self, model_id: str) -> None:
         self._order.pop(model_id, None)
@@ -200,6 +221,7 @@ class Registry:
             allow_http=config.download.allow_http,
             default_runtime=config.runtime.default_runtime,
             parallel=config.runtime.parallel,
+            keep_alive=parse_keep_alive(config.runtime.keep_alive),
         )
         self._fetch = fetch
         self._spawn = spawn or _worker_spawner(config)
@@ -336,7 +358,8 @@ class Registry:
         return await self._ask(model_id, make)
 
     async def generate(
-        self, model_id: str, prompt: str, params: GenerateParams
+        self, model_id: str, prompt: str, params: GenerateParams,
+        keep_alive: KeepAliveArg = DEFAULT,
     ) -> GenerationStream:
         """Borrow a loaded model for one prompt (the caller bounds the wait for the actor).
 
@@ -345,14 +368,17 @@ class Registry:
         when the model is not loaded, Unavailable when its actor stops first.
         """
         return await self._ask(
-            model_id, lambda reply: m.Generate(prompt=prompt, params=params, reply=reply)
+            model_id, lambda reply: m.Generate(prompt=prompt, params=params, reply=reply,
+                                               keep_alive=keep_alive)
         )
 
-    async def embedder(self, model_id: str, texts: list[str]) -> EmbeddingJob:
+    async def embedder(self, model_id: str, texts: list[str],
+                       keep_alive: KeepAliveArg = DEFAULT) -> EmbeddingJob:
         """Borrow a loaded model for the embeddings of texts (`await job.run()`). Raises
         ModelNotFound, Conflict when the model is not loaded, Unavailable when its actor
         stops first."""
-        return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply))
+        return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply,
+                                                                keep_alive=keep_alive))
 
     async def create(
         self, spec: ModelSpec, *, ids: tuple[str, ...] = (),

@@ -17,6 +17,7 @@ import cattrs
 import psutil
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from actors.keepalive import parse_keep_alive
 from actors.messages import ModelView, Progress
 from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import (
@@ -102,6 +103,8 @@ class ModelOut:
     source: str | None = None  # a Hub reference, and the commit and file it is pinned to
     revision: str | None = None
     file: str | None = None
+    keep_alive: str | None = None  # the model's own keep-alive, when it has one
+    expires_at: str | None = None  # when it is unloaded if it stays idle (ISO 8601)
 
 
 @attrs.frozen
@@ -197,6 +200,8 @@ class ModelBody:
     source: str | None = None  # on create only: a Hub reference (supervisor/hub_refs.py)
     revision: Any = None
     file: Any = None
+    keep_alive: str | None = None
+    expires_at: Any = None
 
 
 def _strict(tp: type) -> Any:
@@ -323,6 +328,9 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         source=spec.source,
         revision=spec.revision,
         file=spec.file,
+        keep_alive=spec.keep_alive,
+        expires_at=None if view.expires_at is None
+        else iso_utc(dt.datetime.fromtimestamp(view.expires_at, dt.UTC)),
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.
@@ -389,6 +397,11 @@ def _check_fields(body: ModelBody, *, allow_http: bool) -> None:
         problems.append(f"$.runtime: expected one of {list(RUNTIME_CHOICES)}")
     if body.parallel is not None and not 1 <= body.parallel <= 64:
         problems.append("$.parallel: must be between 1 and 64")
+    if body.keep_alive is not None:
+        try:
+            parse_keep_alive(body.keep_alive)
+        except ValueError as exc:
+            problems.append(f"$.keepAlive: {exc}")
     for name in ("bytes", "ram"):
         descriptor = getattr(body, name)
         if descriptor is not None and descriptor.value is not None and not (
@@ -431,6 +444,7 @@ def spec_from_create(body: ModelBody, model_id: str, *, allow_http: bool) -> Mod
         ram=body.ram.value if body.ram and body.ram.value else None,
         runtime=body.runtime,
         parallel=body.parallel,
+        keep_alive=body.keep_alive,
         custom=True,
     )
 
@@ -440,7 +454,7 @@ def spec_from_update(body: ModelBody, current: ModelSpec, *, allow_http: bool) -
     _check_fields(body, allow_http=allow_http)
     changes: dict[str, Any] = {}
     for name in ("name", "version", "description", "quantization", "foundation", "type",
-                 "usage", "url", "sha256", "model_type", "runtime", "parallel"):
+                 "usage", "url", "sha256", "model_type", "runtime", "parallel", "keep_alive"):
         value = getattr(body, name)
         if value is not None:
             changes[name] = value

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from actors.errors import (
     Conflict,
     InsufficientMemory,
+    InsufficientStorage,
     InvalidInput,
     ModelError,
     ModelNotFound,
@@ -70,6 +71,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (InsufficientMemory, 507),
+    (InsufficientStorage, 507),
     (Unavailable, 503),
     (OperationFailed, 500),
 ]

@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestTimeout
 
 from actors import messages as m
+from actors.disk import check_fits, free_bytes
 from actors.errors import (
     Conflict,
     InsufficientMemory,
@@ -29,6 +30,7 @@ from actors.errors import (
     Unavailable,
 )
 from actors.gguf import architecture_from_prefix, unrunnable_message
+from actors.keepalive import FOREVER, parse_keep_alive
 from actors.runtimes import runnable
 from actors.spec import ModelSpec
 from supervisor.api.app import READ_TIMEOUT, error_response, json_reply, no_content
@@ -165,12 +167,26 @@ async def body_chunks() -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def refuse_body() -> None:
-    """Commands without a body: a body, if any, must still be JSON (no simple CSRF posts)."""
+async def refuse_body() -> Any:
+    """Commands without a body: a body, if any, must still be JSON (no simple CSRF posts).
+    Returns it (None when there is none)."""
     if request.content_length or request.headers.get("transfer-encoding"):
         if not is_json_media_type(request.headers.get("content-type")):
             raise UnsupportedMediaType("send a body, if any, as Content-Type: application/json")
-        await read_json_body()
+        return await read_json_body()
+    return None
+
+
+def load_keep_alive(body: Any) -> float:
+    """An explicit load keeps the model until it is unloaded, unless its body gives a
+    `keepAlive` (modeld extra: "5m", "0", "-1")."""
+    value = body.get("keepAlive") if isinstance(body, dict) else None
+    if value is None:
+        return FOREVER
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise InvalidInput(f"keepAlive: {exc}", code="invalid_body") from None
 
 
 def register_routes(app: QuartTrio, registry: Registry, config: Config,
@@ -218,10 +234,11 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
 
     @app.post("/model/<model>/load")
     async def load(model: str) -> Response:
-        await refuse_body()
+        keep_alive = load_keep_alive(await refuse_body())
         model_id = check_model_id(model)
         with answer_within(load_wait):
-            view = await registry.call(model_id, lambda r: m.Load(reply=r))
+            view = await registry.call(model_id, lambda r: m.Load(reply=r,
+                                                                  keep_alive=keep_alive))
         # modeld extra: the models [runtime] max_loaded unloaded to make room
         return json_reply(model_json(view, evicted=registry.gate.take_evicted(model_id)))
 
@@ -266,6 +283,9 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             raise Conflict("only custom models take an uploaded file", code="not_custom")
         if media_type(request.headers.get("content-type")) != OCTET_STREAM:
             raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
+        if request.content_length is not None:  # refused before any byte when it cannot fit
+            free = await trio.to_thread.run_sync(free_bytes, registry.store.root)
+            check_fits(request.content_length, free, "the upload")
         with disk_errors_reported():
             temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
         try:

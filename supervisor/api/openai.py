@@ -27,6 +27,7 @@ from quart_trio import QuartTrio
 from actors import messages as m
 from actors.errors import Conflict, ModelError
 from actors.generation import GenerationStream
+from actors.keepalive import DEFAULT, KeepAliveArg, parse_keep_alive
 from actors.messages import ModelView
 from actors.runtimes import LLAMA_CPP
 from actors.spec import is_valid_id
@@ -164,7 +165,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         raise OpenAIError(404, f"the model '{model}' does not exist or is not downloaded",
                           param="model", code="model_not_found")
 
-    async def loaded_view(model_id: str) -> ModelView:
+    async def loaded_view(model_id: str, keep_alive: KeepAliveArg) -> ModelView:
         """The model, loaded (loading it if it is only downloaded)."""
         if not is_valid_id(model_id):
             raise OpenAIError(404, f"the model '{model_id}' does not exist", param="model",
@@ -177,16 +178,17 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                     f"(POST /model/{model_id}/download)", param="model", code="model_not_found")
             if view.state is not State.LOADED:
                 with answer_within(load_wait):
-                    view = await registry.call(model_id, lambda r: m.Load(reply=r))
+                    view = await registry.call(
+                        model_id, lambda r: m.Load(reply=r, keep_alive=keep_alive))
         except ModelError as exc:
             raise _as_openai(exc) from None
         return view
 
     async def open_stream(model_id: str, prompt: str, sampling: Sampling, *, chat: bool,
                           messages: list[dict[str, str]] | None,
-                          schema: dict[str, Any] | None) -> tuple[
+                          schema: dict[str, Any] | None, keep_alive: KeepAliveArg) -> tuple[
             GenerationStream, str | None, ModelView]:
-        view = await loaded_view(model_id)
+        view = await loaded_view(model_id, keep_alive)
         if schema is not None and view.runtime != LLAMA_CPP:
             raise OpenAIError(400, f"'{model_id}' runs on {view.runtime}, which cannot "
                               "constrain output; 'response_format' needs the llama.cpp "
@@ -217,14 +219,14 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         for attempt in range(2):
             try:
                 with answer_within(30):
-                    stream = await registry.generate(model_id, prompt, params)
+                    stream = await registry.generate(model_id, prompt, params, keep_alive)
                 break
             except Conflict:
                 if attempt:  # unloaded (evicted) again between load and generate
                     raise OpenAIError(503, f"the model '{model_id}' keeps being unloaded; "
                                       "try again", type_="server_error", code="not_loaded"
                                       ) from None
-                view = await loaded_view(model_id)
+                view = await loaded_view(model_id, keep_alive)
             except ModelError as exc:
                 raise _as_openai(exc) from None
         # The first piece before any header: a refused prompt is still a clean 400.
@@ -271,13 +273,15 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             del busy[model_id]
 
     async def generate(model_id: str, prompt: str, sampling: Sampling, *, chat: bool,
-                       include_usage: bool, messages: list[dict[str, str]] | None = None,
+                       include_usage: bool, keep_alive: KeepAliveArg,
+                       messages: list[dict[str, str]] | None = None,
                        schema: dict[str, Any] | None = None) -> Response:
         admit(model_id)
         began = time.perf_counter()
         try:
             stream, first, _view = await open_stream(model_id, prompt, sampling, chat=chat,
-                                                     messages=messages, schema=schema)
+                                                     messages=messages, schema=schema,
+                                                     keep_alive=keep_alive)
         except BaseException:
             release(model_id)
             raise
@@ -367,6 +371,17 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             raise OpenAIError(400, "'model' is required", param="model")
         return model
 
+    def keep_alive_of(data: dict[str, Any]) -> KeepAliveArg:
+        """The request's `keep_alive` extra (Ollama's: "5m", 0 unloads after the request,
+        -1 keeps the model); DEFAULT when it gives none."""
+        value = data.get("keep_alive")
+        if value is None:
+            return DEFAULT
+        try:
+            return parse_keep_alive(value)
+        except ValueError as exc:
+            raise OpenAIError(400, f"'keep_alive': {exc}", param="keep_alive") from None
+
     def include_usage(data: dict[str, Any]) -> bool:
         options = data.get("stream_options")
         return isinstance(options, dict) and options.get("include_usage") is True
@@ -376,7 +391,8 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         data = await body_of()
         model_id, sampling, prompt = model_of(data), parse_sampling(data), prompt_of(data)
         return await generate(model_id, prompt, sampling, chat=False,
-                              include_usage=include_usage(data), schema=response_schema(data))
+                              include_usage=include_usage(data), schema=response_schema(data),
+                              keep_alive=keep_alive_of(data))
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
@@ -384,7 +400,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         model_id, sampling, messages = model_of(data), parse_sampling(data), messages_of(data)
         return await generate(model_id, "", sampling, chat=True,
                               include_usage=include_usage(data), messages=messages,
-                              schema=response_schema(data))
+                              schema=response_schema(data), keep_alive=keep_alive_of(data))
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
@@ -394,7 +410,8 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             texts, encoding = parse_embedding_request(data)
         except EmbeddingInputError as exc:
             raise OpenAIError(400, str(exc), param=exc.param) from None
-        view = await loaded_view(model_id)
+        keep_alive = keep_alive_of(data)
+        view = await loaded_view(model_id, keep_alive)
         if view.runtime != LLAMA_CPP:
             raise OpenAIError(400, f"'{model_id}' runs on {view.runtime}, which gives no "
                               "embeddings; embeddings need the llama.cpp runtime",
@@ -402,7 +419,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         admit(model_id)
         try:
             with answer_within(30):
-                job = await registry.embedder(model_id, texts)
+                job = await registry.embedder(model_id, texts, keep_alive)
             result = await job.run()
         except ModelError as exc:
             raise _as_openai(exc) from None

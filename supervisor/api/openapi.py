@@ -102,6 +102,10 @@ def _schemas() -> dict[str, Schema]:
         "revision": {"type": "string", "pattern": "^[0-9a-f]{40}$",
                      "description": "modeld: the Hub commit the source is pinned to"},
         "file": {"type": "string", "description": "modeld: the file of that commit"},
+        "keepAlive": {"type": "string", "description": "modeld: how long it stays loaded "
+                      "when idle after a load on first use (\"15m\", \"0\", \"-1\")"},
+        "expiresAt": {"type": "string", "format": "date-time",
+                      "description": "modeld: when it is unloaded if it stays idle"},
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
@@ -147,6 +151,10 @@ def _schemas() -> dict[str, Schema]:
         "runtime": {"type": "string", "enum": ["auto", "llama.cpp", "ctransformers"]},
         "parallel": {"type": "integer", "minimum": 1, "maximum": 64},
         "architecture": ANY,
+        "keepAlive": {"type": "string", "maxLength": 64,
+                      "description": "a duration: \"15m\", \"30s\", \"0\" (unload when "
+                      "idle), \"-1\" (keep until unloaded); else 400"},
+        "expiresAt": ANY,
         "state": ANY,
         "error": ANY,
         "partialBytes": ANY,
@@ -197,6 +205,11 @@ def _schemas() -> dict[str, Schema]:
                             ["usedBytes", "freeBytes"]),
             "memory": _obj({"availableBytes": SIZE, "totalBytes": SIZE}, ["availableBytes"]),
         }, ["version", "uptimeSeconds", "loaded", "downloads", "storage", "memory"]),
+        "LoadOptions": {"type": "object", "properties": {"keepAlive": {
+            "type": ["string", "number"], "maxLength": 64,
+            "description": "modeld: how long the model stays loaded when idle (\"5m\"; "
+            "\"-1\": until unloaded, the default of an explicit load)"}},
+            "description": "optional; other keys are ignored"},
         "Health": _obj({"status": {"type": "string", "enum": ["ok", "starting", "stopping"]}},
                        ["status"]),
         "Error": _obj(
@@ -303,14 +316,14 @@ def _responses(ok: int, ok_schema: str | None, *errors: int,
 
 def _op(operation_id: str, summary: str, responses: dict[str, Any], *,
         tags: list[str], model: bool = True, body: Schema | None = None,
-        description: str | None = None) -> dict[str, Any]:
+        body_required: bool = True, description: str | None = None) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": tags}
     if description:
         op["description"] = description
     if model:
         op["parameters"] = [{"$ref": "#/components/parameters/model"}]
     if body is not None:
-        op["requestBody"] = {"required": True, "content": body}
+        op["requestBody"] = {"required": body_required, "content": body}
     op["responses"] = responses
     return op
 
@@ -357,6 +370,9 @@ def _openai_paths() -> dict[str, Any]:
                            {"type": "null"}]},
         "stream": {"type": ["boolean", "null"]},
         "response_format": {"type": ["object", "null"]},
+        "keep_alive": {"type": ["string", "number", "null"],
+                       "description": "modeld (Ollama's): how long the model stays loaded "
+                       "when idle after this request; 0 unloads it, -1 keeps it"},
     }
     loose: Schema = {"type": "object"}
     embeddings_body = {"type": "object", "required": ["model", "input"], "properties": {
@@ -402,10 +418,12 @@ def build_document() -> dict[str, Any]:
         "/model/{model}/download": {
             "post": _op(
                 "model_specific_model_download", "Start the download (or join the running one)",
-                _responses(200, "Model", *COMMAND, 409), tags=model_tag,
+                _responses(200, "Model", *COMMAND, 409, 507), tags=model_tag,
                 description="Returns at once with downloading: true, or downloaded: true when "
                 "the file is already there. 409 when the model has no url. A catalog model "
-                "with a source is resolved on the Hub first (400, 503 when it cannot be).",
+                "with a source is resolved on the Hub first (400, 503 when it cannot be); 507 "
+                "insufficient_storage, before any byte, when its known size does not fit on "
+                "the storage filesystem.",
             ),
         },
         "/model/{model}/download/cancel": {
@@ -431,7 +449,10 @@ def build_document() -> dict[str, Any]:
         "/model/{model}/load": {
             "post": _op("model_specific_model_load", "Load a downloaded model into memory",
                         _responses(200, "Model", *COMMAND, 409, 507), tags=model_tag,
-                        description="Returns when loaded, or fails (409 when not downloaded)."),
+                        body=_json_body("LoadOptions"), body_required=False,
+                        description="Returns when loaded, or fails (409 when not downloaded). "
+                        "The model stays loaded until it is unloaded, unless the optional "
+                        "body gives a keepAlive."),
         },
         "/model/{model}/unload": {
             "post": _op("model_specific_model_unload", "Free the model's memory (idempotent)",

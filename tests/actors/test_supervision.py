@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from actors import messages as m
-from actors.errors import OperationFailed, Unavailable
+from actors.errors import Conflict, OperationFailed, Unavailable
 from actors.progress import Broadcaster, must_deliver
 from actors.spec import ModelSpec
 from actors.state import State
@@ -344,9 +344,16 @@ class FakeRegistry:
         self.gate: LruGate | None = None
         self.unloaded: list[str] = []
         self.refuse = refuse or set()
+        self.busy: set[str] = set()  # in use: its actor refuses an eviction
+
+    def view(self, model_id: str) -> Any:
+        return attrs.make_class("View", ["busy"])(int(model_id in self.busy))
 
     async def call(self, model_id: str, make: Any) -> None:
         await trio.sleep(1)
+        if model_id in self.busy:
+            assert make(None).if_idle
+            raise Conflict("the model is in use", code="busy")
         self.unloaded.append(model_id)
         if model_id not in self.refuse:
             assert self.gate is not None
@@ -376,6 +383,33 @@ async def test_gate_refuses_when_eviction_frees_nothing(autojump_clock: trio.abc
     with pytest.raises(Unavailable, match="could not unload a"):
         await lru.admit("b")
     assert ["a"] == fake.unloaded
+
+
+async def test_gate_never_evicts_a_model_in_use(autojump_clock: trio.abc.Clock) -> None:
+    lru, fake = gate(2)
+    await lru.admit("a")
+    await lru.admit("b")
+    fake.busy.add("a")  # the least recently used, but generating
+    await lru.admit("c")
+    assert ["b"] == fake.unloaded
+    fake.busy.add("c")
+    with pytest.raises(Unavailable, match="every loaded model is in use") as info:
+        await lru.admit("d")
+    assert "all_busy" == info.value.code
+    assert ["b"] == fake.unloaded
+    fake.busy.discard("a")
+    await lru.admit("d")
+    assert ["b", "a"] == fake.unloaded
+
+
+async def test_gate_skips_a_model_that_became_busy(autojump_clock: trio.abc.Clock) -> None:
+    lru, fake = gate(2)
+    for model_id in ("a", "b"):
+        await lru.admit(model_id)
+    fake.busy.add("a")
+    fake.view = lambda model_id: attrs.make_class("View", ["busy"])(0)  # type: ignore[method-assign]
+    await lru.admit("c")  # a's actor refused (a request began): b goes instead
+    assert ["b"] == fake.unloaded
 
 
 async def test_concurrent_admits_stay_within_max_loaded(autojump_clock: trio.abc.Clock) -> None:

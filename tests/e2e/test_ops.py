@@ -5,6 +5,7 @@ a load into a real worker, a generation and a failed download."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from tests.origin import Origin, run_origin_in_thread
 
 TOKEN = "ops-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HUGE = 10**15  # bytes
 
 
 class Ops:
@@ -49,6 +51,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
              "sha256": hashlib.sha256(tiny).hexdigest(), "size": len(tiny)},
             # Nothing is served there: its download fails at once.
             {"id": "missing", "name": "Missing", "url": origin.url("/missing.gguf")},
+            # Larger than any disk: refused before a byte.
+            {"id": "huge", "name": "Huge", "url": origin.url("/huge.gguf"), "size": HUGE},
             # Served slowly: a download that runs while the test looks.
             {"id": "slow", "name": "Slow", "url": origin.url("/slow.gguf"), "size": len(big)},
         ]
@@ -210,3 +214,42 @@ def test_status_and_the_ps_and_status_commands(ops: Ops) -> None:
         assert "loaded: 1" in full.stdout
     finally:
         ops.client.post("/model/slow/download/cancel")
+
+
+def test_a_file_that_does_not_fit_is_refused_before_any_byte(ops: Ops) -> None:
+    ops.origin.add("/huge.gguf", ops.tiny)
+    r = ops.client.post("/model/huge/download")
+    assert (507, "insufficient_storage") == (r.status_code, r.json()["error"]), r.text
+    assert f"({HUGE} bytes)" in r.json()["message"]
+    assert [] == ops.origin.seen("/huge.gguf")
+    assert "absent" == ops.client.get("/model/huge").json()["state"]
+    assert not list((ops.daemon.storage / "models").glob("huge*"))
+
+    # An upload that says it is larger than the free space: refused before its body is read.
+    model = ops.client.post("/models/create", json={"name": "Big upload"}).json()["id"]
+    files = sorted(ops.daemon.storage.rglob("*"))
+    conn = http.client.HTTPConnection("127.0.0.1", ops.daemon.port, timeout=30)
+    try:
+        conn.putrequest("PUT", f"/model/{model}/file")
+        for name, value in {**AUTH, "Content-Type": "application/octet-stream",
+                            "Content-Length": str(HUGE)}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        conn.send(b"GGUF")
+        answer = conn.getresponse()
+        body = json.loads(answer.read())
+    finally:
+        conn.close()
+    assert (507, "insufficient_storage") == (answer.status, body["error"])
+    assert files == sorted(ops.daemon.storage.rglob("*"))  # no temp file, no partial
+
+    du = modeld_cli(ops, "du")
+    assert 0 == du.returncode, du.stderr
+    lines = du.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "FILE", "PARTIAL"]
+    [tiny] = [line.split() for line in lines if line.startswith("tiny ")]
+    assert tiny[1] in ("downloaded", "loaded")
+    assert "free" in lines[-1]
+    as_json = json.loads(modeld_cli(ops, "du", "--json").stdout)
+    assert len(ops.tiny) == next(m for m in as_json["models"] if m["id"] == "tiny")["bytes"]
+    assert 0 < as_json["freeBytes"]
