@@ -20,15 +20,19 @@ import trio
 from actors import messages as m
 from actors.download import download_file
 from actors.embedding import EmbeddingJob
-from actors.errors import Conflict, ModelError, ModelNotFound, Unavailable
+from actors.errors import Conflict, InvalidInput, ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
+from actors.gguf import inspect_gguf
 from actors.model import ActorSettings, ModelActor
 from actors.ports import Fetcher, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
+from actors.runtimes import LLAMA_CPP
 from actors.spec import ModelSpec, is_valid_id
 from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
+from supervisor.chat_renderer import ChatRenderer
+from supervisor.chat_template import LIMIT, TemplateRefused
 from supervisor.config import CatalogEntry, Config
 from supervisor.wire import slug_id
 
@@ -159,8 +163,32 @@ class LruGate:
             self._order.move_to_end(model_id)
 
 
-def _worker_spawner(config: Config) -> Spawner:
+# What the template check renders: llama.cpp renders such example messages when it loads.
+_SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi there"},
+                {"role": "user", "content": "How are you?"}]
+
+
+async def check_template_for_llama_cpp(renderer: ChatRenderer, path: Path) -> None:
+    """llama.cpp renders a file's chat template already at load, in the worker and without a
+    limit: a hostile one would hold the load until load_timeout. modeld's renderer tries it
+    first, within its limits. Raises InvalidInput (chat_template_limit) when it goes beyond
+    one; a template jinja2 cannot render is left to llama.cpp, which judges it itself."""
+    info = await trio.to_thread.run_sync(inspect_gguf, path)
+    if info.chat_template is None:
+        return
+    try:
+        await renderer.render(info.chat_template, _SAMPLE_CHAT)
+    except TemplateRefused as exc:
+        if exc.kind == LIMIT:
+            raise InvalidInput(str(exc), code="chat_template_limit") from None
+
+
+def _worker_spawner(config: Config, renderer: ChatRenderer) -> Spawner:
     async def spawn(path: Path, spec: ModelSpec) -> WorkerHandle:
+        if spec.runtime == LLAMA_CPP:
+            await check_template_for_llama_cpp(renderer, path)
         return await open_worker(
             path,
             model_type=spec.model_type,
@@ -200,7 +228,9 @@ class Registry:
             parallel=config.runtime.parallel,
         )
         self._fetch = fetch
-        self._spawn = spawn or _worker_spawner(config)
+        # Chat templates render here, off the event loop (for /v1/chat and the load check).
+        self.renderer = ChatRenderer()
+        self._spawn = spawn or _worker_spawner(config, self.renderer)
 
     def ids(self) -> list[str]:
         return list(self._entries)
@@ -408,4 +438,8 @@ async def serve_registry(
         await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
         task_status.started(registry)
-        await trio.sleep_forever()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await registry.renderer.aclose()

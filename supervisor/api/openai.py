@@ -47,7 +47,6 @@ from supervisor.api.openai_requests import (
     prompt_of,
     response_schema,
 )
-from supervisor.chat_renderer import ChatRenderer
 from supervisor.chat_template import FAILED, PLAIN_TURN_END, TemplateRefused
 from supervisor.config import Config
 from supervisor.registry import Registry
@@ -123,11 +122,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
     load_wait = config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
-    renderer = ChatRenderer()
-
-    @app.after_serving
-    async def close_renderer() -> None:
-        await renderer.aclose()
+    renderer = registry.renderer
 
     @app.errorhandler(OpenAIError)
     async def on_openai_error(exc: OpenAIError) -> Response:
