@@ -122,7 +122,6 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
     load_wait = config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
-    renderer = registry.renderer
 
     @app.errorhandler(OpenAIError)
     async def on_openai_error(exc: OpenAIError) -> Response:
@@ -231,7 +230,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         """The chat prompt, rendered off the event loop within limits; a template beyond a
         limit (or one that fails, unless llama.cpp is to render it its own way) is a 400."""
         try:
-            return await renderer.render(template, messages)
+            return await registry.renderer.render(template, messages)
         except TemplateRefused as exc:
             if exc.kind == FAILED and not judge_failures:
                 return ""  # llama.cpp's engine renders it, and reports its own errors

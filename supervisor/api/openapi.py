@@ -419,7 +419,7 @@ def build_document() -> dict[str, Any]:
         },
         "/models/create": {
             "post": _op("models_create_new_model", "Register a custom model",
-                        _responses(200, "Model", 400, 409, 413, 415, 503,
+                        _responses(200, "Model", 400, 409, 413, 415, 500, 503, 507,
                                    ok_description="the new model, with its id"),
                         tags=models_tag, model=False, body=_json_body("SeededModel")),
         },
