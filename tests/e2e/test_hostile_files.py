@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from supervisor.client import Api, ClientError, Endpoint
 from tests.daemon import Daemon
 from tests.e2e.test_cli import modeld
 from tests.gguf_factory import write_tiny_llama
@@ -140,3 +141,23 @@ def test_hostile_template_refuses_a_llama_cpp_load_in_time(daemon: Daemon,
     assert "took longer than 2 s" in r.json()["message"]
     assert time.monotonic() - started < 10
     assert not httpx.get(f"{daemon.url}/model/{model_id}").json()["loaded"]
+
+
+def test_import_of_a_special_or_changing_file_fails_cleanly(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    done = modeld(daemon.url, "import", "/proc/cpuinfo")
+    assert 1 == done.returncode
+    assert "is not a GGUF file" in done.stderr
+    assert "Traceback" not in done.stderr
+    # A file that grows while it is uploaded (it grows after its first chunk went)
+    path = write_tiny_llama(tmp_path / "growing.gguf")
+    model_id = create(daemon, "growing")
+
+    def grow(_n: int) -> None:
+        with path.open("ab") as f:
+            f.write(bytes(4096))
+
+    with Api(Endpoint(daemon.url)) as api, pytest.raises(ClientError,
+                                                         match="changed while it was uploaded"):
+        api.upload(model_id, path, on_chunk=grow)
+    assert not httpx.get(f"{daemon.url}/model/{model_id}").json()["downloaded"]
