@@ -4,16 +4,20 @@ render takes too long.
 
 Frames on stdin and stdout: a 4-byte big-endian length, then that many bytes of JSON. A
 request is `{"template": str | null, "messages": [...]}`; the answer `{"prompt": str}` or
-`{"kind": ..., "reason": ...}`. EOF on stdin ends the process.
+`{"kind": ..., "reason": ...}`. EOF on stdin ends the process. Its one argument is the
+daemon's pid: once its parent is another process, it exits, even mid-render.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import struct
 import sys
+import threading
+import time
 from typing import Any, BinaryIO
 
 from supervisor.chat_template import LIMIT, TemplateRefused, render
@@ -45,8 +49,20 @@ def answer(request: Any) -> dict[str, str]:
                 "modeld gives a render"}
 
 
+def _watch_the_daemon(daemon: int) -> None:
+    """A render in progress when the daemon dies (SIGKILL) must not spin on: once this
+    process's parent is another, it exits. (EOF on stdin ends it between renders.)"""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != daemon:
+            os._exit(0)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at a terminal is the daemon's
+    # The daemon's pid comes as the argument: it may have died before this line runs
+    daemon = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
+    threading.Thread(target=_watch_the_daemon, args=(daemon,), daemon=True).start()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while (request := read_frame(stdin)) is not None:

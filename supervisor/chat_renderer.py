@@ -77,7 +77,7 @@ class ChatRenderer:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "supervisor.chat_render_main"],
+            [sys.executable, "-m", "supervisor.chat_render_main", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         return _Renderer(process)
 
