@@ -20,6 +20,8 @@ from typing import Any
 
 import trio
 
+from actors.errors import InvalidInput
+from actors.gguf import inspect_gguf
 from supervisor.chat_template import LIMIT, TemplateRefused, check_template_size
 
 RENDER_TIMEOUT = 2.0  # seconds; a real template renders in milliseconds
@@ -125,3 +127,25 @@ async def _discard(renderer: _Renderer) -> None:
         await renderer.stdin.aclose()
         await renderer.stdout.aclose()
         await renderer.process.wait()
+
+
+# What the template check renders: llama.cpp renders such example messages when it loads.
+_SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi there"},
+                {"role": "user", "content": "How are you?"}]
+
+
+async def check_template_for_llama_cpp(renderer: ChatRenderer, path: Path) -> None:
+    """llama.cpp renders a file's chat template already at load, in the worker and without a
+    limit: a hostile one would hold the load until load_timeout. modeld's renderer tries it
+    first, within its limits. Raises InvalidInput (chat_template_limit) when it goes beyond
+    one; a template jinja2 cannot render is left to llama.cpp, which judges it itself."""
+    info = await trio.to_thread.run_sync(inspect_gguf, path)
+    if info.chat_template is None:
+        return
+    try:
+        await renderer.render(info.chat_template, _SAMPLE_CHAT)
+    except TemplateRefused as exc:
+        if exc.kind == LIMIT:
+            raise InvalidInput(str(exc), code="chat_template_limit") from None

@@ -20,9 +20,8 @@ import trio
 from actors import messages as m
 from actors.download import download_file
 from actors.embedding import EmbeddingJob
-from actors.errors import Conflict, InvalidInput, ModelError, ModelNotFound, Unavailable
+from actors.errors import Conflict, ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
-from actors.gguf import inspect_gguf
 from actors.model import ActorSettings, ModelActor
 from actors.ports import Fetcher, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
@@ -31,8 +30,7 @@ from actors.spec import ModelSpec, is_valid_id
 from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
-from supervisor.chat_renderer import ChatRenderer
-from supervisor.chat_template import LIMIT, TemplateRefused
+from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
 from supervisor.wire import slug_id
 
@@ -161,28 +159,6 @@ class LruGate:
     def touch(self, model_id: str) -> None:
         if model_id in self._order:
             self._order.move_to_end(model_id)
-
-
-# What the template check renders: llama.cpp renders such example messages when it loads.
-_SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},
-                {"role": "user", "content": "Hello"},
-                {"role": "assistant", "content": "Hi there"},
-                {"role": "user", "content": "How are you?"}]
-
-
-async def check_template_for_llama_cpp(renderer: ChatRenderer, path: Path) -> None:
-    """llama.cpp renders a file's chat template already at load, in the worker and without a
-    limit: a hostile one would hold the load until load_timeout. modeld's renderer tries it
-    first, within its limits. Raises InvalidInput (chat_template_limit) when it goes beyond
-    one; a template jinja2 cannot render is left to llama.cpp, which judges it itself."""
-    info = await trio.to_thread.run_sync(inspect_gguf, path)
-    if info.chat_template is None:
-        return
-    try:
-        await renderer.render(info.chat_template, _SAMPLE_CHAT)
-    except TemplateRefused as exc:
-        if exc.kind == LIMIT:
-            raise InvalidInput(str(exc), code="chat_template_limit") from None
 
 
 def _worker_spawner(config: Config, renderer: ChatRenderer) -> Spawner:
