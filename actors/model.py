@@ -307,6 +307,7 @@ class ModelActor:
         self._last_download_ended = attempt.ended
         self.error = None
         self._move(Event.DOWNLOAD_START)
+        log.info("download_started", model=self.spec.id, bytes=self._partial)
         self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
                       percentage=self.progress.value.percentage if self._partial else 0.0)
         request = DownloadRequest(

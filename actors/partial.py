@@ -8,10 +8,11 @@ are in it, and the origin's validators, so that a later download can resume.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -118,33 +119,6 @@ def write_sidecar(dest: Path, side: Sidecar) -> None:
     os.replace(tmp, path)
 
 
-_thread_state = threading.local()
-BACKGROUND_NICENESS = 10
-
-
-def background_thread() -> None:
-    """Lower this worker thread's CPU priority (once per thread). Writing and hashing model
-    files can use a whole core; the event loop thread must still get the CPU at once to
-    answer requests. Raising one's own niceness needs no privilege."""
-    if getattr(_thread_state, "lowered", False):
-        return
-    _thread_state.lowered = True
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
-
-
-def pwrite_all(fd: int, chunks: Sequence[bytes | memoryview], pos: int) -> int:
-    """Write `chunks` at `pos` (all of them); return the position after them. Blocking."""
-    background_thread()
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            n = os.pwrite(fd, view, pos)
-            pos += n
-            view = view[n:]
-    return pos
-
-
 def prefix_end(done: list[tuple[int, int]]) -> int:
     """How far the file is complete from byte 0."""
     return done[0][1] if done and done[0][0] == 0 else 0
@@ -174,14 +148,50 @@ def look_at_partial(dest: Path) -> tuple[Sidecar | None, int]:
         return read_sidecar(dest), size
 
 
-def close_partial(dest: Path, fd: int, side: Sidecar | None,
-                  leftovers: Sequence[tuple[Sequence[bytes], int]], *, discard: bool) -> None:
-    """End an attempt's use of the partial open as `fd`, whatever ended it: write the bytes
-    that had arrived but were not written yet (`leftovers`: chunks and their offset), record
-    them with `side` in the sidecar, and close `fd`. With `discard` (nothing in the partial can
-    be resumed), remove the partial and its sidecar instead. Never raises for the file's sake:
-    bytes that cannot be written are simply fetched again. Blocking (writes, an fsync of the
-    sidecar), under the partial's lock; a no-op on the sidecar when the partial was published.
+def open_partial(dest: Path, side: Sidecar, *, keep: bool) -> int:
+    """Open (or create) the partial for a download of `side.total` bytes (None: unknown),
+    reserving the whole size and checking free space first, and write `side` as its sidecar.
+    Without `keep`, an old partial is removed first. Blocking; waits for the end of an earlier
+    attempt's `close_partial` (the partial's lock). Raises OSError (ENOSPC: too little space)."""
+    with partial_lock(dest):
+        total, part = side.total, partial_path(dest)
+        if not keep:
+            remove_partial(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if total is not None:
+            have = part.stat().st_blocks * 512 if part.exists() else 0
+            free = shutil.disk_usage(dest.parent).free
+            if free < total - have:
+                raise OSError(errno.ENOSPC, f"need {total - have} bytes, {free} free")
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            if total is not None:
+                try:
+                    os.posix_fallocate(fd, 0, max(total, 1))
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+            os.ftruncate(fd, total or 0)
+            write_sidecar(dest, side)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def sync_sidecar(dest: Path, fd: int, side: Sidecar) -> None:
+    """fdatasync the partial open as `fd`, then write `side`: the sidecar never claims bytes
+    that are not on disk. Blocking."""
+    os.fdatasync(fd)
+    write_sidecar(dest, side)
+
+
+def close_partial(dest: Path, fd: int, side: Sidecar | None, *, discard: bool) -> None:
+    """End an attempt's use of the partial open as `fd`, whatever ended it: record `side` in the
+    sidecar, and close `fd`. With `discard` (nothing in the partial can be resumed), remove the
+    partial and its sidecar instead. Never raises for the file's sake: what cannot be recorded
+    is simply fetched again. Blocking (an fsync of the sidecar), under the partial's lock; a
+    no-op on the sidecar when the partial was published.
 
     It does not fdatasync the data (that could take seconds): after a power cut right here a
     claimed range may read back as zeros, which the sha256 check catches."""
@@ -192,15 +202,8 @@ def close_partial(dest: Path, fd: int, side: Sidecar | None,
                 return
             if side is None or not partial_path(dest).exists():
                 return
-            done = list(side.done)
-            for chunks, pos in leftovers:
-                try:
-                    end = pwrite_all(fd, chunks, pos)
-                except OSError:
-                    continue
-                add_range(done, pos, end)
             with contextlib.suppress(OSError):
-                write_sidecar(dest, attrs.evolve(side, done=done))
+                write_sidecar(dest, side)
         finally:
             os.close(fd)
 

@@ -21,7 +21,10 @@ from actors.messages import Progress
 log = structlog.get_logger("modeld.actor")
 
 T = TypeVar("T")
-PROGRESS_INTERVAL = 0.05  # seconds between published progress snapshots during a download
+# Seconds between published IN-PROGRESS snapshots of a download: the one place progress is
+# throttled (the pump reports positions, the WebSocket sends what is published). RESET,
+# retries and terminal statuses are published at once and reach every subscriber.
+PROGRESS_INTERVAL = 0.1
 KEPT_VALUES = 16  # values kept for slow subscribers (a few RESETs and terminals at most)
 
 

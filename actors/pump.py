@@ -1,7 +1,7 @@
 """Parent side of a download's byte pump: a child process (actors/pump_main.py) that moves
-ranged bodies from sockets to the partial file and hashes its front, while the daemon decides
-which ranges to fetch, judges any response that is not exactly the range asked for, and records
-progress.
+every body byte from sockets to the partial file (judging each response head by the daemon's
+own rules, actors/heads.py) and hashes its front, while the daemon decides which ranges to
+fetch, retries, and records progress.
 
 The bytes never enter the daemon's process, so its interpreter lock and its event loop are free
 for requests however many downloads run (see BENCHMARKS.md). A cancel is one `stop` frame: the
@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 import trio
 
-from actors.worker import FrameReader, WorkerError
-from actors.worker_main import Frame, encode_frame
+from actors.children import open_child
+from actors.frames import Frame, FrameError, FrameReader, encode_frame
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE = 1.0  # seconds a stopped pump (or the child at exit) gets before being given up
 
 
@@ -34,11 +30,15 @@ class Cursor(Protocol):
 
 class PumpFailed(Exception):
     """A pump ended without its range: `kind` is `transient` (network; retry), `disk`
-    (`errno` tells which) or `died` (the child process is gone: this attempt cannot go on)."""
+    (`errno` tells which), `changed` or `origin` (the response head was refused, see
+    actors.heads.Refused: `status`, `retry_after`) or `died` (the child process is gone: this
+    attempt cannot go on)."""
 
-    def __init__(self, kind: str, reason: str, errno: int = 0) -> None:
+    def __init__(self, kind: str, reason: str, errno: int = 0, *, status: int = 0,
+                 retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.kind, self.reason, self.errno = kind, reason, errno
+        self.status, self.retry_after = status, retry_after
 
 
 class _Job:
@@ -63,6 +63,8 @@ class PumpProcess:
         self._alive = True
         self._gone = "the download's pump process exited unexpectedly"
         self.hashed = 0  # bytes [0, hashed) are in the child's running sha256
+        self.spliced = 0  # bodies the child moved by splice(2)
+        self.handed = 0  # bytes the child handed to the disk as they came (sync_file_range)
 
     # -- requests
 
@@ -81,16 +83,15 @@ class PumpProcess:
                 self._process.kill()
 
     async def fetch(self, *, scheme: str, host: str, port: int, target: str, netloc: str,
-                    headers: dict[str, str], at: Cursor, end: int, stall_timeout: float,
-                    judge: Callable[[int, list[tuple[str, str]]], None],
-                    moved: Callable[[], None],
-                    expect: tuple[int | None, str | None] = (None, None)) -> None:
-        """GET [at.pos, end) into the file; `at.pos` follows what is written, and `moved()`
-        is called whenever it moves. A response that is exactly that range of a file of `expect`
-        (total size, ETag) goes on at once; `judge(status, headers)` sees any other response
-        head before a body byte is written, and raises to refuse it (that propagates). Raises
-        PumpFailed when the pump ends early. Whatever ends this, the child's thread has stopped
-        writing when it returns."""
+                    headers: dict[str, str], at: Cursor, end: int | None,
+                    stall_timeout: float, moved: Callable[[], None], total: int | None,
+                    etag: str | None, ranged: bool) -> None:
+        """GET the file from `at.pos` to `end` (None: to the end of the body) into the file;
+        `at.pos` follows what is written, and `moved()` is called whenever it moves. The
+        response head must be exactly that range of a file of `total` bytes and ETag `etag`
+        (`ranged`), or the whole file (actors.heads.judge_body). Raises PumpFailed when the
+        pump ends early. Whatever ends this, the child's thread has stopped writing when it
+        returns."""
         if not self._alive:
             raise PumpFailed("died", self._gone)
         self._next_id += 1
@@ -102,33 +103,26 @@ class PumpProcess:
                               "port": port, "target": target, "netloc": netloc,
                               "headers": [[k, v] for k, v in headers.items()],
                               "start": at.pos, "end": end, "timeout": stall_timeout,
-                              "total": expect[0], "etag": expect[1]})
+                              "total": total, "etag": etag, "ranged": ranged})
             sent = True
-            async for frame in job.receive:
-                if "end" in frame:
-                    ended = True
-                    kind = frame["end"]
-                    if kind in ("ok", "stopped"):
-                        return
-                    raise PumpFailed(str(kind), str(frame.get("reason") or kind),
-                                     int(frame.get("errno") or 0))
-                head = frame["head"]
-                try:
-                    judge(int(head["status"]),
-                          [(str(k), str(v)) for k, v in head["headers"]])
-                except BaseException:
-                    await self._send({"op": "stop", "id": job_id})
-                    raise
-                await self._send({"op": "go", "id": job_id})
+            frame = await job.receive.receive()
+            ended = True
+            kind = str(frame["end"])
+            if kind in ("ok", "stopped"):
+                self.spliced += bool(frame.get("spliced"))
+                self.handed += int(frame.get("handed") or 0)
+                return
+            retry_after = frame.get("retry_after")
+            raise PumpFailed(kind, str(frame.get("reason") or kind),
+                             int(frame.get("errno") or 0), status=int(frame.get("status") or 0),
+                             retry_after=None if retry_after is None else float(retry_after))
         finally:
             if sent and not ended:
-                # Cancelled or refused: stop the thread and wait for its last position, so
-                # that what it wrote is recorded. Shielded and bounded.
+                # Cancelled: stop the thread and wait for its last position, so that what it
+                # wrote is recorded. Shielded and bounded.
                 with trio.CancelScope(shield=True), trio.move_on_after(STOP_GRACE):
                     await self._send({"op": "stop", "id": job_id})
-                    async for frame in job.receive:
-                        if "end" in frame:
-                            break
+                    await job.receive.receive()
             del self._jobs[job_id]
 
     async def hash_upto(self, target: int) -> int:
@@ -168,7 +162,7 @@ class PumpProcess:
                     if frame is None:
                         break
                     self._dispatch(frame)
-        except (WorkerError, KeyError, TypeError, ValueError) as exc:
+        except (FrameError, KeyError, TypeError, ValueError) as exc:
             reason = f"the download's pump process broke the protocol: {exc}"
         finally:
             self._alive, self._gone = False, reason
@@ -186,7 +180,7 @@ class PumpProcess:
         if "pos" in frame and int(frame["pos"]) > job.at.pos:
             job.at.pos = int(frame["pos"])
             job.moved()
-        if "end" in frame or "head" in frame:
+        if "end" in frame:
             job.send.send_nowait(frame)
 
 
@@ -196,14 +190,9 @@ async def with_pump(fd: int, body: Callable[[PumpProcess], Awaitable[None]],
     stopped and reaped when `body` ends, however it ends. `body`'s exception propagates as
     itself, never inside an exception group. Raises PumpFailed (`died`) when the child cannot
     start."""
-    env = dict(os.environ)
-    # -m actors.pump_main must import from this source tree whatever the cwd.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     try:
-        process = await trio.lowlevel.open_process(
-            [python, "-m", "actors.pump_main", str(fd)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, pass_fds=(fd,), env=env)
+        process = await open_child("actors.pump_main", [str(fd)], python=python,
+                                   pass_fds=(fd,))
     except OSError as exc:
         raise PumpFailed("died", f"cannot start the download's pump process ({python}): "
                          f"{exc.strerror or exc}") from None

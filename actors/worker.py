@@ -13,7 +13,6 @@ messages (`Worker.stderr_tail()`). The file lives as long as the worker.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from collections import deque
@@ -23,11 +22,10 @@ from typing import IO
 
 import trio
 
+from actors.children import open_child
+from actors.frames import MAX_FRAME, Frame, FrameError, FrameReader
 from actors.worker_protocol import (
-    MAX_FRAME,
     Embeddings,
-    Frame,
-    FrameReader,
     GenerateParams,
     GenerationResult,
     WorkerDied,
@@ -46,7 +44,6 @@ STDERR_TAIL_BYTES = 4096
 CANCEL_DRAIN_SECONDS = 5.0
 # After SIGKILL, how long reaping may take before we give up waiting (it should be instant).
 REAP_SECONDS = 5.0
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = [
     "MAX_FRAME",
@@ -258,6 +255,8 @@ class Worker:
     async def _receive(self) -> Frame:
         try:
             frame = await self._reader.receive()
+        except FrameError as exc:
+            raise WorkerError(f"worker {self.pid} broke the protocol: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # Closed under us: `aclose` ran (from another task) while this one was reading.
             frame = None
@@ -421,38 +420,14 @@ async def open_worker(
     crashes while loading, or is not ready within load_timeout seconds. On every failure,
     including cancellation, the child is killed and reaped before this returns.
     """
-    command = [
-        python,
-        "-m",
-        "actors.worker_main",
-        "--runtime",
-        runtime,
-        "--parallel",
-        str(parallel),
-        "--model",
-        str(path),
-        "--model-type",
-        model_type,
-        "--context-length",
-        str(context_length),
-        "--threads",
-        str(threads),
-    ]
-    env = dict(os.environ)
-    # -m actors.worker_main must import from this source tree whatever the cwd.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    args = ["--runtime", runtime, "--parallel", str(parallel), "--model", str(path),
+            "--model-type", model_type, "--context-length", str(context_length),
+            "--threads", str(threads)]
     # An unlinked temp file: creating it is a local metadata operation, not worth a thread.
     stderr_file = tempfile.TemporaryFile(prefix="modeld-worker-")
     try:
-        process = await trio.lowlevel.open_process(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr_file.fileno(),
-            env=env,
-        )
+        process = await open_child("actors.worker_main", args, python=python,
+                                   stderr=stderr_file.fileno())
     except BaseException as exc:
         stderr_file.close()
         if isinstance(exc, OSError):
@@ -462,6 +437,9 @@ async def open_worker(
     try:
         with trio.fail_after(load_timeout):
             frame = await worker._reader.receive()
+    except FrameError as exc:
+        await worker.aclose(grace=0)
+        raise WorkerStartError(f"the worker loading {path} broke the protocol: {exc}") from None
     except trio.TooSlowError:
         await worker._kill_and_reap()
         note = _tail_note(worker)

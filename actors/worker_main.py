@@ -2,7 +2,7 @@
 
 Run as ``python -m actors.worker_main --runtime llama.cpp --model PATH --context-length N
 --threads N --parallel N``. The parent (actors/worker.py) talks to it over stdin/stdout in
-frames of a 4-byte big-endian length followed by UTF-8 JSON.
+frames (actors/frames.py).
 
 Parent -> child: generate, cancel, embed, exit.
 Child -> parent: ready | error (once, after loading), then per request: piece* done | error,
@@ -17,75 +17,19 @@ are those of the runtime.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import signal
-import struct
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from actors.backends import Backend, GenerateRequest, RequestRefused, open_backend
+from actors.frames import Frame, FrameWriter, read_frame
 
-MAX_FRAME = 64 * 1024 * 1024
 EXIT_LOAD_FAILED = 1
 EXIT_PROTOCOL_ERROR = 2
-
-Frame = dict[str, Any]
-
-
-# ---------------------------------------------------------------- framing
-
-
-def encode_frame(message: Frame) -> bytes:
-    body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
-    return struct.pack(">I", len(body)) + body
-
-
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    """n bytes from fd, or None on EOF (a frame cut short counts as EOF: the parent is gone)."""
-    chunks: list[bytes] = []
-    while n > 0:
-        chunk = os.read(fd, min(n, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(fd: int) -> Frame | None:
-    header = _read_exactly(fd, 4)
-    if header is None:
-        return None
-    (length,) = struct.unpack(">I", header)
-    if length > MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
-    body = _read_exactly(fd, length)
-    if body is None:
-        return None
-    message = json.loads(body.decode())
-    if not isinstance(message, dict):
-        raise ValueError("a frame must hold a JSON object")
-    return message
-
-
-class FrameWriter:
-    """Writes frames to the protocol fd; a lock keeps frames from two threads whole."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
-        self._lock = threading.Lock()
-
-    def send(self, message: Frame) -> None:
-        data = encode_frame(message)
-        with self._lock:
-            self._out.write(data)
-            self._out.flush()
-
 
 # ---------------------------------------------------------------- process
 

@@ -1,18 +1,16 @@
-"""The parent side of the worker protocol: its errors, messages and frame reader.
+"""The parent side of the worker protocol: its errors and messages.
 
-Frames are a 4-byte big-endian length and UTF-8 JSON (the child's side is in
-actors/worker_main.py). Used by actors/worker.py and actors/pump.py.
+Frames are those of actors/frames.py (the child's side is in actors/worker_main.py).
 """
 
 from __future__ import annotations
 
-import json
 import signal
-import struct
 from typing import Any
 
 import attrs
-import trio
+
+from actors.frames import Frame, FrameError, encode_frame
 
 
 class WorkerError(Exception):
@@ -39,10 +37,6 @@ class WorkerRequestError(WorkerError):
 class WorkerExiting(WorkerError):
     """The worker was told to exit (unload, shutdown) while this request was running."""
 
-
-MAX_FRAME = 64 * 1024 * 1024
-
-Frame = dict[str, Any]
 
 
 @attrs.frozen
@@ -106,43 +100,10 @@ def describe_exit(returncode: int | None) -> str:
 
 
 def encode_message(message: Frame) -> bytes:
-    """The frame's bytes. Raises WorkerRequestError for text that UTF-8 cannot carry (lone
-    surrogates, which json.loads accepts from "\\ud83d" escapes), before anything is sent."""
+    """The frame's bytes. Raises WorkerRequestError for what a frame cannot carry (text UTF-8
+    cannot encode: lone surrogates, which json.loads accepts from "\\ud83d" escapes), before
+    anything is sent."""
     try:
-        body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError as exc:
-        raise WorkerRequestError(
-            f"the text is not valid Unicode ({exc.reason} at position {exc.start})"
-        ) from None
-    return struct.pack(">I", len(body)) + body
-
-
-class FrameReader:
-    """Frames from the child's stdout. The buffer outlives a cancelled receive, so a frame
-    interrupted by cancellation is delivered whole to the next receive."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buffer = bytearray()
-
-    async def receive(self) -> Frame | None:
-        """The next frame, or None at end of stream (the child is gone or going)."""
-        while True:
-            if len(self._buffer) >= 4:
-                (length,) = struct.unpack(">I", self._buffer[:4])
-                if length > MAX_FRAME:
-                    raise WorkerError(f"worker sent a {length}-byte frame; the protocol is broken")
-                if len(self._buffer) >= 4 + length:
-                    body = bytes(self._buffer[4 : 4 + length])
-                    del self._buffer[: 4 + length]
-                    try:
-                        message = json.loads(body.decode())
-                    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
-                        raise WorkerError("worker sent a frame that is not JSON") from None
-                    if not isinstance(message, dict):
-                        raise WorkerError("worker sent a frame that is not a JSON object")
-                    return message
-            chunk = await self._stream.receive_some(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
+        return encode_frame(message)
+    except FrameError as exc:
+        raise WorkerRequestError(str(exc)) from None

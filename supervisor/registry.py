@@ -211,6 +211,10 @@ class Registry:
     def ids(self) -> list[str]:
         return list(self._entries)
 
+    def knows(self, model_id: str) -> bool:
+        """Whether `model_id` is a catalog or registered model now."""
+        return model_id in self._entries
+
     def _entry(self, model_id: str) -> _Entry:
         entry = self._entries.get(model_id)
         if entry is None:

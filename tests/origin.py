@@ -22,6 +22,7 @@ import queue
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -340,3 +341,15 @@ def run_origin_in_thread() -> Iterator[Origin]:
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def make_certificate(where: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
+    cert, key = where / "origin.pem", where / "origin.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=modeld test origin", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key

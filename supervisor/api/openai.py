@@ -32,7 +32,7 @@ from actors.runtimes import LLAMA_CPP
 from actors.spec import is_valid_id
 from actors.state import State, flags
 from actors.worker import GenerateParams, GenerationResult
-from supervisor.api.app import json_reply, status_for
+from supervisor.api.app import METRICS, json_reply, status_for
 from supervisor.api.embeddings import (
     EmbeddingInputError,
     embedding_response,
@@ -49,6 +49,7 @@ from supervisor.api.openai_requests import (
 )
 from supervisor.chat_template import FAILED, PLAIN_TURN_END, TemplateRefused
 from supervisor.config import Config
+from supervisor.metrics import Metrics
 from supervisor.registry import Registry
 
 log = structlog.get_logger("modeld.openai")
@@ -122,6 +123,14 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
     load_wait = config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
+
+    metrics: Metrics = app.extensions[METRICS]
+
+    def count_tokens(model_id: str, result: GenerationResult | None) -> None:
+        if result is not None:
+            label = metrics.model(model_id)
+            metrics.generated_tokens.labels(label).inc(result.completion_tokens)
+            metrics.prompt_tokens.labels(label).inc(result.prompt_tokens)
 
     @app.errorhandler(OpenAIError)
     async def on_openai_error(exc: OpenAIError) -> Response:
@@ -259,12 +268,16 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                        include_usage: bool, messages: list[dict[str, str]] | None = None,
                        schema: dict[str, Any] | None = None) -> Response:
         admit(model_id)
+        began = time.perf_counter()
         try:
             stream, first, _view = await open_stream(model_id, prompt, sampling, chat=chat,
                                                      messages=messages, schema=schema)
         except BaseException:
             release(model_id)
             raise
+        if first is not None:
+            metrics.time_to_first_token.labels(metrics.model(model_id)).observe(
+                time.perf_counter() - began)
         kind = "chat.completion" if chat else "text_completion"
         ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
 
@@ -287,6 +300,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                 raise _as_openai(exc) from None
             finally:
                 release(model_id)
+            count_tokens(model_id, stream.result)
             return json_reply({
                 "id": ident, "object": kind, "created": created, "model": model_id,
                 "choices": [choice("".join(pieces), _finish_reason(stream.result),
@@ -324,6 +338,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                 yield sse(_as_openai(exc).body())
             finally:
                 await lease.close()
+                count_tokens(model_id, stream.result)
 
         current_app.add_background_task(lease.guard)
         response = Response(events(), content_type="text/event-stream")

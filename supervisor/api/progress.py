@@ -1,8 +1,9 @@
 """The download progress WebSocket (CONTRACT §3), shared by every subscriber of a model.
 
-`ProgressFeed` paces and encodes the messages: one JSON text per snapshot, shared by all of a
-model's subscribers; at most ~10 messages a second each, and fewer with many subscribers so
-that together they stay within WS_SENDS_PER_SECOND (latest value wins).
+`ProgressFeed` encodes the messages: one JSON text per snapshot, shared by all of a model's
+subscribers. Snapshots are throttled where they are made (actors.progress.ProgressMeter, ~10 a
+second); here only many subscribers are paced, so that together they stay within
+WS_SENDS_PER_SECOND (latest value wins; RESET and terminal snapshots are never skipped).
 
 `with_lean_progress` serves accepted progress handshakes straight on ASGI. A download may have a
 thousand subscribers, and Quart's per-connection machinery (a request context, a copy of the
@@ -32,7 +33,6 @@ from supervisor.wire import progress_json
 
 log = structlog.get_logger("modeld.api")
 
-WS_MIN_INTERVAL = 0.1  # at most ~10 progress messages a second per subscriber
 WS_SENDS_PER_SECOND = 2000  # all subscribers of one model together
 PROGRESS_PATH = re.compile(r"/model/(?P<model>[^/]+)/download/progress")
 
@@ -65,8 +65,7 @@ class ProgressFeed:
                 await send_text(self.encode(snapshot))
                 if snapshot.terminal:
                     return
-                await trio.sleep(max(WS_MIN_INTERVAL,
-                                     self._subscribers[model] / WS_SENDS_PER_SECOND))
+                await trio.sleep(self._subscribers[model] / WS_SENDS_PER_SECOND)
         finally:
             self._subscribers[model] -= 1
             if not self._subscribers[model]:

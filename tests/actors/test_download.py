@@ -1,4 +1,4 @@
-"""actors/download.py against a real origin (tests/origin.py) and, for timing rules, fakes."""
+"""actors/download/ against a real origin (tests/origin.py) and, for timing rules, fakes."""
 
 from __future__ import annotations
 
@@ -568,7 +568,8 @@ async def test_backoff_grows_then_gives_up(
 async def test_429_with_http_date_retry_after(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    data = b"model bytes"
+    """The probe honours an HTTP-date Retry-After (the probe is the daemon's; the bytes'
+    answers follow the same rule in the pump, actors/heads.py)."""
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -577,14 +578,15 @@ async def test_429_with_http_date_retry_after(
         if calls == 1:
             when = email.utils.formatdate(time.time() + 20, usegmt=True)
             return httpx.Response(429, headers={"Retry-After": when})
-        return httpx.Response(200, content=data)
+        return httpx.Response(404)
 
     sink = Sink()
     start = trio.current_time()
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), sink,
-                            client=client)
-    assert data == (tmp_path / "m").read_bytes()
+        with pytest.raises(OriginError, match="HTTP 404"):
+            await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), sink,
+                                client=client)
+    assert 2 == calls
     assert 1 == len(sink.retries)
     assert 18 <= sink.retries[0][1] <= 20
     assert trio.current_time() - start >= 18

@@ -1,4 +1,4 @@
-"""actors/download.py against a real origin: bytes that are not a model file fail the download
+"""actors/download/ against a real origin: bytes that are not a model file fail the download
 and leave nothing; a partial that cannot resume is not kept, and a restart says why."""
 
 from __future__ import annotations

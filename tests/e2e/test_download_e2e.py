@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from tests.daemon import Daemon
 from tests.e2e.conftest import DaemonFactory, Sdk
 from tests.gguf_factory import gguf_of_size
-from tests.origin import Origin, open_origin
+from tests.origin import Origin, make_certificate, open_origin
 
 MiB = 1024 * 1024
 
@@ -361,18 +360,6 @@ async def test_progress_of_an_idle_model_and_unknown_ids(make_daemon: DaemonFact
             r = await client.post(f"{daemon.url}/model/nope/download/cancel")
             assert 410 == r.status_code
         assert 0 == await trio.to_thread.run_sync(daemon.stop)
-
-
-def make_certificate(where: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
-    cert, key = where / "origin.pem", where / "origin.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=modeld test origin", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

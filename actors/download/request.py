@@ -1,0 +1,40 @@
+"""What a caller asks of a download (`DownloadRequest`) and hears back while it runs
+(`ProgressSink`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+
+@attrs.frozen
+class DownloadRequest:
+    url: str
+    dest: Path  # final file; published only complete and verified
+    sha256: str | None = None
+    size: int | None = None
+    connections: int = 8
+    retries: int = 6
+    stall_timeout: float = 30.0
+    allow_http: bool = False
+    min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
+    # What the file must start with, checked as soon as its first bytes are in.
+    magic: bytes | None = None
+    # Checks the complete file before it is published; blocking (run in a thread). Raises
+    # GGUFInvalid for a file modeld cannot run (the rule `import` applies: actors.gguf).
+    verify: Callable[[Path], object] | None = None
+
+
+class ProgressSink(Protocol):
+    """Where a download reports; throttling is the sink's business (actors.progress)."""
+
+    def update(self, done: int, total: int | None) -> None:
+        """Called often; must be cheap."""
+
+    def reset(self, reason: str) -> None:
+        """What was downloaded is dropped and the download starts over; `reason` says why."""
+
+    def retrying(self, attempt: int, delay: float, reason: str) -> None: ...
