@@ -366,14 +366,19 @@ def _model_with_file(api: Api, path: Path) -> dict[str, Any] | None:
 
 
 def _check_architecture(path: Path) -> None:
-    """Refuse, before uploading anything, a file whose architecture no runtime runs (the
-    daemon would refuse it too, after its first MiB)."""
-    from actors.gguf import architecture_from_prefix, unrunnable_message
+    """Refuse, before uploading anything, a file that does not start as GGUF does, or whose
+    architecture no runtime runs (the daemon would refuse it too, after its first MiB)."""
+    from actors.gguf import GGUFInvalid, architecture_from_prefix, check_magic, unrunnable_message
     from actors.runtimes import runnable
     from supervisor.client import ClientError
 
     with path.open("rb") as f:
-        architecture = architecture_from_prefix(f.read(1024 * 1024))
+        prefix = f.read(1024 * 1024)
+    try:
+        check_magic(prefix, str(path))  # also a special file (/proc/...) or an empty one
+    except GGUFInvalid as exc:
+        raise ClientError(exc.reason) from None
+    architecture = architecture_from_prefix(prefix)
     if architecture is not None and not runnable(architecture):
         raise ClientError(unrunnable_message(architecture))
 

@@ -26,10 +26,12 @@ from actors.keepalive import DEFAULT, KeepAliveArg, parse_keep_alive
 from actors.model import ActorSettings, ModelActor
 from actors.ports import Fetcher, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
+from actors.runtimes import LLAMA_CPP
 from actors.spec import ModelSpec, is_valid_id
 from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
+from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
 from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
@@ -182,8 +184,10 @@ class LruGate:
             self._order.move_to_end(model_id)
 
 
-def _worker_spawner(config: Config) -> Spawner:
+def _worker_spawner(config: Config, renderer: ChatRenderer) -> Spawner:
     async def spawn(path: Path, spec: ModelSpec) -> WorkerHandle:
+        if spec.runtime == LLAMA_CPP:
+            await check_template_for_llama_cpp(renderer, path)
         return await open_worker(
             path,
             model_type=spec.model_type,
@@ -224,7 +228,9 @@ class Registry:
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
         )
         self._fetch = fetch
-        self._spawn = spawn or _worker_spawner(config)
+        # Chat templates render here, off the event loop (for /v1/chat and the load check).
+        self.renderer = ChatRenderer()
+        self._spawn = spawn or _worker_spawner(config, self.renderer)
 
     def ids(self) -> list[str]:
         return list(self._entries)
@@ -455,4 +461,8 @@ async def serve_registry(
         await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
         task_status.started(registry)
-        await trio.sleep_forever()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await registry.renderer.aclose()

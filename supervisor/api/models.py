@@ -319,7 +319,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             with answer_within(RESOLVE_WAIT):
                 return json_reply(model_json(await create_from_source(registry, config, body)))
         spec = spec_from_create(body, "new", allow_http=config.download.allow_http)
-        with answer_within(30):
+        with answer_within(30), disk_errors_reported():  # its record: 507 on a full disk
             view = await registry.create(spec)
         return json_reply(model_json(view))
 
