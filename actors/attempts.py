@@ -44,3 +44,10 @@ class LoadEnded:
 class WorkerExited:
     worker: WorkerHandle
     returncode: int
+
+
+@attrs.frozen
+class FactsRead:
+    """The header facts of a file found on disk at start, read after the actor serves."""
+
+    facts: m.FileFacts | None

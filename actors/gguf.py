@@ -16,7 +16,15 @@ from typing import Any
 
 import attrs
 
-from actors.gguf_header import ArrayValue, HeaderError, TensorEntry, read_header
+from actors.gguf_header import (
+    MAX_KVS,
+    MAX_TENSORS,
+    ArrayValue,
+    HeaderError,
+    HeaderLimit,
+    TensorEntry,
+    read_header,
+)
 from actors.runtimes import runnable
 
 
@@ -36,9 +44,6 @@ class ArchitectureUnsupported(GGUFInvalid):
 
 
 SUPPORTED_VERSIONS = (2, 3)
-# No real model comes near these; a header claiming more is damaged.
-MAX_TENSORS = 1_000_000
-MAX_KVS = 1_000_000
 _HEADER_SIZE = 24  # magic, version, tensor count, kv count
 # Smallest possible encodings, used to bound the counts by the file size.
 _MIN_KV_SIZE = 8 + 1 + 4 + 1  # key length, 1-byte key, type, 1-byte value
@@ -177,6 +182,11 @@ def inspect_gguf(path: Path) -> GGUFInfo:
             finally:
                 view.release()
         ends = [header.data_offset + t.offset + _tensor_bytes(t) for t in header.tensors]
+    except HeaderLimit as exc:
+        raise GGUFInvalid(
+            f"{path} is refused: {exc}; no real model comes near that, so the file is "
+            "damaged or hostile"
+        ) from None
     except (HeaderError, struct.error) as exc:
         raise GGUFInvalid(
             f"{path} is damaged and cannot be read as GGUF ({exc}); download the model again."

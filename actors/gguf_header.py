@@ -3,7 +3,15 @@
 The `gguf` package's reader builds a numpy view per array element: on a current model's
 vocabulary (Gemma 3: 262,144 tokens) that takes 30 s or more. This reader walks the same bytes
 with `struct`, keeps scalars and strings, and keeps only the length of arrays. Blocking; it
-raises HeaderError on bytes that are not a well-formed header (or end before it does).
+raises HeaderError on bytes that are not a well-formed header (or end before it does), and
+HeaderLimit on a header beyond the caps below.
+
+The header is untrusted input (an upload, a download, a file planted in the storage dir), so
+the reader has hard caps: it never looks past MAX_HEADER bytes, and the counts it loops over
+are checked before the loop. Memory then stays below about MAX_HEADER and the worst case costs
+well under a second of CPU (MAX_STRINGS empty strings skipped), whatever the file claims.
+Real files stay far below every cap: the largest vocabularies hold about 260k tokens (plus as
+many merges), chat templates a few KB, whole headers 10-20 MB.
 """
 
 from __future__ import annotations
@@ -29,11 +37,20 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
 MAX_DIMS = 8
-MAX_STRING = 64 * 1024 * 1024
+MAX_HEADER = 64 * 1024 * 1024  # metadata and tensor table together
+MAX_STRING = 1024 * 1024  # one key or string value
+MAX_ARRAY = 1 << 20  # elements of one array
+MAX_STRINGS = 1 << 21  # elements of all string arrays together
+MAX_KVS = 1 << 16
+MAX_TENSORS = 1 << 17
 
 
 class HeaderError(Exception):
     """The bytes are not a well-formed GGUF header; the message says where it broke."""
+
+
+class HeaderLimit(HeaderError):
+    """The header is beyond one of the reader's caps; the message names the cap."""
 
 
 @attrs.frozen
@@ -71,32 +88,56 @@ class _Cursor:
     def __init__(self, data: bytes | memoryview) -> None:
         self.data = data
         self.pos = 0
+        self.end = min(len(data), MAX_HEADER)
+        self.strings = 0  # elements of string arrays so far
+
+    def past_end(self, what: str, at: int) -> HeaderError:
+        if self.end < len(self.data):
+            return HeaderLimit(f"the header is larger than {MAX_HEADER} bytes")
+        return HeaderError(f"{what} at byte {at} runs past the header")
 
     def unpack(self, fmt: str, size: int) -> Any:
-        if self.pos + size > len(self.data):
+        if self.pos + size > self.end:
+            if self.end < len(self.data):
+                raise self.past_end("a value", self.pos)
             raise HeaderError(f"the header ends early (at byte {self.pos})")
         (value,) = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
         return value
 
+    def count(self, what: str, limit: int) -> int:
+        value: int = self.unpack("<Q", 8)
+        if value > limit:
+            raise HeaderLimit(f"{what} at byte {self.pos - 8} claims {value} entries, "
+                              f"more than the {limit} modeld reads")
+        return value
+
     def string(self) -> str:
         length = self.unpack("<Q", 8)
-        if length > MAX_STRING or self.pos + length > len(self.data):
-            raise HeaderError(f"a string at byte {self.pos} runs past the header")
+        if length > MAX_STRING:
+            raise HeaderLimit(f"a string at byte {self.pos - 8} is {length} bytes long, "
+                              f"more than the {MAX_STRING} modeld reads")
+        if self.pos + length > self.end:
+            raise self.past_end("a string", self.pos)
         raw = bytes(self.data[self.pos : self.pos + length])
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
-        # One tight loop: a vocabulary holds a few hundred thousand strings.
-        data, pos, end = self.data, self.pos, len(self.data)
+        self.strings += count
+        if self.strings > MAX_STRINGS:
+            raise HeaderLimit(f"the header's string arrays hold more than {MAX_STRINGS} "
+                              "strings in all")
+        # One tight loop: a vocabulary holds a few hundred thousand strings. Each length is
+        # at most the rest of the (capped) header, so `pos` stays small.
+        data, pos, end = self.data, self.pos, self.end
         unpack = _U64.unpack_from
         for _ in range(count):
             if pos + 8 > end:
-                raise HeaderError(f"a string array at byte {self.pos} runs past the header")
+                raise self.past_end("a string array", self.pos)
             pos += 8 + unpack(data, pos)[0]
         if pos > end:
-            raise HeaderError(f"a string array at byte {self.pos} runs past the header")
+            raise self.past_end("a string array", self.pos)
         self.pos = pos
 
     def value(self, kind: int) -> Any:
@@ -107,11 +148,11 @@ class _Cursor:
             return self.string()
         if kind == _ARRAY:
             item_type = self.unpack("<I", 4)
-            count = self.unpack("<Q", 8)
+            count = self.count("an array", MAX_ARRAY)
             if item_type in _SCALARS:
                 size = _SCALARS[item_type][1] * count
-                if self.pos + size > len(self.data):
-                    raise HeaderError(f"an array at byte {self.pos} runs past the header")
+                if self.pos + size > self.end:
+                    raise self.past_end("an array", self.pos)
                 self.pos += size
             elif item_type == _STRING:
                 self.skip_strings(count)
@@ -125,15 +166,15 @@ def read_header(data: bytes | memoryview, *, stop_at: str | None = None) -> Head
     """Parse the header in data (the file's bytes, or a memoryview of its mmap).
 
     With stop_at, parsing stops once that key is read (the tensor table is then empty).
-    Raises HeaderError.
+    Raises HeaderError (HeaderLimit when the header is beyond a cap).
     """
     cursor = _Cursor(data)
     if bytes(data[:4]) != b"GGUF":
         raise HeaderError("no GGUF magic")
     cursor.pos = 4
     version = cursor.unpack("<I", 4)
-    tensor_count = cursor.unpack("<Q", 8)
-    kv_count = cursor.unpack("<Q", 8)
+    tensor_count = cursor.count("the tensor table", MAX_TENSORS)
+    kv_count = cursor.count("the metadata", MAX_KVS)
     fields: dict[str, Any] = {}
     for _ in range(kv_count):
         key = cursor.string()

@@ -66,6 +66,10 @@ class ModelView:
     runtime: str | None = None  # the runtime that runs it (or would); None: none would
     slots: int = 1  # requests its loaded worker serves at once
     context_length: int | None = None  # the loaded worker's real context length
+    busy: int = 0  # generations and embeddings running on its worker now
+    idle_since: float | None = None  # wall-clock time (epoch s) its last request ended
+    expires_at: float | None = None  # wall-clock time (epoch s) it is unloaded if still idle
+    keep_alive: float | None = None  # seconds it stays loaded when idle; None: until unloaded
 
 
 Reply = ModelView | ModelError

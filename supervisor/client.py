@@ -32,6 +32,11 @@ UPLOAD_CHUNK = 1024 * 1024
 # itself allows (it bounds them with [runtime] load_timeout).
 QUICK = httpx.Timeout(60.0, connect=5.0)
 SLOW = httpx.Timeout(None, connect=5.0)
+# An upload whose bytes stop moving for this long fails (the daemon may have answered early
+# and stopped reading); once sent, the daemon checks and publishes the file within its own
+# bounds, so the answer gets longer.
+UPLOAD_STALL = 60.0
+UPLOAD_ANSWER = 600.0
 
 Json = dict[str, Any]
 
@@ -193,6 +198,8 @@ def model_of(response: httpx.Response) -> Json:
 def _transport_error(endpoint: Endpoint, exc: httpx.HTTPError) -> ClientError:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return DaemonUnreachable(endpoint.url)
+    if isinstance(exc, httpx.WriteTimeout):
+        return ClientError(f"modeld at {endpoint.url} stopped taking the upload")
     if isinstance(exc, httpx.TimeoutException):
         return ClientError(f"modeld at {endpoint.url} did not answer in time")
     return ClientError(f"talking to modeld at {endpoint.url} failed: {exc}")
@@ -256,9 +263,11 @@ class Api:
         return model_of(self.request("POST", "/models/create", json=seed))
 
     def upload(
-        self, model_id: str, path: Path, on_chunk: Callable[[int], None] | None = None
+        self, model_id: str, path: Path, on_chunk: Callable[[int], None] | None = None,
+        *, stall: float = UPLOAD_STALL,
     ) -> Json:
-        """Stream `path` as the model's file; the daemon checks it and publishes it atomically."""
+        """Stream `path` as the model's file; the daemon checks it and publishes it atomically.
+        Raises ClientError, also when the transfer stalls for `stall` seconds."""
         size = path.stat().st_size
 
         def chunks() -> Iterator[bytes]:
@@ -270,7 +279,8 @@ class Api:
 
         headers = {"content-type": "application/octet-stream", "content-length": str(size)}
         response = self.request(
-            "PUT", model_path(model_id, "/file"), content=chunks(), headers=headers, timeout=SLOW
+            "PUT", model_path(model_id, "/file"), content=chunks(), headers=headers,
+            timeout=httpx.Timeout(connect=5.0, write=stall, read=UPLOAD_ANSWER, pool=5.0),
         )
         return model_of(response)
 

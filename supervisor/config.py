@@ -48,11 +48,14 @@ class ServerConfig:
     allowed_hosts: list[str] = attrs.field(factory=list)
     allowed_origins: list[str] = attrs.field(factory=list)
     token_file: str = ""
+    read_timeout: float = attrs.field(default=30.0, validator=_positive)
+    max_connections: int = attrs.field(default=512, validator=_positive)
 
 
 @attrs.frozen
 class StorageConfig:
     dir: str = "~/.local/share/modeld"
+    max_custom_models: int = attrs.field(default=1000, validator=_positive)
 
     def path(self) -> Path:
         return Path(self.dir or "~/.local/share/modeld").expanduser()

@@ -23,9 +23,13 @@ from actors.store import Store, StoreError
 from supervisor import sdnotify
 from supervisor.address import clear_address, write_address
 from supervisor.api.app import create_asgi, read_token
+from supervisor.api.ops import Phase, Readiness
 from supervisor.config import Config
-from supervisor.logs import hide_secret
+from supervisor.http_limits import cap_connections, connection_limit
+from supervisor.logs import hide_secret, observe_events
+from supervisor.metrics import Metrics
 from supervisor.registry import Registry, serve_registry
+from supervisor.wire import resident_bytes
 
 log = structlog.get_logger("modeld.daemon")
 E = TypeVar("E", bound=BaseException)
@@ -48,7 +52,11 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = 3.0
-    hc.keep_alive_timeout = 30.0
+    # hypercorn's idle timer runs from the connection's start until a whole request head has
+    # come, and between requests: it is the header timeout (bodies: supervisor/api/models.py).
+    # Its own read_timeout would also cut streams whose client sends nothing (progress
+    # WebSockets, server-sent events), so it stays off.
+    hc.keep_alive_timeout = config.server.read_timeout
     hc.include_server_header = False
     return hc
 
@@ -70,6 +78,11 @@ async def _open_store(config: Config) -> Store:
         raise StartupError(
             f"cannot use the storage dir {path}: {reason} (set [storage] dir or --storage-dir "
             "to a directory modeld's user may create and write)") from None
+
+
+async def _stopping_when(event: trio.Event, readiness: Readiness) -> None:
+    await event.wait()
+    readiness.phase = Phase.STOPPING  # GET /health: 503 while HTTP drains
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -120,12 +133,19 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
         hide_secret(token)
     stop = trio.Event()
     hc = hypercorn_config(config)
+    cap_connections(connection_limit(config.server.max_connections))
+    readiness = Readiness(Phase.STARTING)  # its clock is the uptime in GET /status
     async with trio.open_nursery() as root:
         root.start_soon(_watch_signals, stop)
+        root.start_soon(_stopping_when, stop, readiness)
         # A stop signal during start-up (thousands of models, a slow disk) stops it too.
         starting = trio.CancelScope()
         root.start_soon(_cancel_when, stop, starting)
         registry: Registry | None = None
+        # Counting from the first event on: downloads resumed at start-up included.
+        metrics = Metrics(lambda: registry.views() if registry else [], resident_bytes,
+                          lambda model_id: registry is not None and registry.knows(model_id))
+        observe_events(metrics.observe)
         with starting:
             store = await _open_store(config)
             registry = await root.start(
@@ -134,7 +154,7 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
             root.cancel_scope.cancel()
             log.info("stopped", during="startup")
             return
-        app = create_asgi(registry, config, token=token)
+        app = create_asgi(registry, config, token=token, readiness=readiness, metrics=metrics)
         async with trio.open_nursery() as http:
             try:
                 binds = await http.start(
@@ -151,6 +171,8 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
                 raise _listen_error(config, bind_error) from None
             activated = any(bind.startswith("fd://") for bind in hc.bind)
             await _record_address(store.root, binds)  # before `listening`: then it is there
+            if not stop.is_set():
+                readiness.phase = Phase.SERVING
             log.info("listening", urls=binds, pid=os.getpid(), socket_activated=activated)
             if announce is not None:
                 announce(binds[0])

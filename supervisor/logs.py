@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -19,6 +20,22 @@ REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 4  # shorter strings would blank out ordinary words
 
 _secrets: set[str] = set()
+_observers: list[Callable[[dict[str, Any]], None]] = []
+
+
+def observe_events(observer: Callable[[dict[str, Any]], None]) -> None:
+    """From now on, show every structured event to `observer` (the daemon's metrics) before
+    it is rendered. An observer must not change the event, nor raise."""
+    _observers.append(observer)
+
+
+def _notify(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    for observer in _observers:
+        try:
+            observer(event)
+        except Exception:  # a metric must never cost a log line
+            pass
+    return event
 
 
 def hide_secret(secret: str) -> None:
@@ -49,13 +66,14 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         _redact,
     ]
+    own = [*shared, _notify]  # modeld's own events, not the libraries' (foreign_pre_chain)
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*own, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -20,7 +20,7 @@ import trio
 from actors import messages as m
 from actors.download import download_file
 from actors.embedding import EmbeddingJob
-from actors.errors import ModelError, ModelNotFound, Unavailable
+from actors.errors import Conflict, ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
 from actors.model import ActorSettings, ModelActor
 from actors.ports import Fetcher, Spawner, WorkerHandle
@@ -205,6 +205,10 @@ class Registry:
     def ids(self) -> list[str]:
         return list(self._entries)
 
+    def knows(self, model_id: str) -> bool:
+        """Whether `model_id` is a catalog or registered model now."""
+        return model_id in self._entries
+
     def _entry(self, model_id: str) -> _Entry:
         entry = self._entries.get(model_id)
         if entry is None:
@@ -349,8 +353,14 @@ class Registry:
         return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply))
 
     async def create(self, spec: ModelSpec) -> m.ModelView:
-        """Register a custom model under a new id (spec.id is ignored): record, then actor."""
+        """Register a custom model under a new id (spec.id is ignored): record, then actor.
+        Raises Conflict (too_many_models) at `[storage] max_custom_models`."""
         async with self._lock:
+            limit = self.config.storage.max_custom_models
+            if len(self._entries) - len(self._catalog_ids) >= limit:
+                raise Conflict(
+                    f"modeld holds {limit} custom models, the most [storage] max_custom_models "
+                    "allows; delete some, or raise the limit", code="too_many_models")
             model_id = slug_id(spec.name, uuid.uuid4().hex)
             while model_id in self._entries:
                 model_id = slug_id(spec.name, uuid.uuid4().hex)

@@ -35,6 +35,23 @@ def format_duration(seconds: float | None) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def print_table(line: Callable[[str], None], tty: bool, header: tuple[str, ...],
+                rows: list[tuple[str, ...]]) -> None:
+    """Columns: drawn by rich at a terminal, padded plain text otherwise."""
+    if tty:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*header, box=None, header_style="bold", pad_edge=False)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        line("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 def model_row(model: Json) -> tuple[str, str, str, str, str]:
     """(id, name, state, size, loaded) as `modeld ls` shows them."""
     size = model.get("bytes")

@@ -261,7 +261,7 @@ def iso_utc(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _resident_bytes(pid: int | None) -> int | None:
+def resident_bytes(pid: int | None) -> int | None:
     """A worker's resident memory (one small /proc read), or None when it is gone."""
     if pid is None:
         return None
@@ -310,7 +310,7 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         score=ScoreOut(**attrs.asdict(spec.score)),
         evicted=evicted or None,
         pid=view.worker_pid,
-        resident_bytes=_resident_bytes(view.worker_pid),
+        resident_bytes=resident_bytes(view.worker_pid),
         runtime=view.runtime,
         architecture=facts.architecture if facts else None,
         parallel=spec.parallel,

@@ -117,6 +117,7 @@ def write_tiny_llama(
     chat_template: str | None = None,
     extra_bytes: int = 0,
     architecture: str | None = "llama",
+    empty_strings: int = 0,
 ) -> Path:
     """Write a random-weight llama GGUF (about 470 KB) to path and return path.
 
@@ -124,6 +125,8 @@ def write_tiny_llama(
     every extra byte is a real weight that a loader must read (unused tensors would be refused by
     the llama loader, which checks the tensor count). architecture=None leaves out
     general.architecture; another name relabels the model (and its keys) as that architecture.
+    empty_strings > 0 adds a metadata array of that many empty strings (a hostile header: 8
+    bytes a string).
     """
     rng = random.Random(seed)
     per_ff_unit = 3 * N_LAYER * N_EMBD * 4  # bytes added per unit of feed_forward_length
@@ -154,6 +157,10 @@ def write_tiny_llama(
     ]
     if chat_template is not None:
         kvs.append(_kv_str("tokenizer.chat_template", chat_template))
+    if empty_strings:
+        kvs.append(_str("modeld.test.empty_strings")
+                   + struct.pack("<IIQ", _ARRAY, _STRING, empty_strings)
+                   + bytes(8 * empty_strings))
 
     shapes = _tensor_shapes(n_ff)
     infos: list[bytes] = []

@@ -27,6 +27,11 @@ from actors.backends import Emit, GenerateRequest, RequestRefused
 
 # llama.cpp pads the context to a multiple of this.
 CONTEXT_PADDING = 256
+# Prompt tokens evaluated between two chances to cancel (llama.cpp reports its progress after
+# each batch). The default of 2048 let a client that left mid-prompt hold its slot through a
+# long prompt; one physical batch (512) costs no speed, and it is also the longest input an
+# embedding may have.
+PROMPT_BATCH = 512
 LOG_ERRORS_ONLY = 1
 # Lines that only say that loading failed, not why.
 _GENERIC = re.compile(
@@ -112,6 +117,8 @@ class LlamaCppBackend:
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.n_parallel = parallel
+        params.n_batch = PROMPT_BATCH
+        params.n_ubatch = PROMPT_BATCH
         # One KV cache for all slots: each request may use the whole context.
         params.kv_unified = True
         params.verbosity = LOG_ERRORS_ONLY
@@ -146,6 +153,9 @@ class LlamaCppBackend:
             "stream": True,
             "stream_options": {"include_usage": True},
             "cache_prompt": True,
+            # A chunk after each prompt batch: a cancel is seen mid-prompt, not at the first
+            # token.
+            "return_progress": True,
         }
         if request.seed >= 0:
             body["seed"] = request.seed

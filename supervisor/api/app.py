@@ -8,11 +8,13 @@ in the path (400). Handlers then read bodies within limits (413, 400) and talk t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from quart import Response, has_websocket_context, jsonify, request, websocket
+import trio
+from quart import Response, g, has_websocket_context, jsonify, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -37,19 +39,26 @@ from supervisor.api.guard import (
     body_media_type,
     check_media_type,
     check_model_id,
+    needs_token,
 )
 from supervisor.api.progress import ASGIApp, ProgressFeed, with_lean_progress
 from supervisor.config import Config
+from supervisor.metrics import Metrics
 from supervisor.registry import Registry
 from supervisor.wire import BodyError
 
+if TYPE_CHECKING:
+    from supervisor.api.ops import Readiness
+
 __all__ = [
-    "PayloadTooLarge", "create_app", "create_asgi", "error_response", "json_reply", "no_content",
-    "read_token",
+    "READ_TIMEOUT", "PayloadTooLarge", "create_app", "create_asgi", "error_response",
+    "json_reply", "no_content", "read_token",
 ]
 
 log = structlog.get_logger("modeld.api")
 FEED = "modeld.progress_feed"
+METRICS = "modeld.metrics"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 STATUS: list[tuple[type[Exception], int]] = [
     (ModelNotFound, 410),
@@ -76,6 +85,7 @@ HTTP_CODES = {
 
 # What a browser page on an allowed origin may do (CORS); foreign origins never get this far.
 CORS_METHODS = "GET, POST, PUT, OPTIONS"
+READ_TIMEOUT = "MODELD_READ_TIMEOUT"  # app.config key: seconds a request body may stall
 CORS_HEADERS = "Authorization, Content-Type"
 SERVER_HEADER = f"modeld/{__version__}"
 
@@ -128,16 +138,20 @@ def read_token(path: str) -> str | None:
     return token
 
 
-def create_app(registry: Registry, config: Config, *, token: str | None = None) -> QuartTrio:
+def create_app(registry: Registry, config: Config, *, token: str | None = None,
+               readiness: Readiness | None = None, metrics: Metrics | None = None) -> QuartTrio:
     # No static folder: nothing under the working directory may ever be served.
     app = QuartTrio("modeld", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None  # bodies are limited per route (1 MiB for JSON)
     app.config["JSON_SORT_KEYS"] = False
+    app.config[READ_TIMEOUT] = config.server.read_timeout
     # `//` in a path is not merged into a redirect (308 with an HTML body): it is a 404.
     app.url_map.merge_slashes = False
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
     feed = ProgressFeed()
     app.extensions[FEED] = feed
+    metrics = metrics or Metrics()
+    app.extensions[METRICS] = metrics
 
     def refuse(event: str, exc: ModelError) -> None:
         # Never the header values: they may hold the token.
@@ -145,15 +159,16 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
 
     @app.before_request
     async def check_request() -> None:
+        g.modeld_began = time.perf_counter()
         incoming = Incoming.create(
             request.method,
             request.headers.items(),
             target=_raw_target(request.scope),
         )
+        view = app.view_functions.get(request.endpoint) if request.endpoint else None
         try:
-            guard.check(incoming)
-            if request.url_rule is not None and request.endpoint is not None:
-                view = app.view_functions.get(request.endpoint)
+            guard.check(incoming, token=needs_token(view))
+            if request.url_rule is not None and view is not None:
                 check_media_type(incoming, body_media_type(view))
             _check_path_ids(request.view_args)
         except ModelError as exc:
@@ -178,6 +193,13 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
 
     @app.after_request
     async def add_headers(response: Response) -> Response:
+        # Route templates, never raw paths: the labels stay bounded.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        method = request.method if request.method in KNOWN_METHODS else "other"
+        metrics.requests.labels(method, route, str(response.status_code)).inc()
+        began = getattr(g, "modeld_began", None)
+        if began is not None:
+            metrics.request_seconds.labels(method, route).observe(time.perf_counter() - began)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Server"] = SERVER_HEADER
         sent_body = Incoming.create(request.method, request.headers.items()).has_body()
@@ -226,19 +248,52 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None) 
     from supervisor.api.models import register_routes
     from supervisor.api.openai import register_openai
     from supervisor.api.openapi import register_openapi
+    from supervisor.api.ops import Readiness as _Readiness
+    from supervisor.api.ops import register_ops
 
     register_routes(app, registry, config, feed)
+    register_ops(app, registry, readiness or _Readiness(), metrics)
     register_openapi(app)
     register_openai(app, registry, config)
     return app
 
 
-def create_asgi(registry: Registry, config: Config, *, token: str | None = None) -> ASGIApp:
+def create_asgi(registry: Registry, config: Config, *, token: str | None = None,
+                readiness: Readiness | None = None, metrics: Metrics | None = None) -> ASGIApp:
     """What the daemon serves: the Quart-Trio app, with progress WebSockets served lean (see
     supervisor/api/progress.py)."""
-    app = create_app(registry, config, token=token)
+    app = create_app(registry, config, token=token, readiness=readiness, metrics=metrics)
     guard = Guard.create(config.server.allowed_hosts, config.server.allowed_origins, token)
-    return with_lean_progress(app, registry, guard, app.extensions[FEED])
+    return with_lean_progress(_closing_sends(app), registry, guard, app.extensions[FEED])
+
+
+FINAL_SEND_BOUND = 30.0  # seconds the last send of a response may take, shielded
+
+
+def _closing_sends(app: ASGIApp) -> ASGIApp:
+    """Shield the last send of each HTTP response (bounded by FINAL_SEND_BOUND).
+
+    After an answer with `Connection: close` whose request body was not all read, hypercorn
+    closes the connection from inside that last send; the disconnect this reports makes
+    quart-trio cancel the app, which cut the close short and left the connection open (a
+    client that stopped sending then waited forever)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_shielding_the_last(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True) as scope_:
+                    scope_.deadline = trio.current_time() + FINAL_SEND_BOUND
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, send_shielding_the_last)
+
+    return wrapped
 
 
 def _raw_target(scope: Any) -> str:

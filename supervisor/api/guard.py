@@ -175,15 +175,19 @@ class Guard:
         origins = frozenset(normal_origin(o) for o in allowed_origins) - {"null"}
         return cls(frozenset(hosts), origins, Secret(token) if token else None)
 
-    def check(self, incoming: Incoming) -> None:
+    def check(self, incoming: Incoming, *, token: bool = True) -> None:
         """Raise Refused (403) or Unauthorized (401) when the request may not proceed.
 
         The order matters: a rebinding page learns nothing about the token, and a page on a
-        foreign origin is refused whatever credentials its browser adds.
+        foreign origin is refused whatever credentials its browser adds. `token=False` (the
+        routes marked `without_token`) skips only the token.
         """
         self.check_host(incoming)
         self.check_origin(incoming)
-        self.check_token(incoming)
+        if is_preflight(incoming):
+            return  # from an allowed origin (checked above): browsers never send a token here
+        if token:
+            self.check_token(incoming)
 
     def check_host(self, incoming: Incoming) -> None:
         hosts = incoming.values("host")
@@ -229,6 +233,14 @@ class Guard:
                 "a valid 'Authorization: Bearer <token>' header is required; the token is "
                 "in the file named by [server] token_file"
             )
+
+
+def is_preflight(incoming: Incoming) -> bool:
+    """A CORS preflight: OPTIONS with an Origin and Access-Control-Request-Method. A browser
+    sends it without credentials; it reaches no handler (Quart answers OPTIONS itself), so it
+    needs no token once its Origin passed."""
+    return (incoming.method == "OPTIONS" and incoming.first("origin") is not None
+            and incoming.first("access-control-request-method") is not None)
 
 
 def _offered_tokens(incoming: Incoming) -> list[str]:
@@ -308,6 +320,18 @@ def accepts(expected: str) -> Callable[[View], View]:
         return view
 
     return mark
+
+
+def without_token(view: View) -> View:
+    """Mark a route that answers without the token (GET /health: it reveals nothing else, and
+    load balancers and service scripts probe it without credentials). Host and Origin still
+    apply."""
+    view.modeld_without_token = True  # type: ignore[attr-defined]
+    return view
+
+
+def needs_token(view: object) -> bool:
+    return not getattr(view, "modeld_without_token", False)
 
 
 def body_media_type(view: object) -> str:

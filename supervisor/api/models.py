@@ -7,7 +7,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,9 @@ import attrs
 import quart.wrappers
 import structlog
 import trio
-from quart import Response, request, websocket
+from quart import Response, current_app, request, websocket
 from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestTimeout
 
 from actors import messages as m
 from actors.errors import (
@@ -30,7 +31,7 @@ from actors.errors import (
 from actors.gguf import architecture_from_prefix, unrunnable_message
 from actors.runtimes import runnable
 from actors.spec import ModelSpec
-from supervisor.api.app import error_response, json_reply, no_content
+from supervisor.api.app import READ_TIMEOUT, error_response, json_reply, no_content
 from supervisor.api.guard import (
     OCTET_STREAM,
     PayloadTooLarge,
@@ -126,7 +127,7 @@ async def read_json_body() -> Any:
         raise PayloadTooLarge("the JSON body is larger than 1 MiB")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.body:
+    async for chunk in body_chunks():
         size += len(chunk)
         if size > MAX_JSON_BODY:
             raise PayloadTooLarge("the JSON body is larger than 1 MiB")
@@ -144,6 +145,23 @@ async def read_json_body() -> Any:
         raise InvalidInput("the body is not valid JSON", code="invalid_body") from None
     _check_decoded(data, MAX_JSON_DEPTH)
     return data
+
+
+async def body_chunks() -> AsyncIterator[bytes]:
+    """The request body as it arrives; 408 (and the connection closed) when it stalls for
+    `[server] read_timeout` seconds: a client that never sends its body holds nothing."""
+    stall = current_app.config[READ_TIMEOUT]
+    chunks = aiter(request.body)
+    while True:
+        chunk: bytes | None = None
+        with trio.move_on_after(stall):
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+        if chunk is None:
+            raise RequestTimeout(f"the request body stalled for {stall:g} s")
+        yield chunk
 
 
 async def refuse_body() -> None:
@@ -354,7 +372,7 @@ async def _receive_file(temp: Path) -> str:
     try:
         buffer = bytearray()
         checked = False
-        async for chunk in request.body:
+        async for chunk in body_chunks():
             buffer += chunk
             if not checked and len(buffer) >= PREFIX_BYTES:
                 _check_prefix(bytes(buffer[:PREFIX_BYTES]))

@@ -6,7 +6,9 @@ has slots (llama.cpp: `parallel`; ctransformers: one, it must never be called co
 Waiting requests are bounded per slot, and a client that goes away cancels its generation
 between two pieces. Chat on a llama.cpp model whose file has a chat template is rendered by
 llama.cpp with that template; otherwise modeld renders the template (or, for a file without
-one, PLAIN_TEMPLATE). Errors use OpenAI's error shape.
+one, PLAIN_TEMPLATE). Either way modeld renders it first in a renderer process with limits
+(supervisor/chat_renderer.py): a template that goes beyond one is a 400 before any worker sees
+it. Errors use OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from actors.runtimes import LLAMA_CPP
 from actors.spec import is_valid_id
 from actors.state import State, flags
 from actors.worker import GenerateParams, GenerationResult
-from supervisor.api.app import json_reply, status_for
+from supervisor.api.app import METRICS, json_reply, status_for
 from supervisor.api.embeddings import (
     EmbeddingInputError,
     embedding_response,
@@ -38,16 +40,17 @@ from supervisor.api.embeddings import (
 )
 from supervisor.api.models import answer_within, read_json_body
 from supervisor.api.openai_requests import (
-    PLAIN_TURN_END,
     OpenAIError,
     Sampling,
     messages_of,
     parse_sampling,
     prompt_of,
-    render_chat,
     response_schema,
 )
+from supervisor.chat_renderer import ChatRenderer
+from supervisor.chat_template import FAILED, PLAIN_TURN_END, TemplateRefused
 from supervisor.config import Config
+from supervisor.metrics import Metrics
 from supervisor.registry import Registry
 
 log = structlog.get_logger("modeld.openai")
@@ -121,6 +124,19 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
     load_wait = config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
+    renderer = ChatRenderer()
+
+    @app.after_serving
+    async def close_renderer() -> None:
+        await renderer.aclose()
+
+    metrics: Metrics = app.extensions[METRICS]
+
+    def count_tokens(model_id: str, result: GenerationResult | None) -> None:
+        if result is not None:
+            label = metrics.model(model_id)
+            metrics.generated_tokens.labels(label).inc(result.completion_tokens)
+            metrics.prompt_tokens.labels(label).inc(result.prompt_tokens)
 
     @app.errorhandler(OpenAIError)
     async def on_openai_error(exc: OpenAIError) -> Response:
@@ -184,10 +200,13 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         rendered_by_runtime = (messages is not None and template is not None
                                and view.runtime == LLAMA_CPP)
         stop = sampling.stop
-        if messages is not None and not rendered_by_runtime:
-            prompt = render_chat(template, messages)
-            if template is None:  # the plain template: the next "User:" line ends the turn
-                stop = (*stop, PLAIN_TURN_END)
+        if messages is not None:
+            rendered = await render_prompt(model_id, template, messages,
+                                           judge_failures=not rendered_by_runtime)
+            if not rendered_by_runtime:
+                prompt = rendered
+                if template is None:  # the plain template: the next "User:" line ends the turn
+                    stop = (*stop, PLAIN_TURN_END)
         params = GenerateParams(
             max_new_tokens=min(limit, context) if context else limit,
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
@@ -221,6 +240,19 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
             raise
         return stream, first, view
 
+    async def render_prompt(model_id: str, template: str | None,
+                            messages: list[dict[str, str]], *, judge_failures: bool) -> str:
+        """The chat prompt, rendered off the event loop within limits; a template beyond a
+        limit (or one that fails, unless llama.cpp is to render it its own way) is a 400."""
+        try:
+            return await renderer.render(template, messages)
+        except TemplateRefused as exc:
+            if exc.kind == FAILED and not judge_failures:
+                return ""  # llama.cpp's engine renders it, and reports its own errors
+            log.warning("chat_template_failed", model=model_id, reason=str(exc))
+            raise OpenAIError(400, str(exc), param="messages",
+                              code=f"chat_template_{exc.kind}") from None
+
     def slots(model_id: str) -> int:
         try:
             return max(1, registry.view(model_id).slots)
@@ -242,12 +274,16 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                        include_usage: bool, messages: list[dict[str, str]] | None = None,
                        schema: dict[str, Any] | None = None) -> Response:
         admit(model_id)
+        began = time.perf_counter()
         try:
             stream, first, _view = await open_stream(model_id, prompt, sampling, chat=chat,
                                                      messages=messages, schema=schema)
         except BaseException:
             release(model_id)
             raise
+        if first is not None:
+            metrics.time_to_first_token.labels(metrics.model(model_id)).observe(
+                time.perf_counter() - began)
         kind = "chat.completion" if chat else "text_completion"
         ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
 
@@ -270,6 +306,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                 raise _as_openai(exc) from None
             finally:
                 release(model_id)
+            count_tokens(model_id, stream.result)
             return json_reply({
                 "id": ident, "object": kind, "created": created, "model": model_id,
                 "choices": [choice("".join(pieces), _finish_reason(stream.result),
@@ -307,6 +344,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
                 yield sse(_as_openai(exc).body())
             finally:
                 await lease.close()
+                count_tokens(model_id, stream.result)
 
         current_app.add_background_task(lease.guard)
         response = Response(events(), content_type="text/event-stream")

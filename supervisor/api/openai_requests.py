@@ -1,28 +1,11 @@
-"""What a /v1 request asks for: its sampling, prompt or messages, output format; the chat
-prompt modeld renders itself; and the OpenAI-shaped error for a request that does not fit."""
+"""What a /v1 request asks for: its sampling, prompt or messages, output format; and the
+OpenAI-shaped error for a request that does not fit."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import attrs
-import jinja2
-import structlog
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-log = structlog.get_logger("modeld.openai")
-
-# The prompt of a chat on a model whose file has no chat template (never a silent ChatML):
-# documented in README.md.
-PLAIN_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m.role == 'system' %}System: {{ m.content }}\n"
-    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
-    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-PLAIN_TURN_END = "\nUser:"  # a stop string for chats in the plain template
 
 
 class OpenAIError(Exception):
@@ -127,14 +110,6 @@ def messages_of(data: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-
-def _raise(message: str) -> None:
-    raise OpenAIError(400, f"the model's chat template refused the messages: {message}",
-                      param="messages")
-
-
 def response_schema(data: dict[str, Any]) -> dict[str, Any] | None:
     """The JSON schema `response_format` asks the output to follow, or None for free text.
     json_object is any JSON object."""
@@ -157,24 +132,3 @@ def response_schema(data: dict[str, Any]) -> dict[str, Any] | None:
     raise OpenAIError(400, "'response_format' must be {\"type\": \"text\"}, "
                       "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
                       "\"json_schema\": {\"schema\": {...}}}", param="response_format")
-
-
-def render_chat(template: str | None, messages: list[dict[str, str]]) -> str:
-    """The prompt for `messages`: the GGUF's chat template (sandboxed), else PLAIN_TEMPLATE.
-
-    bos_token and eos_token render as nothing: the runtime's tokenizer adds the BOS token
-    itself, and an EOS written as text would be read as plain characters, not the token.
-    """
-    source = template or PLAIN_TEMPLATE
-    try:
-        compiled = _env.from_string(source)
-        return compiled.render(messages=messages, add_generation_prompt=True,
-                               bos_token="", eos_token="", raise_exception=_raise)
-    except OpenAIError:
-        raise
-    except jinja2.TemplateError as exc:
-        if template is None:
-            raise
-        log.warning("chat_template_failed", reason=str(exc))
-        return _env.from_string(PLAIN_TEMPLATE).render(messages=messages,
-                                                       add_generation_prompt=True)

@@ -152,6 +152,41 @@ def _schemas() -> dict[str, Schema]:
     nullable_number = {"type": ["number", "null"]}
 
     return {
+        "Status": _obj({
+            "version": {"type": "string"},
+            "uptimeSeconds": {"type": "number", "minimum": 0},
+            "models": NON_NEGATIVE_INT,
+            "loaded": {"type": "array", "items": _obj({
+                "id": {"type": "string"},
+                "state": {"type": "string", "enum": ["loading", "loaded", "unloading"]},
+                "runtime": {"type": ["string", "null"]},
+                "pid": {"type": ["integer", "null"]},
+                "rssBytes": {"type": ["integer", "null"], "minimum": 0},
+                "contextLength": {"type": ["integer", "null"]},
+                "slots": {"type": "integer", "minimum": 1},
+                "slotsBusy": NON_NEGATIVE_INT,
+                "idleSince": {"type": ["string", "null"], "format": "date-time"},
+                "keepAliveSeconds": {"type": ["number", "null"],
+                                     "description": "null: kept until unloaded"},
+                "expiresAt": {"type": ["string", "null"], "format": "date-time"},
+            }, ["id", "state", "pid", "rssBytes", "contextLength", "slotsBusy", "expiresAt"])},
+            "downloads": {"type": "array", "items": _obj({
+                "id": {"type": "string"},
+                "status": {"type": "string", "enum": PROGRESS_STATUSES},
+                "bytes": NON_NEGATIVE_INT,
+                "total": {"type": ["integer", "null"], "minimum": 0},
+                "percentage": {"type": "number", "minimum": 0, "maximum": 100},
+                "rate": {"type": ["number", "null"], "description": "bytes per second"},
+                "eta": {"type": ["number", "null"], "description": "seconds"},
+                "retrying": {"type": ["string", "null"]},
+            }, ["id", "bytes", "total", "rate", "eta"])},
+            "storage": _obj({"dir": {"type": "string"}, "usedBytes": SIZE,
+                             "freeBytes": SIZE, "totalBytes": SIZE},
+                            ["usedBytes", "freeBytes"]),
+            "memory": _obj({"availableBytes": SIZE, "totalBytes": SIZE}, ["availableBytes"]),
+        }, ["version", "uptimeSeconds", "loaded", "downloads", "storage", "memory"]),
+        "Health": _obj({"status": {"type": "string", "enum": ["ok", "starting", "stopping"]}},
+                       ["status"]),
         "Error": _obj(
             {
                 "error": {"type": "string", "description": "machine-readable code"},
@@ -419,7 +454,7 @@ def build_document() -> dict[str, Any]:
         },
         "/models/create": {
             "post": _op("models_create_new_model", "Register a custom model",
-                        _responses(200, "Model", 400, 413, 415, 503,
+                        _responses(200, "Model", 400, 409, 413, 415, 503,
                                    ok_description="the new model, with its id"),
                         tags=models_tag, model=False, body=_json_body("SeededModel")),
         },
@@ -442,6 +477,30 @@ def build_document() -> dict[str, Any]:
                         tags=models_tag, model=False),
         },
         **_openai_paths(),
+        "/metrics": {
+            "get": _op("modeld_metrics", "Prometheus metrics",
+                       {"200": {"description": "Prometheus text exposition format 0.0.4; "
+                                "every name starts with modeld_",
+                                "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **{str(s): {"$ref": f"#/components/responses/E{s}"} for s in (401, 403)}},
+                       tags=["modeld"], model=False),
+        },
+        "/status": {
+            "get": _op("modeld_status", "The daemon at a glance",
+                       _responses(200, "Status", ok_description="version, uptime, loaded "
+                                  "models, running downloads, memory and disk"),
+                       tags=["modeld"], model=False),
+        },
+        "/health": {
+            "get": _op("modeld_health", "Is the daemon serving? (readiness)",
+                       {"200": {"description": "serving",
+                                "content": {"application/json": {"schema": _ref("Health")}}},
+                        "503": {"$ref": "#/components/responses/EHealth503"},
+                        "403": {"$ref": "#/components/responses/E403"}},
+                       tags=["modeld"], model=False,
+                       description="Needs no token, even when [server] token_file is set: it "
+                       "reveals nothing but this status. The Host and Origin checks apply."),
+        },
         "/openapi.json": {
             "get": _op("modeld_openapi", "This document",
                        {"200": {"description": "the OpenAPI document",
@@ -485,6 +544,11 @@ def build_document() -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ref("Error")}},
                 }
                 for status, why in ERRORS.items()
+            } | {
+                "EHealth503": {
+                    "description": "starting or stopping",
+                    "content": {"application/json": {"schema": _ref("Health")}},
+                },
             } | {
                 f"EOpenAI{status}": {
                     "description": f"OpenAI's error shape (HTTP {status})",

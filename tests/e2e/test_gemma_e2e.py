@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -161,6 +162,47 @@ def test_embeddings_place_paris_sentences_together(gemma: Daemon) -> None:
                    json={"model": MODEL, "input": texts[0], "encoding_format": "base64"})
     assert 200 == r.status_code, r.text
     assert isinstance(r.json()["data"][0]["embedding"], str)
+
+
+def _busy_seconds(worker: psutil.Process, window: float = 0.25) -> float:
+    """CPU seconds the worker used over the next `window` seconds."""
+    before = sum(worker.cpu_times()[:2])
+    time.sleep(window)
+    return sum(worker.cpu_times()[:2]) - before
+
+
+def _prompt(words: int, tag: str) -> str:
+    # A different start each time: nothing comes from llama.cpp's prompt cache.
+    return f"{tag}. " + " ".join(f"word{i % 97}" for i in range(words))
+
+
+@pytest.mark.slow
+def test_a_client_leaving_mid_prompt_frees_its_slot(gemma: Daemon) -> None:
+    worker = psutil.Process(gemma.wait_for("model_loaded", model=MODEL)["pid"])
+    body = {"model": MODEL, "max_tokens": 1, "temperature": 0}
+    # How long the whole prompt takes here (a little over two batches of 512 tokens).
+    t0 = time.monotonic()
+    r = httpx.post(f"{gemma.url}/v1/completions", json={**body, "prompt": _prompt(450, "A")},
+                   timeout=120)
+    whole = time.monotonic() - t0
+    assert 200 == r.status_code, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 1030
+    # The same length again, streamed; the client leaves while the prompt is evaluated
+    # (before the answer's head, which comes with the first token).
+    payload = json.dumps({**body, "prompt": _prompt(450, "B"), "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", gemma.port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/json\r\n"
+                       + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        began = time.monotonic()
+        while _busy_seconds(worker, 0.05) < 0.02:  # the worker has started on it
+            assert time.monotonic() - began < whole, "the worker never started"
+    left = time.monotonic()
+    while _busy_seconds(worker) > 0.05:  # the worker works until its next cancel point
+        assert time.monotonic() - left < whole, "the abandoned prompt ran to its end"
+    idle_after = time.monotonic() - left
+    print(f"whole prompt {whole:.2f} s; idle {idle_after:.2f} s after the client left")
+    assert idle_after < 0.75 * whole, (idle_after, whole)
 
 
 def test_unload_returns_the_memory(gemma: Daemon) -> None:

@@ -292,10 +292,27 @@ def test_non_json_bodies_refused_with_415(shared: Daemon) -> None:
 async def test_token_required_everywhere(make_daemon: DaemonFactory, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    daemon = make_daemon(CATALOG, server={"token_file": str(token_file)}).start()
+    page = "http://localhost:3000"
+    daemon = make_daemon(CATALOG, server={"token_file": str(token_file),
+                                          "allowed_origins": [page]}).start()
     base = daemon.url
     good = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=base) as client:
+        # A browser's preflight never carries the token: an allowed page's is answered
+        r = await client.options("/models/create", headers={
+            "Origin": page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert 200 == r.status_code, r.text
+        assert page == r.headers["access-control-allow-origin"]
+        assert "Authorization" in r.headers["access-control-allow-headers"]
+        # ...and the request itself still needs it
+        r = await client.post("/models/create", json={"name": "no"}, headers={"Origin": page})
+        assert (401, "unauthorized") == (r.status_code, r.json()["error"])
+        r = await client.get("/models", headers={"Origin": page, **good})
+        assert (200, page) == (r.status_code, r.headers["access-control-allow-origin"])
+        r = await client.options("/models/create", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert (403, "origin_not_allowed") == (r.status_code, r.json()["error"])
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
                         {"Authorization": f"Basic {TOKEN}"},
                         {"Authorization": f"Bearer {TOKEN[:-1]}"}):

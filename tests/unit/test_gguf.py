@@ -5,6 +5,16 @@ from pathlib import Path
 import pytest
 
 from actors.gguf import GGUFInfo, GGUFInvalid, inspect_gguf
+from actors.gguf_header import (
+    MAX_ARRAY,
+    MAX_HEADER,
+    MAX_KVS,
+    MAX_STRING,
+    MAX_STRINGS,
+    MAX_TENSORS,
+    HeaderLimit,
+    read_header,
+)
 from tests.gguf_factory import corrupt_header, truncate, write_tiny_llama
 
 TINY_PARAMETERS = 2 * 64 * 260 + 64 + 2 * (2 * 64 + 4 * 64 * 64 + 3 * 64 * 128)
@@ -138,3 +148,60 @@ def test_quantization_falls_back_to_dominant_tensor_type(tiny: Path, tmp_path: P
     path = tmp_path / "guessed.gguf"
     path.write_bytes(bytes(data))
     assert "F32" == inspect_gguf(path).quantization
+
+
+# -- caps on untrusted headers ------------------------------------------------------------------
+
+
+def _head(kvs: list[bytes], tensors: int = 1) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kvs)) + b"".join(kvs)
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+def _string_array(name: str, count: int, each: int = 0) -> bytes:
+    item = struct.pack("<Q", each) + b"x" * each
+    return _key(name) + struct.pack("<IIQ", 9, 8, count) + item * count
+
+
+def test_two_million_empty_strings_refused(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "m.gguf", empty_strings=2_000_000)
+    with pytest.raises(GGUFInvalid, match="2000000 entries, more than the 1048576"):
+        inspect_gguf(path)
+
+
+def test_a_real_sized_vocabulary_is_read(tmp_path: Path) -> None:
+    # Gemma 3's 262,144 tokens, as strings of a vocabulary's typical length
+    path = write_tiny_llama(tmp_path / "m.gguf", empty_strings=262_144)
+    assert "llama" == inspect_gguf(path).architecture
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (_head([_key("k") + struct.pack("<IIQ", 9, 6, MAX_ARRAY + 1)]),
+         f"claims {MAX_ARRAY + 1} entries"),
+        (_head([_key("k") + struct.pack("<IQ", 8, MAX_STRING + 1)]),
+         f"more than the {MAX_STRING}"),
+        (_head([_key("x" * (MAX_STRING + 1))]), f"more than the {MAX_STRING}"),
+        (_head([_string_array("a", MAX_ARRAY), _string_array("b", MAX_ARRAY),
+                _string_array("c", 1)]), f"more than {MAX_STRINGS} strings"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 1, MAX_KVS + 1), f"more than the {MAX_KVS}"),
+        (b"GGUF" + struct.pack("<IQQ", 3, MAX_TENSORS + 1, 1), f"more than the {MAX_TENSORS}"),
+    ],
+    ids=["array", "string", "key", "all-strings", "kvs", "tensors"],
+)
+def test_header_caps(data: bytes, words: str) -> None:
+    with pytest.raises(HeaderLimit, match=words):
+        read_header(data)
+
+
+def test_header_size_cap() -> None:
+    # Byte arrays of 1 MiB each, every one within the caps, more than MAX_HEADER in all
+    n = MAX_HEADER // MAX_ARRAY + 1
+    one = struct.pack("<IIQ", 9, 0, MAX_ARRAY) + bytes(MAX_ARRAY)
+    data = _head([_key(f"k{i}") + one for i in range(n)])
+    with pytest.raises(HeaderLimit, match=f"larger than {MAX_HEADER} bytes"):
+        read_header(data)

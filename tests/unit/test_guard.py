@@ -167,6 +167,21 @@ def test_no_token_configured_means_none_needed() -> None:
                                                  ("Authorization", "Bearer anything")]))
 
 
+def test_allowed_preflight_needs_no_token() -> None:
+    guard = Guard.create([], ["http://localhost:3000"], "tok-123")
+    page = [("Host", "localhost"), ("Origin", "http://localhost:3000")]
+    asks = [("Access-Control-Request-Method", "POST")]
+    assert None is refused_code(guard, incoming([*page, *asks], method="OPTIONS"))
+    # Not a preflight: the token is needed
+    assert "unauthorized" == refused_code(guard, incoming(page, method="OPTIONS"))
+    assert "unauthorized" == refused_code(guard, incoming([*page, *asks], method="GET"))
+    assert "unauthorized" == refused_code(guard, incoming(
+        [("Host", "localhost"), *asks], method="OPTIONS"))
+    # A foreign origin's preflight is refused as before
+    assert "origin_not_allowed" == refused_code(guard, incoming(
+        [("Host", "localhost"), ("Origin", "http://evil.example"), *asks], method="OPTIONS"))
+
+
 def test_host_is_checked_before_the_token() -> None:
     guard = Guard.create([], [], "tok-123")
     assert "host_not_allowed" == refused_code(guard, incoming([("Host", "evil.example")]))

@@ -9,7 +9,8 @@ from supervisor.api.embeddings import (
     embedding_response,
     parse_embedding_request,
 )
-from supervisor.api.openai_requests import OpenAIError, render_chat, response_schema
+from supervisor.api.openai_requests import OpenAIError, response_schema
+from supervisor.chat_template import render
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}}
 
@@ -41,9 +42,9 @@ def test_response_schema_refuses(fmt: Any) -> None:
 
 def test_chat_without_template_is_plain_and_has_no_hard_coded_tokens() -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert "System: Be brief.\nUser: Hi\nAssistant:" == render_chat(None, messages)
+    assert "System: Be brief.\nUser: Hi\nAssistant:" == render(None, messages)
     template = "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
-    assert "Be brief.Hi" == render_chat(template, messages)
+    assert "Be brief.Hi" == render(template, messages)
 
 
 def test_embedding_request_shapes() -> None:

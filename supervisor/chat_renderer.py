@@ -1,0 +1,127 @@
+"""Chat prompts rendered off the daemon's event loop, in renderer processes with limits.
+
+A chat template comes from a model file and may be hostile: nested loops that never end, a
+prompt of hundreds of MB, deep recursion. A thread cannot be stopped, so each render runs in a
+renderer process (supervisor/chat_render_main.py) with a memory limit, and one that takes
+longer than RENDER_TIMEOUT is killed. Processes are started on first use and kept (at most
+MAX_IDLE) for the next render; one that was killed or whose render was abandoned is never
+reused. At most MAX_RENDERS render at once; the rest wait their turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from supervisor.chat_template import LIMIT, TemplateRefused, check_template_size
+
+RENDER_TIMEOUT = 2.0  # seconds; a real template renders in milliseconds
+MAX_IDLE = 2
+MAX_RENDERS = 4
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Renderer:
+    def __init__(self, process: trio.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self.stdin = process.stdin
+        self.stdout = process.stdout
+        self._buffer = bytearray()
+
+    async def _receive_exactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            chunk = await self.stdout.receive_some(1 << 20)
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(request).encode()
+        await self.stdin.send_all(struct.pack(">I", len(data)) + data)
+        (length,) = struct.unpack(">I", await self._receive_exactly(4))
+        answer: dict[str, Any] = json.loads(await self._receive_exactly(length))
+        return answer
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+
+class ChatRenderer:
+    """Renders chat prompts in renderer processes. `render` raises TemplateRefused."""
+
+    def __init__(self, *, timeout: float = RENDER_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._idle: list[_Renderer] = []
+        self._turns = trio.Semaphore(MAX_RENDERS)
+        self._closed = False
+
+    async def _take(self) -> _Renderer:
+        while self._idle:
+            renderer = self._idle.pop()
+            if renderer.process.returncode is None:
+                return renderer
+        env = dict(os.environ)
+        # -m supervisor.chat_render_main must import from this source tree whatever the cwd.
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "supervisor.chat_render_main"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        return _Renderer(process)
+
+    async def render(self, template: str | None, messages: list[dict[str, str]]) -> str:
+        """The prompt for `messages` by `template` (None: modeld's plain template).
+
+        Raises TemplateRefused: the template refused the messages, failed, or went beyond a
+        limit (its size, RENDER_TIMEOUT, the renderer's memory, the prompt's size).
+        """
+        check_template_size(template)  # before anything is sent
+        async with self._turns:
+            renderer = await self._take()
+            reusable = False
+            try:
+                with trio.move_on_after(self.timeout) as scope:
+                    answer = await renderer.ask({"template": template, "messages": messages})
+                if scope.cancelled_caught:
+                    raise TemplateRefused(LIMIT, "the model's chat template took longer than "
+                                          f"{self.timeout:g} s to render")
+                reusable = True
+            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    ValueError):  # it died (e.g. out of memory) or wrote garbage
+                raise TemplateRefused(LIMIT, "the model's chat template broke its renderer "
+                                      "process (out of memory or a crash)") from None
+            finally:
+                if reusable and not self._closed and len(self._idle) < MAX_IDLE:
+                    self._idle.append(renderer)
+                else:
+                    await _discard(renderer)
+        if "prompt" in answer:
+            return str(answer["prompt"])
+        raise TemplateRefused(str(answer.get("kind", LIMIT)), str(answer.get("reason")))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for renderer in idle:
+            await _discard(renderer)
+
+
+async def _discard(renderer: _Renderer) -> None:
+    """Kill and reap (shielded: this runs in `finally` blocks, also on cancellation)."""
+    renderer.kill()
+    with trio.CancelScope(shield=True):
+        await renderer.stdin.aclose()
+        await renderer.stdout.aclose()
+        await renderer.process.wait()
