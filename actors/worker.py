@@ -23,7 +23,7 @@ from typing import IO
 import trio
 
 from actors.children import open_child
-from actors.frames import MAX_FRAME, Frame, FrameError, FrameReader
+from actors.frames import MAX_FRAME, Frame, FrameCut, FrameError, FrameReader
 from actors.worker_protocol import (
     Embeddings,
     GenerateParams,
@@ -261,6 +261,8 @@ class Worker:
     async def _receive(self) -> Frame:
         try:
             frame = await self._reader.receive()
+        except FrameCut:
+            frame = None  # it died while writing: as gone as at a frame's end
         except FrameError as exc:
             raise WorkerError(f"worker {self.pid} broke the protocol: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -443,7 +445,10 @@ async def open_worker(
         runtime, CANCEL_DRAIN_SECONDS))
     try:
         with trio.fail_after(load_timeout):
-            frame = await worker._reader.receive()
+            try:
+                frame = await worker._reader.receive()
+            except FrameCut:
+                frame = None  # it died while writing: a crash, told below
     except FrameError as exc:
         await worker.aclose(grace=0)
         raise WorkerStartError(f"the worker loading {path} broke the protocol: {exc}") from None
