@@ -422,8 +422,8 @@ def build_document() -> dict[str, Any]:
                 description="Returns at once with downloading: true, or downloaded: true when "
                 "the file is already there. 409 when the model has no url. A catalog model "
                 "with a source is resolved on the Hub first (400, 503 when it cannot be); 507 "
-                "insufficient_storage, before any byte, when its known size does not fit on "
-                "the storage filesystem.",
+                "insufficient_storage, before any byte, when its known size (or the free-space "
+                "margin, [storage] min_free) does not fit on the storage filesystem.",
             ),
         },
         "/model/{model}/download/cancel": {
@@ -487,10 +487,9 @@ def build_document() -> dict[str, Any]:
                        tags=models_tag, model=False),
         },
         "/models/create": {
-                "the file is already there. 409 when the model has no url. A catalog model "
-                "with a source is resolved on the Hub first (400, 503 when it cannot be); 507 "
-                "insufficient_storage, before any byte, when its known size (or the free-space "
-                "margin, [storage] min_free) does not fit on the storage filesystem.",
+            "post": _op("models_create_new_model",
+                        "Register a custom model (from a url, an upload, or a Hub source)",
+                        _responses(200, "Model", 400, 409, 413, 415, 500, 503, 507,
                                    ok_description="the new model, with its id"),
                         tags=models_tag, model=False, body=_json_body("SeededModel")),
         },
