@@ -30,6 +30,10 @@ class FrameError(ValueError):
     """Bytes that are not a frame: too long, not UTF-8 JSON, not an object, or cut short."""
 
 
+class FrameCut(FrameError):
+    """The stream ended inside a frame: the other side died while writing it."""
+
+
 def encode_frame(message: Frame) -> bytes:
     """The frame's bytes. Raises FrameError for what cannot be sent: text UTF-8 cannot carry
     (lone surrogates, which json.loads accepts from "\\ud83d" escapes), or a frame longer than
@@ -74,7 +78,7 @@ def _read_exactly(fd: int, n: int, *, at_start: bool) -> bytes | None:
         if not chunk:
             if at_start and not chunks:
                 return None
-            raise FrameError("the stream ended inside a frame")
+            raise FrameCut("the stream ended inside a frame")
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
@@ -126,6 +130,6 @@ class FrameReader:
             chunk = await self._stream.receive_some(65536)
             if not chunk:
                 if self._buffer:
-                    raise FrameError("the stream ended inside a frame")
+                    raise FrameCut("the stream ended inside a frame")
                 return None
             self._buffer += chunk

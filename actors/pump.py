@@ -19,7 +19,7 @@ from typing import Protocol
 import trio
 
 from actors.children import open_child
-from actors.frames import Frame, FrameError, FrameReader, encode_frame
+from actors.frames import Frame, FrameCut, FrameError, FrameReader, encode_frame
 
 STOP_GRACE = 1.0  # seconds a stopped pump (or the child at exit) gets before being given up
 
@@ -162,6 +162,8 @@ class PumpProcess:
                     if frame is None:
                         break
                     self._dispatch(frame)
+        except FrameCut:
+            pass  # it died while writing a frame: gone, as at a frame's end
         except (FrameError, KeyError, TypeError, ValueError) as exc:
             reason = f"the download's pump process broke the protocol: {exc}"
         finally:

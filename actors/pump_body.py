@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import os
@@ -75,14 +76,14 @@ class Stopped(Exception):
 class Failed(Exception):
     """The pump ends without its bytes; `kind` as in the `end` frame."""
 
-    def __init__(self, kind: str, reason: str, errno: int = 0, *, status: int = 0,
+    def __init__(self, kind: str, reason: str, code: int = 0, *, status: int = 0,
                  retry_after: float | None = None) -> None:
         super().__init__(reason)
-        self.kind, self.reason, self.errno = kind, reason, errno
+        self.kind, self.reason, self.errno = kind, reason, code
         self.status, self.retry_after = status, retry_after
 
 
-class fetch_body:
+class BodyFetch:
     """[start, end) of the file (`end` None: to the end of the body) into `fd`, as asked by
     a `pump` frame; `moved(pos)` is called at most every REPORT_EVERY seconds."""
 
@@ -246,7 +247,7 @@ class fetch_body:
                         raise TimeoutError() from None
                     continue
                 except OSError as exc:
-                    if first and exc.errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP
+                    if first and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         return False
                     raise
                 if first:

@@ -40,7 +40,7 @@ import sys
 import threading
 
 from actors.frames import Frame, FrameError, FrameWriter, read_frame
-from actors.pump_body import Failed, Stopped, fetch_body
+from actors.pump_body import BodyFetch, Failed, Stopped
 
 HASH_CHUNK = 8 * 1024 * 1024
 # Writing and hashing model files can use a whole core; the daemon's event loop must get the
@@ -56,7 +56,7 @@ class _Pump:
         self.id = int(msg["id"])
         self.msg = msg
         self.stop = threading.Event()
-        self.body = fetch_body(msg, server.fd, self.stop, self._moved)
+        self.body = BodyFetch(msg, server.fd, self.stop, self._moved)
 
     def _moved(self, pos: int) -> None:
         self.server.send({"id": self.id, "pos": pos})

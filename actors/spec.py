@@ -101,3 +101,7 @@ class ModelSpec:
     custom: bool = False
     created: dt.datetime = attrs.field(factory=utcnow)
     score: ModelScore = ModelScore()
+    # A Hub reference (hf.co/...), and what it was pinned to: the commit and the file in it.
+    source: str | None = None
+    revision: str | None = None
+    file: str | None = None

@@ -23,7 +23,7 @@ from typing import IO
 import trio
 
 from actors.children import open_child
-from actors.frames import MAX_FRAME, Frame, FrameError, FrameReader
+from actors.frames import MAX_FRAME, Frame, FrameCut, FrameError, FrameReader
 from actors.worker_protocol import (
     Embeddings,
     GenerateParams,
@@ -40,8 +40,12 @@ from actors.worker_protocol import (
 
 STDERR_TAIL_BYTES = 4096
 # How long a cancelled request may take to reach "done" before the worker counts as wedged
-# and is killed; generation stops between pieces, so this is one token's time plus slack.
+# and is killed. ctransformers stops between pieces: one token's time plus slack. llama.cpp
+# stops between prompt batches (actors/backends/llamacpp.py), and one batch of a large model
+# on a slow CPU takes many seconds; killing the worker there would end the other slots'
+# requests and unload the model because one client left.
 CANCEL_DRAIN_SECONDS = 5.0
+CANCEL_DRAIN_SECONDS_BY_RUNTIME = {"llama.cpp": 120.0}
 # After SIGKILL, how long reaping may take before we give up waiting (it should be instant).
 REAP_SECONDS = 5.0
 
@@ -74,9 +78,11 @@ class Worker:
     Close with `aclose()`, which always reaps the process.
     """
 
-    def __init__(self, process: trio.Process, stderr_file: IO[bytes]) -> None:
+    def __init__(self, process: trio.Process, stderr_file: IO[bytes], *,
+                 cancel_drain: float = CANCEL_DRAIN_SECONDS) -> None:
         assert process.stdin is not None and process.stdout is not None
         self._process = process
+        self.cancel_drain = cancel_drain
         self._stdin: trio.abc.SendStream = process.stdin
         self._reader = FrameReader(process.stdout)
         self._stderr_file = stderr_file
@@ -255,6 +261,8 @@ class Worker:
     async def _receive(self) -> Frame:
         try:
             frame = await self._reader.receive()
+        except FrameCut:
+            frame = None  # it died while writing: as gone as at a frame's end
         except FrameError as exc:
             raise WorkerError(f"worker {self.pid} broke the protocol: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -361,7 +369,7 @@ class Generation:
         """Stop the request if it is still running and drain it to its end. Idempotent.
 
         Shielded with its own deadline; a worker that does not finish the request within
-        CANCEL_DRAIN_SECONDS is killed (the next request then raises WorkerDied).
+        its cancel_drain seconds is killed (the next request then raises WorkerDied).
         """
         if self._finished:
             return
@@ -369,7 +377,7 @@ class Generation:
             self._finished = True
             return
         with trio.CancelScope(
-            shield=True, deadline=trio.current_time() + CANCEL_DRAIN_SECONDS
+            shield=True, deadline=trio.current_time() + self._worker.cancel_drain
         ) as scope:
             try:
                 await self._worker._send({"type": "cancel", "id": self._id})
@@ -433,10 +441,14 @@ async def open_worker(
         if isinstance(exc, OSError):
             raise WorkerStartError(f"could not start the worker with {python}: {exc}") from exc
         raise
-    worker = Worker(process, stderr_file)
+    worker = Worker(process, stderr_file, cancel_drain=CANCEL_DRAIN_SECONDS_BY_RUNTIME.get(
+        runtime, CANCEL_DRAIN_SECONDS))
     try:
         with trio.fail_after(load_timeout):
-            frame = await worker._reader.receive()
+            try:
+                frame = await worker._reader.receive()
+            except FrameCut:
+                frame = None  # it died while writing: a crash, told below
     except FrameError as exc:
         await worker.aclose(grace=0)
         raise WorkerStartError(f"the worker loading {path} broke the protocol: {exc}") from None

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 
@@ -60,44 +61,81 @@ def _curl(url: str, dest: str, *, max_time: float | None = None) -> tuple[float,
     return seconds, int(float(size))
 
 
+def _dd(src: str, dest: str) -> float:
+    """Seconds of one `dd` copy of the (cached) file to the same disk with direct I/O: how
+    fast the disk itself takes 1 GiB, which bounds any download that must be on disk (modeld
+    fsyncs before it publishes)."""
+    started = time.perf_counter()
+    subprocess.run([_need("dd"), f"if={src}", f"of={dest}", "bs=16M", "oflag=direct",
+                    "status=none"], check=True)
+    return time.perf_counter() - started
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def bench_download() -> Result:
-    """1 GiB from nginx (sendfile), modeld (sha256 included) against `curl -o`."""
+    """1 GiB from nginx (sendfile): modeld with and without a sha256, against `curl -o` (the
+    file in the page cache), `curl -o` then fsync (on disk, as modeld publishes it) and a
+    direct-I/O `dd` to the same disk, in rotating rounds."""
     size = env_int("BENCH_DOWNLOAD_BYTES", 1 * GiB)
     path, digest = random_file(f"download-{size}.gguf", size)
     warm_page_cache(path)
     out = WORK / "curl-out"
     out.mkdir(parents=True, exist_ok=True)
-    modeld_s: list[float] = []
-    curl_s: list[float] = []
+    times: dict[str, list[float]] = {"modeld": [], "modeld-nosha": [], "curl": [],
+                                     "curl+fsync": [], "dd": []}
     with run_nginx(path.parent) as base:
         url = f"{base}/{path.name}"
-        models = [catalog_entry("big", url, sha256=digest, size=size)]
+        models = [catalog_entry("big", url, sha256=digest, size=size),
+                  catalog_entry("raw", url, size=size)]
         with run_daemon("download", models) as daemon:
             for i in range(ROUNDS):
-                # Alternate who goes first, so a slow phase of the machine hits both.
-                order = ("modeld", "curl") if i % 2 == 0 else ("curl", "modeld")
+                # Rotate who goes first, so a slow phase of the machine hits all.
+                order = list(times)
+                order = order[i % len(order):] + order[: i % len(order)]
                 for who in order:
-                    if who == "modeld":
-                        seconds = timed_download(daemon.url, "big")
-                        modeld_s.append(seconds)
-                        _reset(daemon.url, "big")
+                    if who.startswith("modeld"):
+                        model = "big" if who == "modeld" else "raw"
+                        seconds = timed_download(daemon.url, model)
+                        _reset(daemon.url, model)
                     else:
                         dest = out / "big.gguf"
-                        seconds, got = _curl(url, str(dest))
-                        assert got == size, (got, size)
-                        curl_s.append(seconds)
+                        if who.startswith("curl"):
+                            started = time.perf_counter()
+                            _seconds, got = _curl(url, str(dest))
+                            assert got == size, (got, size)
+                            if who == "curl+fsync":
+                                _fsync(dest)
+                            seconds = time.perf_counter() - started
+                        else:
+                            seconds = _dd(str(path), str(dest))
                         dest.unlink()
                         os.sync()
+                    times[who].append(seconds)
                     log(f"download round {i} {who}: {seconds:.2f} s "
                         f"({mbps(rate(size, seconds))})")
-    m_rate = rate(size, median(modeld_s))
-    c_rate = rate(size, median(curl_s))
-    ratio = m_rate / c_rate
-    return Result("download", "Download throughput (loopback)", [
-        Row(f"1. download {size / GiB:.2g} GiB, nginx sendfile (modeld incl. sha256)",
-            mbps(m_rate), f"curl -o: {mbps(c_rate)}", f"{ratio:.2f} x curl", ">= 0.9 x curl",
-            ratio >= 0.9),
-    ], {"size": size, "modeld_seconds": modeld_s, "curl_seconds": curl_s})
+    rates = {who: rate(size, median(s)) for who, s in times.items()}
+    c_rate, cs_rate, dd_rate = rates["curl"], rates["curl+fsync"], rates["dd"]
+    rows = []
+    for who, what in (("modeld", "incl. sha256"), ("modeld-nosha", "no sha256")):
+        ratio = rates[who] / c_rate
+        rows.append(Row(
+            f"1. download {size / GiB:.2g} GiB, nginx sendfile (modeld {what}, fsynced)",
+            mbps(rates[who]),
+            f"curl -o: {mbps(c_rate)}; curl -o + fsync: {mbps(cs_rate)}; "
+            f"dd oflag=direct: {mbps(dd_rate)}",
+            f"{ratio:.2f} x curl, {rates[who] / cs_rate:.2f} x curl + fsync, "
+            f"{rates[who] / dd_rate:.2f} x dd", ">= 0.9 x curl", ratio >= 0.9))
+    return Result("download", "Download throughput (loopback)", rows, {
+        "size": size, "modeld_seconds": times["modeld"],
+        "modeld_nosha_seconds": times["modeld-nosha"], "curl_seconds": times["curl"],
+        "curl_fsync_seconds": times["curl+fsync"], "dd_direct_seconds": times["dd"]})
 
 
 def bench_segmented() -> Result:

@@ -2,37 +2,26 @@
 the daemon (supervisor/chat_renderer.py), under a memory limit. The daemon kills it when a
 render takes too long.
 
-Frames on stdin and stdout: a 4-byte big-endian length, then that many bytes of JSON. A
-request is `{"template": str | null, "messages": [...]}`; the answer `{"prompt": str}` or
-`{"kind": ..., "reason": ...}`. EOF on stdin ends the process.
+Frames (actors/frames.py) on stdin and stdout. A request is `{"template": str | null,
+"messages": [...]}`; the answer `{"prompt": str}` or `{"kind": ..., "reason": ...}`. EOF on
+stdin ends the process. Its one argument is the daemon's pid: once its parent is another
+process, it exits, even mid-render.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import resource
 import signal
-import struct
 import sys
-from typing import Any, BinaryIO
+import threading
+import time
+from typing import Any
 
+from actors.frames import FrameError, FrameWriter, read_frame
 from supervisor.chat_template import LIMIT, TemplateRefused, render
 
 MEMORY_LIMIT = 512 * 1024 * 1024  # address space of this process
-
-
-def read_frame(stream: BinaryIO) -> Any:
-    head = stream.read(4)
-    if len(head) < 4:
-        return None
-    (length,) = struct.unpack(">I", head)
-    return json.loads(stream.read(length))
-
-
-def write_frame(stream: BinaryIO, value: Any) -> None:
-    data = json.dumps(value).encode()
-    stream.write(struct.pack(">I", len(data)) + data)
-    stream.flush()
 
 
 def answer(request: Any) -> dict[str, str]:
@@ -45,12 +34,27 @@ def answer(request: Any) -> dict[str, str]:
                 "modeld gives a render"}
 
 
+def _watch_the_daemon(daemon: int) -> None:
+    """A render in progress when the daemon dies (SIGKILL) must not spin on: once this
+    process's parent is another, it exits. (EOF on stdin ends it between renders.)"""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != daemon:
+            os._exit(0)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C at a terminal is the daemon's
+    # The daemon's pid comes as the argument: it may have died before this line runs
+    daemon = int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()
+    threading.Thread(target=_watch_the_daemon, args=(daemon,), daemon=True).start()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while (request := read_frame(stdin)) is not None:
-        write_frame(stdout, answer(request))
+    out = FrameWriter(sys.stdout.buffer)
+    while (request := read_frame(0)) is not None:
+        try:
+            out.send(answer(request))
+        except FrameError as exc:  # a prompt that cannot be a frame (lone surrogates)
+            out.send({"kind": LIMIT, "reason": f"the rendered prompt cannot be sent: {exc}"})
 
 
 if __name__ == "__main__":

@@ -10,22 +10,22 @@ reused. At most MAX_RENDERS render at once; the rest wait their turn.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from actors.children import open_child
+from actors.errors import InvalidInput
+from actors.frames import FrameError, FrameReader, encode_frame
+from actors.gguf import inspect_gguf
 from supervisor.chat_template import LIMIT, TemplateRefused, check_template_size
 
 RENDER_TIMEOUT = 2.0  # seconds; a real template renders in milliseconds
 MAX_IDLE = 2
 MAX_RENDERS = 4
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Renderer:
@@ -34,23 +34,13 @@ class _Renderer:
         self.process = process
         self.stdin = process.stdin
         self.stdout = process.stdout
-        self._buffer = bytearray()
-
-    async def _receive_exactly(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            chunk = await self.stdout.receive_some(1 << 20)
-            if not chunk:
-                raise EOFError
-            self._buffer += chunk
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
+        self._frames = FrameReader(process.stdout)
 
     async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(request).encode()
-        await self.stdin.send_all(struct.pack(">I", len(data)) + data)
-        (length,) = struct.unpack(">I", await self._receive_exactly(4))
-        answer: dict[str, Any] = json.loads(await self._receive_exactly(length))
+        await self.stdin.send_all(encode_frame(request))
+        answer = await self._frames.receive()
+        if answer is None:
+            raise EOFError
         return answer
 
     def kill(self) -> None:
@@ -72,13 +62,8 @@ class ChatRenderer:
             renderer = self._idle.pop()
             if renderer.process.returncode is None:
                 return renderer
-        env = dict(os.environ)
-        # -m supervisor.chat_render_main must import from this source tree whatever the cwd.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "supervisor.chat_render_main"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        process = await open_child("supervisor.chat_render_main", [str(os.getpid())],
+                                   stderr=subprocess.DEVNULL)
         return _Renderer(process)
 
     async def render(self, template: str | None, messages: list[dict[str, str]]) -> str:
@@ -99,7 +84,7 @@ class ChatRenderer:
                                           f"{self.timeout:g} s to render")
                 reusable = True
             except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    ValueError):  # it died (e.g. out of memory) or wrote garbage
+                    FrameError):  # it died (e.g. out of memory) or wrote garbage
                 raise TemplateRefused(LIMIT, "the model's chat template broke its renderer "
                                       "process (out of memory or a crash)") from None
             finally:
@@ -125,3 +110,25 @@ async def _discard(renderer: _Renderer) -> None:
         await renderer.stdin.aclose()
         await renderer.stdout.aclose()
         await renderer.process.wait()
+
+
+# What the template check renders: llama.cpp renders such example messages when it loads.
+_SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi there"},
+                {"role": "user", "content": "How are you?"}]
+
+
+async def check_template_for_llama_cpp(renderer: ChatRenderer, path: Path) -> None:
+    """llama.cpp renders a file's chat template already at load, in the worker and without a
+    limit: a hostile one would hold the load until load_timeout. modeld's renderer tries it
+    first, within its limits. Raises InvalidInput (chat_template_limit) when it goes beyond
+    one; a template jinja2 cannot render is left to llama.cpp, which judges it itself."""
+    info = await trio.to_thread.run_sync(inspect_gguf, path)
+    if info.chat_template is None:
+        return
+    try:
+        await renderer.render(info.chat_template, _SAMPLE_CHAT)
+    except TemplateRefused as exc:
+        if exc.kind == LIMIT:
+            raise InvalidInput(str(exc), code="chat_template_limit") from None

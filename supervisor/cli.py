@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     client("du", "disk use: bytes per model (file and partial download) and free space")
     client("show", "one model as JSON").add_argument("id")
     pull = client("pull", "download a model, showing its progress until it is done")
-    pull.add_argument("id")
+    pull.add_argument("id", help="a model id, or a Hub reference (hf.co/USER/REPO[:QUANT]"
+                      "[@REVISION], hf.co/USER/REPO/FILE.gguf, a huggingface.co URL): the "
+                      "model is created first if needed")
     pull.add_argument("--cancel-on-interrupt", action="store_true",
                       help="on Ctrl-C cancel the download without asking (default: ask at a "
                       "terminal; otherwise leave it running in modeld)")
@@ -364,14 +366,19 @@ def _model_with_file(api: Api, path: Path) -> dict[str, Any] | None:
 
 
 def _check_architecture(path: Path) -> None:
-    """Refuse, before uploading anything, a file whose architecture no runtime runs (the
-    daemon would refuse it too, after its first MiB)."""
-    from actors.gguf import architecture_from_prefix, unrunnable_message
+    """Refuse, before uploading anything, a file that does not start as GGUF does, or whose
+    architecture no runtime runs (the daemon would refuse it too, after its first MiB)."""
+    from actors.gguf import GGUFInvalid, architecture_from_prefix, check_magic, unrunnable_message
     from actors.runtimes import runnable
     from supervisor.client import ClientError
 
     with path.open("rb") as f:
-        architecture = architecture_from_prefix(f.read(1024 * 1024))
+        prefix = f.read(1024 * 1024)
+    try:
+        check_magic(prefix, str(path))  # also a special file (/proc/...) or an empty one
+    except GGUFInvalid as exc:
+        raise ClientError(exc.reason) from None
+    architecture = architecture_from_prefix(prefix)
     if architecture is not None and not runnable(architecture):
         raise ClientError(unrunnable_message(architecture))
 
@@ -400,7 +407,10 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     import trio
 
     from supervisor import client, views
+    from supervisor.hub_refs import looks_like_reference
 
+    if looks_like_reference(args.id):
+        args.id = _model_for_reference(endpoint, args.id, out)
     view: client.PullView
     if out.json:
         view = views.JsonPullView(out.line)
@@ -455,6 +465,22 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     out.error(f"lost the progress of {model_id} before the download ended (did modeld stop? "
               "an interrupted download resumes when it starts again)")
     return EXIT_ERROR
+
+
+def _model_for_reference(endpoint: Endpoint, reference: str, out: Out) -> str:
+    """The id of the model `reference` names, created (resolved and pinned) if needed."""
+    from supervisor.client import SLOW, Api, ClientError, model_of
+
+    with Api(endpoint) as api:
+        model = model_of(api.request("POST", "/models/create", json={"source": reference},
+                                     timeout=SLOW))
+    model_id = model.get("id")
+    if not isinstance(model_id, str):
+        raise ClientError("modeld answered the create without a model id")
+    if not out.json:
+        revision = str(model.get("revision") or "")[:12]
+        out.line(f"{reference}: {model_id} ({model.get('file')} at {revision})")
+    return model_id
 
 
 COMMANDS: dict[str, Callable[[Api, argparse.Namespace, Out], int]] = {

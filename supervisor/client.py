@@ -269,13 +269,24 @@ class Api:
         """Stream `path` as the model's file; the daemon checks it and publishes it atomically.
         Raises ClientError, also when the transfer stalls for `stall` seconds."""
         size = path.stat().st_size
+        changed = ClientError(f"{path} changed while it was uploaded; import it once it is "
+                              "complete")
 
         def chunks() -> Iterator[bytes]:
+            # Exactly the `size` bytes announced, or a clear error: a file that grows or
+            # shrinks meanwhile would break the request's Content-Length.
+            sent = 0
             with path.open("rb") as f:
-                while block := f.read(UPLOAD_CHUNK):
+                while sent < size:
+                    block = f.read(min(UPLOAD_CHUNK, size - sent))
+                    if not block:
+                        raise changed
+                    sent += len(block)
                     if on_chunk is not None:
                         on_chunk(len(block))
                     yield block
+                if f.read(1):
+                    raise changed
 
         headers = {"content-type": "application/octet-stream", "content-length": str(size)}
         response = self.request(

@@ -117,10 +117,15 @@ class RuntimeConfig:
 
 
 @attrs.frozen
+class HubConfig:
+    endpoint: str = "https://huggingface.co"
+
+
+@attrs.frozen
 class CatalogEntry:
     id: str
     name: str
-    url: str
+    url: str | None = None
     sha256: str | None = None
     size: int | None = None
     model_type: str = "llama"
@@ -134,6 +139,7 @@ class CatalogEntry:
     context_length: int | None = None
     runtime: str | None = attrs.field(default=None, validator=_runtime_choice)
     parallel: int | None = attrs.field(default=None, validator=_optional_positive)
+    source: str | None = None  # a Hub reference instead of url, sha256 and size
     keep_alive: str | None = attrs.field(default=None, validator=_optional_keep_alive)
 
 
@@ -144,6 +150,7 @@ class Config:
     download: DownloadConfig = attrs.field(factory=DownloadConfig)
     runtime: RuntimeConfig = attrs.field(factory=RuntimeConfig)
     models: list[CatalogEntry] = attrs.field(factory=list)
+    hub: HubConfig = attrs.field(factory=HubConfig)
 
 
 def _strict(tp: type) -> Any:
@@ -183,7 +190,8 @@ def _check_catalog(config: Config) -> None:
         if entry.id in seen:
             problems.append(f"{where}.id: {entry.id!r} appears twice")
         seen.add(entry.id)
-        why = check_url(entry.url, allow_http=config.download.allow_http)
+        problems += _source_problems(entry, where)
+        why = entry.url and check_url(entry.url, allow_http=config.download.allow_http)
         if why:
             problems.append(f"{where}.url: {why}")
         if entry.sha256 is not None and not SHA256_PATTERN.fullmatch(entry.sha256):
@@ -200,6 +208,28 @@ def _check_catalog(config: Config) -> None:
             problems.append(f"{where}.foundation: unknown foundation {entry.foundation!r}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def _source_problems(entry: CatalogEntry, where: str) -> list[str]:
+    """A catalog entry has a url or a Hub source, and its source is a valid reference."""
+    from supervisor.hub_refs import BadReference, parse_reference
+
+    if entry.source is None:
+        # Worded as cattrs words a missing key (url was required before sources).
+        return [] if entry.url is not None else [f"config.{where}.url: required key missing"]
+    if entry.url is not None or entry.sha256 is not None or entry.size is not None:
+        return [f"{where}.source: comes instead of url, sha256 and size (the Hub gives them)"]
+    try:
+        parse_reference(entry.source)
+    except BadReference as exc:
+        return [f"{where}.source: {exc}"]
+    return []
+
+
+def _check_hub(config: Config) -> None:
+    why = check_url(config.hub.endpoint, allow_http=config.download.allow_http)
+    if why:
+        raise ConfigError(f"config.hub.endpoint: {why}")
 
 
 def _describe(exc: BaseException, _type: type | None) -> str:
@@ -242,6 +272,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     _check_catalog(config)
+    _check_hub(config)
     return config
 
 

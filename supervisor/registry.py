@@ -26,11 +26,14 @@ from actors.keepalive import DEFAULT, KeepAliveArg, parse_keep_alive
 from actors.model import ActorSettings, ModelActor
 from actors.ports import Fetcher, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
+from actors.runtimes import LLAMA_CPP
 from actors.spec import ModelSpec, is_valid_id
 from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams, open_worker
+from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
+from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
 log = structlog.get_logger("modeld.registry")
@@ -65,6 +68,7 @@ def spec_from_catalog(entry: CatalogEntry) -> ModelSpec:
         parallel=entry.parallel,
         keep_alive=entry.keep_alive,
         custom=False,
+        source=entry.source,
     )
 
 
@@ -180,8 +184,10 @@ class LruGate:
             self._order.move_to_end(model_id)
 
 
-def _worker_spawner(config: Config) -> Spawner:
+def _worker_spawner(config: Config, renderer: ChatRenderer) -> Spawner:
     async def spawn(path: Path, spec: ModelSpec) -> WorkerHandle:
+        if spec.runtime == LLAMA_CPP:
+            await check_template_for_llama_cpp(renderer, path)
         return await open_worker(
             path,
             model_type=spec.model_type,
@@ -222,7 +228,9 @@ class Registry:
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
         )
         self._fetch = fetch
-        self._spawn = spawn or _worker_spawner(config)
+        # Chat templates render here, off the event loop (for /v1/chat and the load check).
+        self.renderer = ChatRenderer()
+        self._spawn = spawn or _worker_spawner(config, self.renderer)
 
     def ids(self) -> list[str]:
         return list(self._entries)
@@ -378,18 +386,31 @@ class Registry:
         return await self._ask(model_id, lambda reply: m.Embed(texts=texts, reply=reply,
                                                                 keep_alive=keep_alive))
 
-    async def create(self, spec: ModelSpec) -> m.ModelView:
+    async def create(
+        self, spec: ModelSpec, *, ids: tuple[str, ...] = (),
+        reuse: Callable[[ModelSpec], bool] | None = None,
+    ) -> m.ModelView:
         """Register a custom model under a new id (spec.id is ignored): record, then actor.
         Raises Conflict (too_many_models) at `[storage] max_custom_models`."""
         async with self._lock:
+            # The first of `ids` that is free, unless a model that `reuse` accepts holds one
+            # first (then that model is the answer); else a new id from the name.
+            for candidate in ids:
+                taken = self._entries.get(candidate)
+                if taken is None:
+                    model_id = candidate
+                    break
+                if reuse is not None and reuse(taken.actor.spec):
+                    return taken.view()
+            else:
+                model_id = slug_id(spec.name, uuid.uuid4().hex)
+                while model_id in self._entries:
+                    model_id = slug_id(spec.name, uuid.uuid4().hex)
             limit = self.config.storage.max_custom_models
             if len(self._entries) - len(self._catalog_ids) >= limit:
                 raise Conflict(
                     f"modeld holds {limit} custom models, the most [storage] max_custom_models "
                     "allows; delete some, or raise the limit", code="too_many_models")
-            model_id = slug_id(spec.name, uuid.uuid4().hex)
-            while model_id in self._entries:
-                model_id = slug_id(spec.name, uuid.uuid4().hex)
             assert is_valid_id(model_id)
             spec = attrs.evolve(spec, id=model_id)
             await trio.to_thread.run_sync(self.store.write_record, spec)
@@ -428,6 +449,8 @@ async def serve_registry(
     async with trio.open_nursery() as nursery:
         registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn)
         specs = [spec_from_catalog(entry) for entry in config.models]
+        # Catalog models with a Hub source: the commit and file of their first download.
+        specs = await trio.to_thread.run_sync(apply_pins, store.root, specs)
         registry._catalog_ids.update(spec.id for spec in specs)
         for spec in records:
             if spec.id in registry._catalog_ids:
@@ -438,4 +461,8 @@ async def serve_registry(
         await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
         task_status.started(registry)
-        await trio.sleep_forever()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await registry.renderer.aclose()

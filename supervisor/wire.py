@@ -100,6 +100,9 @@ class ModelOut:
     parallel: int | None = None
     pid: int | None = None  # the loaded model's worker process
     resident_bytes: int | None = None  # its resident memory now
+    source: str | None = None  # a Hub reference, and the commit and file it is pinned to
+    revision: str | None = None
+    file: str | None = None
     keep_alive: str | None = None  # the model's own keep-alive, when it has one
     expires_at: str | None = None  # when it is unloaded if it stays idle (ISO 8601)
 
@@ -194,6 +197,9 @@ class ModelBody:
     runtime: str | None = None
     parallel: int | None = None
     architecture: Any = None
+    source: str | None = None  # on create only: a Hub reference (supervisor/hub_refs.py)
+    revision: Any = None
+    file: Any = None
     keep_alive: str | None = None
     expires_at: Any = None
 
@@ -319,6 +325,9 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         runtime=view.runtime,
         architecture=facts.architecture if facts else None,
         parallel=spec.parallel,
+        source=spec.source,
+        revision=spec.revision,
+        file=spec.file,
         keep_alive=spec.keep_alive,
         expires_at=None if view.expires_at is None
         else iso_utc(dt.datetime.fromtimestamp(view.expires_at, dt.UTC)),

@@ -54,6 +54,7 @@ class Faults:
     throttle: float | None = None  # bytes per second per connection
     redirect_to: str | None = None  # a path on this origin or an absolute URL (any scheme)
     redirect_status: int = 302
+    headers: list[tuple[str, str]] = attrs.Factory(list)  # sent with `status`
 
 
 @attrs.define
@@ -207,6 +208,7 @@ class Origin:
             return True
         if f.status is not None and applies(f.status_requests):
             extra = [("Retry-After", f.retry_after)] if f.retry_after is not None else []
+            extra += f.headers
             await _send_simple(conn, stream, f.status, extra)
             return True
 

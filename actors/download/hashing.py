@@ -9,7 +9,8 @@ from collections.abc import Callable
 import trio
 
 from actors.pump import PumpFailed, PumpProcess
-from actors.pump_main import HASH_CHUNK
+
+HASH_STEP = 8 * 1024 * 1024  # bytes of new complete front gathered before one hash request
 
 
 class FrontHash:
@@ -21,14 +22,14 @@ class FrontHash:
 
     async def follow(self, front: Callable[[], int], written: Callable[[], trio.Event],
                      fetching: Callable[[], bool]) -> None:
-        """Hash [0, front()) whenever a HASH_CHUNK more of it is in, while `fetching()`;
+        """Hash [0, front()) whenever a HASH_STEP more of it is in, while `fetching()`;
         `written()` is an event set at the next write (and when fetching ends). Never
         cancelled mid-request: a reply left behind would answer the next one. A failure only
         marks it broken."""
         try:
             while fetching():
                 ready = front()
-                if ready - self.pump.hashed >= HASH_CHUNK:
+                if ready - self.pump.hashed >= HASH_STEP:
                     await self.pump.hash_upto(ready)
                 else:
                     await written().wait()

@@ -45,6 +45,7 @@ from supervisor.api.guard import (
     media_type,
 )
 from supervisor.api.progress import CONNECTION_GONE, ProgressFeed
+from supervisor.api.sources import RESOLVE_WAIT, create_from_source, pin_catalog_source
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
@@ -204,6 +205,8 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.post("/model/<model>/download")
     async def download(model: str) -> Response:
         await refuse_body()
+        with answer_within(RESOLVE_WAIT):  # a catalog model's source is resolved first
+            await pin_catalog_source(registry, config, check_model_id(model))
         return await call(model, lambda r: m.StartDownload(reply=r))
 
     @app.post("/model/<model>/download/cancel")
@@ -258,6 +261,12 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
                     "file",
                     code="not_custom",
                 )
+            if current.source is not None and (body.url not in (None, current.url)
+                                               or body.sha256 not in (None, current.sha256)):
+                raise InvalidInput(
+                    f"$.url: this model is pinned to {current.file} of {current.source}; its url "
+                    "and sha256 are the Hub's (create another model for another file)",
+                    code="source_pinned")
             try:
                 return spec_from_update(body, current, allow_http=config.download.allow_http)
             except BodyError as exc:  # told to the caller as a 400 by the actor
@@ -306,8 +315,11 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.post("/models/create")
     async def create() -> Response:
         body = parse_model_body(await read_json_body())
+        if body.source is not None:  # a Hub reference: resolved and pinned first
+            with answer_within(RESOLVE_WAIT):
+                return json_reply(model_json(await create_from_source(registry, config, body)))
         spec = spec_from_create(body, "new", allow_http=config.download.allow_http)
-        with answer_within(30):
+        with answer_within(30), disk_errors_reported():  # its record: 507 on a full disk
             view = await registry.create(spec)
         return json_reply(model_json(view))
 

@@ -48,7 +48,6 @@ from supervisor.api.openai_requests import (
     prompt_of,
     response_schema,
 )
-from supervisor.chat_renderer import ChatRenderer
 from supervisor.chat_template import FAILED, PLAIN_TURN_END, TemplateRefused
 from supervisor.config import Config
 from supervisor.metrics import Metrics
@@ -125,11 +124,6 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
     load_wait = config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
-    renderer = ChatRenderer()
-
-    @app.after_serving
-    async def close_renderer() -> None:
-        await renderer.aclose()
 
     metrics: Metrics = app.extensions[METRICS]
 
@@ -247,7 +241,7 @@ def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
         """The chat prompt, rendered off the event loop within limits; a template beyond a
         limit (or one that fails, unless llama.cpp is to render it its own way) is a 400."""
         try:
-            return await renderer.render(template, messages)
+            return await registry.renderer.render(template, messages)
         except TemplateRefused as exc:
             if exc.kind == FAILED and not judge_failures:
                 return ""  # llama.cpp's engine renders it, and reports its own errors

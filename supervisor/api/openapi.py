@@ -97,6 +97,11 @@ def _schemas() -> dict[str, Schema]:
         "architecture": {"type": "string", "description": "modeld: from the GGUF header"},
         "parallel": {"type": "integer", "minimum": 1,
                      "description": "modeld: requests served at once (llama.cpp)"},
+        "source": {"type": "string",
+                   "description": "modeld: the Hugging Face reference it comes from (hf.co/...)"},
+        "revision": {"type": "string", "pattern": "^[0-9a-f]{40}$",
+                     "description": "modeld: the Hub commit the source is pinned to"},
+        "file": {"type": "string", "description": "modeld: the file of that commit"},
         "keepAlive": {"type": "string", "description": "modeld: how long it stays loaded "
                       "when idle after a load on first use (\"15m\", \"0\", \"-1\")"},
         "expiresAt": {"type": "string", "format": "date-time",
@@ -154,6 +159,13 @@ def _schemas() -> dict[str, Schema]:
         "error": ANY,
         "partialBytes": ANY,
         "loadSeconds": ANY,
+        "source": {"type": "string", "maxLength": 2048,
+                   "description": "modeld, on create, instead of url: a Hub reference "
+                   "(hf.co/USER/REPO[:QUANT][@REVISION], hf.co/USER/REPO/FILE.gguf, or a "
+                   "huggingface.co blob/resolve URL), resolved and pinned before the model "
+                   "is recorded; ignored on update"},
+        "revision": ANY,
+        "file": ANY,
     }
     update_props = {"id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
                     **body_props}
@@ -408,9 +420,10 @@ def build_document() -> dict[str, Any]:
                 "model_specific_model_download", "Start the download (or join the running one)",
                 _responses(200, "Model", *COMMAND, 409, 507), tags=model_tag,
                 description="Returns at once with downloading: true, or downloaded: true when "
-                "the file is already there. 409 when the model has no url; 507 "
-                "insufficient_storage, before any byte, when its known size does not fit on "
-                "the storage filesystem.",
+                "the file is already there. 409 when the model has no url. A catalog model "
+                "with a source is resolved on the Hub first (400, 503 when it cannot be); 507 "
+                "insufficient_storage, before any byte, when its known size (or the free-space "
+                "margin, [storage] min_free) does not fit on the storage filesystem.",
             ),
         },
         "/model/{model}/download/cancel": {
@@ -474,8 +487,9 @@ def build_document() -> dict[str, Any]:
                        tags=models_tag, model=False),
         },
         "/models/create": {
-            "post": _op("models_create_new_model", "Register a custom model",
-                        _responses(200, "Model", 400, 409, 413, 415, 503,
+            "post": _op("models_create_new_model",
+                        "Register a custom model (from a url, an upload, or a Hub source)",
+                        _responses(200, "Model", 400, 409, 413, 415, 500, 503, 507,
                                    ok_description="the new model, with its id"),
                         tags=models_tag, model=False, body=_json_body("SeededModel")),
         },

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
+import trio.testing
 
 from actors.download import DownloadRequest, FileInvalid, download_file
 from actors.gguf import GGUF_MAGIC, inspect_gguf
 from actors.messages import Progress
 from actors.partial import partial_bytes, partial_path, sidecar_path
-from actors.progress import ProgressMeter, progress_broadcaster
+from actors.progress import PROGRESS_INTERVAL, ProgressMeter, progress_broadcaster
 from tests.actors.test_download import Sink, cancel_after, request
 from tests.gguf_factory import gguf_of_size
 from tests.origin import open_origin
@@ -122,3 +123,22 @@ async def test_the_meter_logs_the_reason_and_publishes_reset() -> None:
     assert Progress(model="m", status="RESET") == broadcaster.value
     assert [("download_reset", "the origin ignored the Range request")] == [
         (e["event"], e["reason"]) for e in logs]
+
+
+async def test_the_meter_is_the_one_throttle_and_never_holds_back_a_reset(
+        autojump_clock: trio.testing.MockClock) -> None:
+    broadcaster = progress_broadcaster("m")
+    meter = ProgressMeter("m", broadcaster)
+    meter.update(1, 100)
+    assert 1 == broadcaster.value.bytes
+    meter.update(2, 100)  # within PROGRESS_INTERVAL of the last snapshot: held back
+    assert 1 == broadcaster.value.bytes
+    meter.reset("the file changed")  # at once, however recent the last snapshot
+    assert "RESET" == broadcaster.value.status
+    meter.update(3, 100)  # the first update after a RESET is never held back
+    assert ("IN-PROGRESS", 3) == (broadcaster.value.status, broadcaster.value.bytes)
+    meter.update(4, 100)
+    assert 3 == broadcaster.value.bytes
+    await trio.sleep(PROGRESS_INTERVAL)
+    meter.update(5, 100)
+    assert 5 == broadcaster.value.bytes

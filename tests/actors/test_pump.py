@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -9,6 +10,7 @@ import ssl
 from pathlib import Path
 
 import attrs
+import h11
 import pytest
 import trio
 
@@ -142,13 +144,43 @@ async def test_a_plain_tcp_body_is_spliced_into_the_file(tmp_path: Path) -> None
     assert 1 == pump.spliced
 
 
-async def test_an_unsized_body_without_ranges_arrives_whole(tmp_path: Path) -> None:
+async def test_a_whole_file_answer_without_ranges_arrives_whole(tmp_path: Path) -> None:
     data = random.Random(4).randbytes(3 * MiB)
     with trio.fail_after(30):
         async with open_origin() as origin:
             origin.add("/m", data)
             origin.faults("/m").ignore_range = True
             await pump_once(tmp_path / "f", origin.url("/m"), len(data), ranged=False)
+    assert data == (tmp_path / "f").read_bytes()
+
+
+async def test_a_chunked_body_without_a_size_arrives_whole(tmp_path: Path) -> None:
+    """An origin without ranges that sends the file chunked (no Content-Length): the pump
+    reads it through h11 to its end."""
+    data = random.Random(7).randbytes(3 * MiB + 11)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[])))
+        for i in range(0, len(data), 100_000):
+            await stream.send_all(conn.send(h11.Data(data=data[i : i + 100_000])))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+        await stream.aclose()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(
+                functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            await pump_once(tmp_path / "f", f"http://127.0.0.1:{port}/m", len(data),
+                            ranged=False)
+            nursery.cancel_scope.cancel()
     assert data == (tmp_path / "f").read_bytes()
 
 

@@ -411,7 +411,8 @@ def test_a_download_ending_while_the_question_is_open(make_daemon: DaemonFactory
 
 def test_no_daemon_answering(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    for args in (["ls"], ["show", "x"], ["pull", "x"], ["import", __file__]):
+    gguf = str(write_tiny_llama(tmp_path / "t.gguf"))  # (a file that is not GGUF: refused first)
+    for args in (["ls"], ["show", "x"], ["pull", "x"], ["import", gguf]):
         proc = modeld(url, *args)
         assert 1 == proc.returncode, args
         assert f"modeld: no modeld answering at {url}: is the service running?\n" == proc.stderr

@@ -5,6 +5,7 @@ kept so a later download resumes."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import httpx
 import pytest
@@ -62,3 +63,25 @@ async def test_write_faults_fail_cleanly_and_publish_nothing(
             assert "COMPLETED" == messages[-1]["status"]
             assert data == (daemon.storage / "models" / "f.gguf").read_bytes()
             assert 0 == await trio.to_thread.run_sync(daemon.stop)
+
+
+def test_creating_a_model_on_a_full_disk_is_507(make_daemon: DaemonFactory) -> None:
+    assert FIU_RUN is not None
+    daemon = make_daemon().start(prefix=[FIU_RUN, "-x"])
+    assert daemon.proc is not None
+    pid = str(daemon.proc.pid)
+    # A first create with room: what the route imports lazily is imported then
+    warm = httpx.post(f"{daemon.url}/models/create", json={"name": "warm"}).json()["id"]
+    # Every open() of the daemon fails with ENOSPC meanwhile: the record cannot be written
+    subprocess.run(["fiu-ctrl", "-c", "enable name=posix/io/oc/open,failinfo=28", pid],
+                   check=True, timeout=10)
+    try:
+        r = httpx.post(f"{daemon.url}/models/create", json={"name": "no room"}, timeout=30)
+    finally:
+        subprocess.run(["fiu-ctrl", "-c", "disable name=posix/io/oc/open", pid], check=True,
+                       timeout=10)
+    assert (507, "disk_full") == (r.status_code, r.json()["error"]), r.text
+    assert [warm] == [m["id"] for m in httpx.get(f"{daemon.url}/models").json()["iterable"]
+                      if m["custom"]]
+    assert 200 == httpx.post(f"{daemon.url}/models/create", json={"name": "room"}).status_code
+    assert 0 == daemon.stop()

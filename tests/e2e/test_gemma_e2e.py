@@ -203,6 +203,8 @@ def test_a_client_leaving_mid_prompt_frees_its_slot(gemma: Daemon) -> None:
     idle_after = time.monotonic() - left
     print(f"whole prompt {whole:.2f} s; idle {idle_after:.2f} s after the client left")
     assert idle_after < 0.75 * whole, (idle_after, whole)
+    # Freed, not killed: the model stays loaded in the same worker.
+    assert worker.is_running() and [] == gemma.events("worker_exited")
 
 
 def test_unload_returns_the_memory(gemma: Daemon) -> None:

@@ -14,6 +14,7 @@ import httpx
 import psutil
 import pytest
 
+from supervisor.client import Api, ClientError, Endpoint
 from tests.daemon import Daemon
 from tests.e2e.test_cli import modeld
 from tests.gguf_factory import write_tiny_llama
@@ -126,3 +127,37 @@ def test_a_refused_import_leaves_no_model(daemon: Daemon, tmp_path: Path) -> Non
     assert "more than the 1048576" in done.stderr
     assert before == {m["id"] for m in httpx.get(f"{daemon.url}/models").json()["iterable"]}
     assert records == set((daemon.storage / "custom").glob("*.json"))
+
+
+def test_hostile_template_refuses_a_llama_cpp_load_in_time(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    # llama.cpp renders the file's template already at load: modeld tries it first
+    path = write_tiny_llama(tmp_path / "t.gguf", chat_template=NESTED_LOOPS)
+    model_id = create(daemon, "hostile template llama.cpp", runtime="llama.cpp")
+    assert 200 == upload(daemon, model_id, path).status_code
+    started = time.monotonic()
+    r = httpx.post(f"{daemon.url}/model/{model_id}/load", timeout=60)
+    assert (400, "chat_template_limit") == (r.status_code, r.json()["error"]), r.text
+    assert "took longer than 2 s" in r.json()["message"]
+    assert time.monotonic() - started < 10
+    assert not httpx.get(f"{daemon.url}/model/{model_id}").json()["loaded"]
+
+
+def test_import_of_a_special_or_changing_file_fails_cleanly(daemon: Daemon,
+                                                            tmp_path: Path) -> None:
+    done = modeld(daemon.url, "import", "/proc/cpuinfo")
+    assert 1 == done.returncode
+    assert "is not a GGUF file" in done.stderr
+    assert "Traceback" not in done.stderr
+    # A file that grows while it is uploaded (it grows after its first chunk went)
+    path = write_tiny_llama(tmp_path / "growing.gguf")
+    model_id = create(daemon, "growing")
+
+    def grow(_n: int) -> None:
+        with path.open("ab") as f:
+            f.write(bytes(4096))
+
+    with Api(Endpoint(daemon.url)) as api, pytest.raises(ClientError,
+                                                         match="changed while it was uploaded"):
+        api.upload(model_id, path, on_chunk=grow)
+    assert not httpx.get(f"{daemon.url}/model/{model_id}").json()["downloaded"]

@@ -117,7 +117,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         {"id": "cat-b", "name": "Catalog B", "url": "http://127.0.0.1:9/b.gguf"},
     ]
     made = Daemon(tmp / "daemon", catalog, download={"retries": 0, "stall_timeout": 2.0},
-                  runtime={"load_timeout": 20.0})
+                  runtime={"load_timeout": 20.0}, hub={"endpoint": "http://127.0.0.1:9"})
     made.start()
     try:
         yield made

@@ -3,13 +3,17 @@ names its reason and comes within the time limit; the renderer keeps serving aft
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 import trio
 
 from supervisor.chat_renderer import ChatRenderer
 from supervisor.chat_template import FAILED, LIMIT, MAX_PROMPT, MAX_TEMPLATE, TemplateRefused
+from tests.daemon import ROOT
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 GOOD = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -56,3 +60,22 @@ async def test_renderer_processes_are_reused_and_closed() -> None:
         assert [first] == [r.process for r in renderer._idle]
         await renderer.aclose()
         assert first.returncode is not None
+
+
+def test_a_renderer_mid_render_exits_when_the_daemon_dies() -> None:
+    # A stand-in daemon starts a renderer on an endless render, then dies at once
+    parent = r"""
+import json, os, struct, subprocess, sys
+child = subprocess.Popen([sys.executable, "-m", "supervisor.chat_render_main",
+                          str(os.getpid())],
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+data = json.dumps({"template": sys.argv[1], "messages": []}).encode()
+child.stdin.write(struct.pack(">I", len(data)) + data)
+child.stdin.flush()
+print(child.pid, flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", parent, NESTED_LOOPS], capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+    renderer = psutil.Process(int(done.stdout))
+    renderer.wait(timeout=10)  # psutil.TimeoutExpired if it spins on

@@ -32,3 +32,21 @@ def test_errors_name_the_key_the_value_and_the_rule(data: dict[str, Any], messag
 
 def test_port_zero_is_allowed_for_tests() -> None:
     assert 0 == parse_config({"server": {"port": 0}}).server.port
+
+
+def test_catalog_sources_and_the_hub_endpoint() -> None:
+    config = parse_config({"models": [{"id": "a", "name": "A", "source": "hf.co/u/r:q8_0"}],
+                           "hub": {"endpoint": "https://hub.example"}})
+    assert ("hf.co/u/r:q8_0", None) == (config.models[0].source, config.models[0].url)
+    assert "https://hub.example" == config.hub.endpoint
+    assert "https://huggingface.co" == parse_config({}).hub.endpoint
+    for entry, message in [
+        ({"source": "hf.co/u"}, "models[0].source: 'hf.co/u' names no repository"),
+        ({"source": "hf.co/u/r", "url": "https://x.example/m.gguf"},
+         "models[0].source: comes instead of url, sha256 and size (the Hub gives them)"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"models": [{"id": "a", "name": "A", **entry}]})
+        assert message in str(caught.value)
+    with pytest.raises(ConfigError, match=r"config\.hub\.endpoint: plain http is refused"):
+        parse_config({"hub": {"endpoint": "http://127.0.0.1:1"}})
