@@ -422,8 +422,8 @@ def build_document() -> dict[str, Any]:
                 description="Returns at once with downloading: true, or downloaded: true when "
                 "the file is already there. 409 when the model has no url. A catalog model "
                 "with a source is resolved on the Hub first (400, 503 when it cannot be); 507 "
-                "insufficient_storage, before any byte, when its known size (or the free-space "
-                "margin, [storage] min_free) does not fit on the storage filesystem.",
+                "insufficient_storage, before any byte, when its known size does not fit on "
+                "the storage filesystem (with a 64 MiB margin).",
             ),
         },
         "/model/{model}/download/cancel": {
