@@ -34,6 +34,10 @@ from actors.frames import Frame
 from actors.heads import Refused, header_fields, judge_body
 
 PUMP_BUFFER = 1024 * 1024  # bytes per read (TLS) or per splice
+# MODELD_SPLICE=0 in the daemon's environment: bodies are received with recv_into and written
+# with pwrite (for a file system whose splice misbehaves, and for fault injectors such as
+# libfiu, which intercept write calls but not splice).
+SPLICE = os.environ.get("MODELD_SPLICE", "1") != "0"
 WRITEBACK_EVERY = 8 * 1024 * 1024  # bytes written before they are handed to the disk
 REPORT_EVERY = 0.05  # seconds between position frames of one pump
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -213,7 +217,7 @@ class BodyFetch:
             self._write(memoryview(event.data)[: limit - self.pos])
         if self.end is None:
             self.end = limit
-        if isinstance(sock, ssl.SSLSocket) or not self._splice(sock, limit):
+        if isinstance(sock, ssl.SSLSocket) or not SPLICE or not self._splice(sock, limit):
             self._receive(sock, limit)
 
     def _receive(self, sock: socket.socket, limit: int) -> None:

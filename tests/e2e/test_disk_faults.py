@@ -29,13 +29,15 @@ async def test_write_faults_fail_cleanly_and_publish_nothing(
 ) -> None:
     data = payload(3 * MiB, seed=errno_value)
     assert FIU_RUN is not None
-    # The downloader writes model data with pwrite; only those writes fail.
+    # Without splice (which libfiu does not intercept) the pump writes model data with pwrite;
+    # only those writes fail.
     fault = [FIU_RUN, "-x", "-c", f"enable name=posix/io/rw/pwrite,failinfo={errno_value}"]
+    no_splice = {"MODELD_SPLICE": "0"}
     with trio.fail_after(60):
         async with open_origin() as origin:
             origin.add("/f.gguf", data)
             daemon = make_daemon([entry(origin, "/f.gguf", data)])
-            await trio.to_thread.run_sync(lambda: daemon.start(prefix=fault))
+            await trio.to_thread.run_sync(lambda: daemon.start(prefix=fault, env=no_splice))
             async with httpx.AsyncClient() as client:
                 r = await client.post(f"{daemon.url}/model/f/download")
                 assert 200 == r.status_code
