@@ -180,29 +180,31 @@ def _prompt(words: int, tag: str) -> str:
 def test_a_client_leaving_mid_prompt_frees_its_slot(gemma: Daemon) -> None:
     worker = psutil.Process(gemma.wait_for("model_loaded", model=MODEL)["pid"])
     body = {"model": MODEL, "max_tokens": 1, "temperature": 0}
-    # How long the whole prompt takes here (a little over two batches of 512 tokens).
+    # How long one prompt batch (512 tokens) takes here.
     t0 = time.monotonic()
-    r = httpx.post(f"{gemma.url}/v1/completions", json={**body, "prompt": _prompt(450, "A")},
+    r = httpx.post(f"{gemma.url}/v1/completions", json={**body, "prompt": _prompt(170, "A")},
                    timeout=120)
-    whole = time.monotonic() - t0
+    batch = time.monotonic() - t0
     assert 200 == r.status_code, r.text
-    assert r.json()["usage"]["prompt_tokens"] > 1030
-    # The same length again, streamed; the client leaves while the prompt is evaluated
-    # (before the answer's head, which comes with the first token).
-    payload = json.dumps({**body, "prompt": _prompt(450, "B"), "stream": True}).encode()
+    assert 400 < r.json()["usage"]["prompt_tokens"] <= 512
+    # A prompt of four batches (the context holds 2048 tokens), streamed; the client leaves
+    # while it is evaluated (before the answer's head, which comes with the first token).
+    payload = json.dumps({**body, "prompt": _prompt(690, "B"), "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", gemma.port)) as client:
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                        b"Content-Type: application/json\r\n"
                        + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         began = time.monotonic()
         while _busy_seconds(worker, 0.05) < 0.02:  # the worker has started on it
-            assert time.monotonic() - began < whole, "the worker never started"
+            assert time.monotonic() - began < 4 * batch, "the worker never started"
     left = time.monotonic()
     while _busy_seconds(worker) > 0.05:  # the worker works until its next cancel point
-        assert time.monotonic() - left < whole, "the abandoned prompt ran to its end"
+        assert time.monotonic() - left < 4 * batch, "the abandoned prompt ran to its end"
     idle_after = time.monotonic() - left
-    print(f"whole prompt {whole:.2f} s; idle {idle_after:.2f} s after the client left")
-    assert idle_after < 0.75 * whole, (idle_after, whole)
+    print(f"one batch {batch:.2f} s; idle {idle_after:.2f} s after the client left")
+    # llama.cpp sees the cancel after the batch in hand and stops after the next one (the
+    # server loop has started it by then): two batches at most, where the prompt has four.
+    assert idle_after < 2.8 * batch, (idle_after, batch)
     # Freed, not killed: the model stays loaded in the same worker.
     assert worker.is_running() and [] == gemma.events("worker_exited")
 

@@ -69,7 +69,7 @@ async def read_all_async(data: bytes, chunk: int) -> list[Any]:
                 return found
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(objects, max_size=5))
 def test_frames_round_trip_on_both_readers(messages: list[dict[str, Any]]) -> None:
     data = b"".join(encode_frame(m) for m in messages)
@@ -77,7 +77,7 @@ def test_frames_round_trip_on_both_readers(messages: list[dict[str, Any]]) -> No
     assert [*messages, None] == trio.run(read_all_async, data, 7)
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(st.binary(max_size=2048), st.integers(min_value=1, max_value=64))
 def test_garbage_is_an_error_or_frames_never_a_hang(data: bytes, chunk: int) -> None:
     blocking = read_all_blocking(data)
@@ -87,7 +87,7 @@ def test_garbage_is_an_error_or_frames_never_a_hang(data: bytes, chunk: int) -> 
     assert [type(x) for x in blocking] == [type(x) for x in on_trio]
 
 
-@settings(max_examples=200)
+@settings(max_examples=60)
 @given(objects, st.data())
 def test_a_truncated_frame_is_an_error(message: dict[str, Any], data: st.DataObject) -> None:
     whole = encode_frame(message)
