@@ -259,3 +259,38 @@ def gguf_of_size(size: int, seed: int = 0) -> bytes:
     head = gguf_header(size)
     block = random.Random(seed).randbytes(min(1024 * 1024, size))
     return head + (block * (size // len(block) + 1))[: size - len(head)]
+
+
+def split_gguf(path: Path, parts: int) -> list[bytes]:
+    """The GGUF file at `path` cut into `parts` files in llama.cpp's split format (what
+    `llama-gguf-split --split` writes): each part a GGUF of its own with `split.no`,
+    `split.count` and `split.tensors.count`; the first part holds every other key."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = list(reader.tensors)
+    kvs = [b"".join(p.tobytes() for p in f.parts) for name, f in reader.fields.items()
+           if not name.startswith("GGUF.")]
+    per = math.ceil(len(tensors) / parts)
+    out = []
+    for no in range(parts):
+        chunk = tensors[no * per:(no + 1) * per]
+        split_kvs = [
+            _str("split.no") + struct.pack("<IH", 2, no),  # UINT16
+            _str("split.count") + struct.pack("<IH", 2, parts),
+            _str("split.tensors.count") + struct.pack("<Ii", _INT32, len(tensors)),
+        ]
+        head = kvs + split_kvs if no == 0 else split_kvs
+        infos, blobs, offset = [], [], 0
+        for t in chunk:
+            fields = t.field.parts
+            infos.append(b"".join(p.tobytes() for p in fields[:-1]) + struct.pack("<Q", offset))
+            data = t.data.tobytes()
+            pad = -len(data) % ALIGNMENT
+            blobs.append(data + b"\0" * pad)
+            offset += len(data) + pad
+        body = GGUF_MAGIC + struct.pack("<IQQ", 3, len(chunk), len(head)) + b"".join(
+            head) + b"".join(infos)
+        body += b"\0" * (-len(body) % ALIGNMENT)
+        out.append(body + b"".join(blobs))
+    return out
