@@ -7,27 +7,14 @@ as a message in the same mailbox; the loop alone then moves the state.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
 import structlog
 import trio
 
 from actors import messages as m
-from actors.attempts import (
-    DownloadAttempt,
-    DownloadEnded,
-    FactsRead,
-    LoadAttempt,
-    LoadEnded,
-    WorkerExited,
-)
-from actors.disk import FreeSpace, check_fits, free_bytes
-from actors.download import DownloadError, DownloadRequest
+from actors.actor_core import ActorSettings, Message
+from actors.attempts import DownloadEnded, FactsRead, LoadAttempt, LoadEnded, WorkerExited
 from actors.embedding import EmbeddingJob
 from actors.errors import (
     Conflict,
@@ -38,44 +25,22 @@ from actors.errors import (
     crash_error,
 )
 from actors.generation import GenerationStream
-from actors.gguf import GGUF_MAGIC, ArchitectureUnsupported, GGUFInfo, GGUFInvalid, inspect_gguf
-from actors.keepalive import (
-    DEFAULT,
-    Expired,
-    KeepAlive,
-    KeepAliveArg,
-    parse_keep_alive,
-    show_keep_alive,
-    watch_expiry,
-)
+from actors.gguf import ArchitectureUnsupported, GGUFInvalid
+from actors.keepalive import DEFAULT, Expired, show_keep_alive, watch_expiry
 from actors.load_checks import check_memory, facts_from, read_facts, runtime_spec
-from actors.partial import held_marker, partial_bytes, remove_partial
-from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
-from actors.progress import Broadcaster, ProgressMeter, progress_broadcaster
-from actors.runtimes import preview_runtime
-from actors.spec import ModelSpec
-from actors.state import Event, State, transition
-from actors.store import Store
+from actors.model_file import FileCommands
+from actors.partial import held_marker, partial_bytes
+from actors.ports import WorkerHandle
+from actors.state import Event, State
 from actors.worker import WorkerError
+
+__all__ = ["ActorSettings", "ModelActor"]
 
 log = structlog.get_logger("modeld.actor")
 
 T = TypeVar("T")
 UNLOAD_GRACE = 3.0  # seconds a worker gets to exit when asked, before it is killed
 STOP_BOUND = UNLOAD_GRACE + 5.0  # the most a worker's stop may take, reaping included
-# Without a context length in the spec, a worker gets the one the file was trained with, up to
-# this: the KV cache grows with it, and some files claim 32k or more.
-
-
-@attrs.frozen
-class ActorSettings:
-    connections: int = 8
-    retries: int = 6
-    stall_timeout: float = 30.0
-    allow_http: bool = False
-    default_runtime: str = "auto"
-    parallel: int = 2
-    keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle
 
 
 def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
@@ -87,85 +52,9 @@ def _reply_now(reply: trio.MemorySendChannel[T], value: T) -> None:
     reply.close()
 
 
-Message = (m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited
-           | FactsRead | Expired)
-
-
-class ModelActor:
-    def __init__(
-        self,
-        spec: ModelSpec,
-        store: Store,
-        *,
-        settings: ActorSettings,
-        fetch: Fetcher,
-        spawn: Spawner,
-        gate: LoadGate,
-        inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
-        progress: Broadcaster[m.Progress] | None = None,
-        free_space: FreeSpace = free_bytes,
-    ) -> None:
-        self.spec = spec
-        self.state = State.ABSENT
-        self.error: str | None = None
-        # The registry hands over the model's broadcaster, which outlives any one actor: the
-        # subscribers of a crashed actor's download hear the truth from the next one.
-        self.progress = progress or progress_broadcaster(spec.id)
-        self._store = store
-        self._settings = settings
-        self._fetch = fetch
-        self._spawn = spawn
-        self._gate = gate
-        self._inspect = inspect
-        self._free_space = free_space
-        self._send, self._inbox = trio.open_memory_channel[Message](64)
-        self._nursery: trio.Nursery | None = None
-        self._download: DownloadAttempt | None = None
-        self._last_download_ended: trio.Event | None = None
-        self._load: LoadAttempt | None = None
-        self._worker: WorkerHandle | None = None
-        self._facts: m.FileFacts | None = None
-        self._partial = 0
-        self._load_seconds: float | None = None
-        self._keep = KeepAlive()
-        self._load_keep: KeepAliveArg = DEFAULT  # the keep-alive the load in progress gives
-
-    @property
-    def mailbox(self) -> trio.MemorySendChannel[Message]:
-        return self._send
-
-    @property
-    def dest(self) -> Path:
-        return self._store.model_path(self.spec.id)
-
-    def view(self) -> m.ModelView:
-        return m.ModelView(
-            spec=self.spec,
-            state=self.state,
-            error=self.error,
-            partial_bytes=self._partial,
-            load_seconds=self._load_seconds,
-            facts=self._facts,
-            worker_pid=None if self._worker is None else self._worker.pid,
-            runtime=self._worker.info.runtime
-            if self._worker is not None
-            else preview_runtime(
-                self.spec.runtime or self._settings.default_runtime,
-                self._facts.architecture if self._facts else None,
-            ),
-            slots=1 if self._worker is None else self._worker.info.parallel,
-            context_length=None if self._worker is None else self._worker.info.context_length,
-            **self._keep.view_fields(),
-        )
-
-    def _keep_for(self, keep_alive: KeepAliveArg) -> float:
-        """Seconds; DEFAULT (a load on first use): the model's own keep-alive, else
-        [runtime] keep_alive."""
-        if keep_alive is not DEFAULT:
-            return float(keep_alive)
-        if self.spec.keep_alive is not None:
-            return parse_keep_alive(self.spec.keep_alive)
-        return self._settings.keep_alive
+class ModelActor(FileCommands):
+    """The actor: its loop, its commands, and loading and unloading its worker. Its state and
+    view are in actors/actor_core.py, getting its file in actors/model_file.py."""
 
     # -- running ---------------------------------------------------------------------------
 
@@ -303,135 +192,6 @@ class ModelActor:
         if isinstance(cmd, m.Delete):
             return await self._handle_delete()
         raise InvalidInput(f"unknown command {type(cmd).__name__}")
-
-    def _move(self, event: Event) -> None:
-        before = self.state
-        self.state = transition(before, event)
-        if self.state is not before:
-            log.info(
-                "state_changed",
-                model=self.spec.id,
-                **{"from": before.value, "to": self.state.value, "cause": event.value},
-            )
-
-    def _publish(self, **changes: object) -> None:
-        """Publish a progress snapshot of this model: `m.Progress` fields, the rest defaults."""
-        progress = attrs.evolve(m.Progress(model=self.spec.id), **changes)  # type: ignore[arg-type]
-        self.progress.publish(progress)
-
-    async def _refresh_facts(self) -> None:
-        """Read the published file's header; a bad file is reported here and refused at load."""
-        self._facts = await trio.to_thread.run_sync(read_facts, self._inspect, self.dest,
-                                                    self.spec.id)
-
-    # -- download --------------------------------------------------------------------------
-
-    async def _handle_download(self) -> m.ModelView:
-        if self.state is State.ABSENT:
-            if self.spec.url is None:
-                raise Conflict(
-                    "this model has no url to download from; set one with /model/update "
-                    "or import its file",
-                    code="no_url",
-                )
-            if self.spec.size is not None:  # refused before any byte when it cannot fit
-                free = await trio.to_thread.run_sync(self._free_space, self.dest.parent)
-                check_fits(self.spec.size - self._partial, free, "the download")
-            self._start_download()
-        # Downloading: join it. Downloaded, loading or loaded: the file is already here.
-        return self.view()
-
-    def _start_download(self) -> None:
-        assert self._nursery is not None
-        assert self.spec.url is not None
-        attempt = DownloadAttempt(
-            scope=trio.CancelScope(), ended=trio.Event(), previous=self._last_download_ended
-        )
-        self._download = attempt
-        self._last_download_ended = attempt.ended
-        self.error = None
-        self._move(Event.DOWNLOAD_START)
-        log.info("download_started", model=self.spec.id, bytes=self._partial)
-        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
-                      percentage=self.progress.value.percentage if self._partial else 0.0)
-        request = DownloadRequest(
-            url=self.spec.url,
-            dest=self.dest,
-            sha256=self.spec.sha256,
-            size=self.spec.size,
-            connections=self._settings.connections,
-            retries=self._settings.retries,
-            stall_timeout=self._settings.stall_timeout,
-            allow_http=self._settings.allow_http,
-            # One rule for downloads and imports: the file must pass `inspect`.
-            magic=GGUF_MAGIC,
-            verify=self._inspect,
-        )
-        self._nursery.start_soon(self._run_download, attempt, request)
-
-    async def _run_download(self, attempt: DownloadAttempt, request: DownloadRequest) -> None:
-        try:
-            if attempt.previous is not None:
-                # The last attempt may still be unwinding; it must not write into our partial.
-                await attempt.previous.wait()
-            await trio.to_thread.run_sync(
-                lambda: held_marker(request.dest).unlink(missing_ok=True)
-            )
-            with attempt.scope:
-                await self._fetch(request, ProgressMeter(self.spec.id, self.progress,
-                                                            retries=self._settings.retries))
-        except DownloadError as exc:
-            attempt.error = exc
-        except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
-            log.exception("download_crashed", model=self.spec.id)
-            attempt.error = exc
-        finally:
-            attempt.ended.set()
-        await self._send.send(DownloadEnded(attempt))
-
-    async def _finish_download(self, attempt: DownloadAttempt) -> None:
-        """The one place a download attempt's end moves the state, whatever ended it."""
-        self._download = None
-        dest = self.dest
-        if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
-            self._partial = 0
-            self._move(Event.DOWNLOAD_DONE)
-            await self._refresh_facts()
-            size = self._facts.size if self._facts else 0
-            self._publish(status="COMPLETED", percentage=100.0, bytes=size, total=size)
-            log.info("download_completed", model=self.spec.id, bytes=size)
-            return
-        await trio.to_thread.run_sync(held_marker(dest).touch)
-        self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
-        last = self.progress.value
-        if attempt.error is not None:
-            self.error = str(attempt.error)
-            self._move(Event.DOWNLOAD_FAILED)
-            log.error(
-                "download_failed",
-                model=self.spec.id,
-                reason=self.error,
-                code=getattr(attempt.error, "code", "download_failed"),
-                bytes=self._partial,
-            )
-            self._publish(status="FAILED", percentage=last.percentage, bytes=self._partial,
-                          total=last.total, error=self.error)
-        else:
-            self._move(Event.DOWNLOAD_CANCELLED)
-            log.info("download_cancelled", model=self.spec.id, bytes=self._partial)
-            self._publish(status="CANCELED", percentage=last.percentage, bytes=self._partial,
-                          total=last.total)
-
-    async def _handle_cancel(self) -> m.ModelView:
-        attempt = self._download
-        if attempt is None:
-            return self.view()
-        # Wait for the attempt's real end (at most one thread hop: a write, a hash step, the
-        # publish): deciding earlier could call a published file absent.
-        attempt.scope.cancel()
-        await attempt.ended.wait()
-        await self._finish_download(attempt)
-        return self.view()
 
     # -- load / unload ---------------------------------------------------------------------
 
@@ -609,68 +369,6 @@ class ModelActor:
         self._gate.release(self.spec.id)
         self._load_seconds = None
         log.info("model_unloaded", model=self.spec.id, pid=worker.pid)
-
-    # -- files -----------------------------------------------------------------------------
-
-    async def _handle_import(self, temp: Path, sha256: str) -> m.ModelView:
-        try:
-            if self.state not in (State.ABSENT, State.DOWNLOADED):
-                raise Conflict(
-                    f"cannot replace the file while the model is {self.state.value}",
-                    code="conflict",
-                )
-            if self.spec.url and self.spec.sha256 not in (None, sha256):
-                # Its url's file, verified by that sha256; a model without a url takes any.
-                raise InvalidInput(
-                    f"the file's sha256 is {sha256}; this model downloads from its url a "
-                    f"file with sha256 {self.spec.sha256}: upload that file, or update the "
-                    "model's url and sha256",
-                    code="checksum_mismatch",
-                )
-            try:
-                info = await trio.to_thread.run_sync(self._inspect, temp)
-                await trio.to_thread.run_sync(self._publish_import, temp)
-            except GGUFInvalid as exc:
-                raise InvalidInput(
-                    f"the file is not a loadable GGUF file: {exc}", code="model_file_invalid"
-                ) from None
-            except OSError as exc:  # e.g. the upload was abandoned and its file removed
-                raise OperationFailed(
-                    f"the uploaded file could not be published: {exc.strerror or exc}",
-                    code="import_failed",
-                ) from None
-        finally:
-            # Synchronous (an await here could be cancelled) and cheap: one unlink.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-        self._facts = facts_from(info)
-        self._partial = 0
-        self.error = None
-        self._move(Event.FILE_IMPORTED)
-        await self._remember_sha256(sha256)
-        self._publish(status="COMPLETED", percentage=100.0, bytes=info.file_size,
-                      total=info.file_size)
-        log.info("model_imported", model=self.spec.id, bytes=info.file_size)
-        return self.view()
-
-    async def _remember_sha256(self, sha256: str) -> None:
-        """Record the imported file's sha256 (clients find a file imported before by it)."""
-        if not self.spec.custom or self.spec.sha256 == sha256:
-            return
-        spec = attrs.evolve(self.spec, sha256=sha256)
-        try:
-            await trio.to_thread.run_sync(self._store.write_record, spec)
-        except OSError as exc:  # the file is published all the same; only the hash is lost
-            log.warning("record_not_written", model=self.spec.id,
-                        reason=exc.strerror or str(exc))
-            return
-        self.spec = spec
-
-    def _publish_import(self, temp: Path) -> None:
-        """Publish an uploaded file; an earlier download's partial is no longer needed."""
-        self._store.publish(temp, self.spec.id)
-        remove_partial(self.dest)
-        held_marker(self.dest).unlink(missing_ok=True)
 
     async def _handle_delete(self) -> m.ModelView:
         if self._download is not None:

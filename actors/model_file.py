@@ -1,0 +1,201 @@
+"""How a model gets its file: download (start, end, cancel) and import of an uploaded file.
+Part of the actor (actors/model.py); these run in its loop or its nursery."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import attrs
+import structlog
+import trio
+
+from actors import messages as m
+from actors.actor_core import ActorCore
+from actors.attempts import DownloadAttempt, DownloadEnded
+from actors.disk import check_fits
+from actors.download import DownloadError, DownloadRequest
+from actors.errors import Conflict, InvalidInput, OperationFailed
+from actors.gguf import GGUF_MAGIC, GGUFInvalid
+from actors.load_checks import facts_from
+from actors.partial import held_marker, partial_bytes, remove_partial
+from actors.progress import ProgressMeter
+from actors.state import Event, State
+
+log = structlog.get_logger("modeld.actor")
+
+
+class FileCommands(ActorCore):
+    """The commands that give a model its file; ModelActor's loop calls them."""
+
+    # -- download --------------------------------------------------------------------------
+
+    async def _handle_download(self) -> m.ModelView:
+        if self.state is State.ABSENT:
+            if self.spec.url is None:
+                raise Conflict(
+                    "this model has no url to download from; set one with /model/update "
+                    "or import its file",
+                    code="no_url",
+                )
+            if self.spec.size is not None:  # refused before any byte when it cannot fit
+                free = await trio.to_thread.run_sync(self._free_space, self.dest.parent)
+                check_fits(self.spec.size - self._partial, free, "the download")
+            self._start_download()
+        # Downloading: join it. Downloaded, loading or loaded: the file is already here.
+        return self.view()
+
+    def _start_download(self) -> None:
+        assert self._nursery is not None
+        assert self.spec.url is not None
+        attempt = DownloadAttempt(
+            scope=trio.CancelScope(), ended=trio.Event(), previous=self._last_download_ended
+        )
+        self._download = attempt
+        self._last_download_ended = attempt.ended
+        self.error = None
+        self._move(Event.DOWNLOAD_START)
+        log.info("download_started", model=self.spec.id, bytes=self._partial)
+        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
+                      percentage=self.progress.value.percentage if self._partial else 0.0)
+        request = DownloadRequest(
+            url=self.spec.url,
+            dest=self.dest,
+            sha256=self.spec.sha256,
+            size=self.spec.size,
+            connections=self._settings.connections,
+            retries=self._settings.retries,
+            stall_timeout=self._settings.stall_timeout,
+            allow_http=self._settings.allow_http,
+            # One rule for downloads and imports: the file must pass `inspect`.
+            magic=GGUF_MAGIC,
+            verify=self._inspect,
+        )
+        self._nursery.start_soon(self._run_download, attempt, request)
+
+    async def _run_download(self, attempt: DownloadAttempt, request: DownloadRequest) -> None:
+        try:
+            if attempt.previous is not None:
+                # The last attempt may still be unwinding; it must not write into our partial.
+                await attempt.previous.wait()
+            await trio.to_thread.run_sync(
+                lambda: held_marker(request.dest).unlink(missing_ok=True)
+            )
+            with attempt.scope:
+                await self._fetch(request, ProgressMeter(self.spec.id, self.progress,
+                                                            retries=self._settings.retries))
+        except DownloadError as exc:
+            attempt.error = exc
+        except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
+            log.exception("download_crashed", model=self.spec.id)
+            attempt.error = exc
+        finally:
+            attempt.ended.set()
+        await self._send.send(DownloadEnded(attempt))
+
+    async def _finish_download(self, attempt: DownloadAttempt) -> None:
+        """The one place a download attempt's end moves the state, whatever ended it."""
+        self._download = None
+        dest = self.dest
+        if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
+            self._partial = 0
+            self._move(Event.DOWNLOAD_DONE)
+            await self._refresh_facts()
+            size = self._facts.size if self._facts else 0
+            self._publish(status="COMPLETED", percentage=100.0, bytes=size, total=size)
+            log.info("download_completed", model=self.spec.id, bytes=size)
+            return
+        await trio.to_thread.run_sync(held_marker(dest).touch)
+        self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
+        last = self.progress.value
+        if attempt.error is not None:
+            self.error = str(attempt.error)
+            self._move(Event.DOWNLOAD_FAILED)
+            log.error(
+                "download_failed",
+                model=self.spec.id,
+                reason=self.error,
+                code=getattr(attempt.error, "code", "download_failed"),
+                bytes=self._partial,
+            )
+            self._publish(status="FAILED", percentage=last.percentage, bytes=self._partial,
+                          total=last.total, error=self.error)
+        else:
+            self._move(Event.DOWNLOAD_CANCELLED)
+            log.info("download_cancelled", model=self.spec.id, bytes=self._partial)
+            self._publish(status="CANCELED", percentage=last.percentage, bytes=self._partial,
+                          total=last.total)
+
+    async def _handle_cancel(self) -> m.ModelView:
+        attempt = self._download
+        if attempt is None:
+            return self.view()
+        # Wait for the attempt's real end (at most one thread hop: a write, a hash step, the
+        # publish): deciding earlier could call a published file absent.
+        attempt.scope.cancel()
+        await attempt.ended.wait()
+        await self._finish_download(attempt)
+        return self.view()
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def _handle_import(self, temp: Path, sha256: str) -> m.ModelView:
+        try:
+            if self.state not in (State.ABSENT, State.DOWNLOADED):
+                raise Conflict(
+                    f"cannot replace the file while the model is {self.state.value}",
+                    code="conflict",
+                )
+            if self.spec.url and self.spec.sha256 not in (None, sha256):
+                # Its url's file, verified by that sha256; a model without a url takes any.
+                raise InvalidInput(
+                    f"the file's sha256 is {sha256}; this model downloads from its url a "
+                    f"file with sha256 {self.spec.sha256}: upload that file, or update the "
+                    "model's url and sha256",
+                    code="checksum_mismatch",
+                )
+            try:
+                info = await trio.to_thread.run_sync(self._inspect, temp)
+                await trio.to_thread.run_sync(self._publish_import, temp)
+            except GGUFInvalid as exc:
+                raise InvalidInput(
+                    f"the file is not a loadable GGUF file: {exc}", code="model_file_invalid"
+                ) from None
+            except OSError as exc:  # e.g. the upload was abandoned and its file removed
+                raise OperationFailed(
+                    f"the uploaded file could not be published: {exc.strerror or exc}",
+                    code="import_failed",
+                ) from None
+        finally:
+            # Synchronous (an await here could be cancelled) and cheap: one unlink.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        self._facts = facts_from(info)
+        self._partial = 0
+        self.error = None
+        self._move(Event.FILE_IMPORTED)
+        await self._remember_sha256(sha256)
+        self._publish(status="COMPLETED", percentage=100.0, bytes=info.file_size,
+                      total=info.file_size)
+        log.info("model_imported", model=self.spec.id, bytes=info.file_size)
+        return self.view()
+
+    async def _remember_sha256(self, sha256: str) -> None:
+        """Record the imported file's sha256 (clients find a file imported before by it)."""
+        if not self.spec.custom or self.spec.sha256 == sha256:
+            return
+        spec = attrs.evolve(self.spec, sha256=sha256)
+        try:
+            await trio.to_thread.run_sync(self._store.write_record, spec)
+        except OSError as exc:  # the file is published all the same; only the hash is lost
+            log.warning("record_not_written", model=self.spec.id,
+                        reason=exc.strerror or str(exc))
+            return
+        self.spec = spec
+
+    def _publish_import(self, temp: Path) -> None:
+        """Publish an uploaded file; an earlier download's partial is no longer needed."""
+        self._store.publish(temp, self.spec.id)
+        remove_partial(self.dest)
+        held_marker(self.dest).unlink(missing_ok=True)
