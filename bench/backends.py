@@ -13,18 +13,16 @@ import httpx
 from bench.common import (
     Result,
     Row,
-    daemon_pid,
     env_int,
     log,
     mb,
     median,
     post_ok,
     run_daemon,
-    tree_rss,
     warm_page_cache,
 )
 from bench.llamacpp import _gemma, place_as
-from bench.runtime import _placed, _wait_no_workers, gguf_file
+from bench.runtime import _placed, gguf_file, memory_cycles
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 
@@ -132,26 +130,12 @@ def bench_llamacpp_memory() -> Result:
     warm_page_cache(path)
     entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
              "context_length": 4096}
-    after: list[int] = []
-    loaded: list[int] = []
     with run_daemon("llamacpp-memory", [entry], prepare=place_as(path, "gemma"),
                     runtime={"threads": 1, "max_loaded": 1}) as daemon, \
             httpx.Client(base_url=daemon.url, timeout=600, trust_env=False) as http:
-        pid = daemon_pid(daemon)
-        for _ in range(20):  # the same requests as a cycle, without a load
-            http.get("/model/gemma").raise_for_status()
-        time.sleep(0.5)
-        baseline = tree_rss(pid)
-        for i in range(cycles):
-            post_ok(http, "/model/gemma/load")
-            stream_tokens(daemon.url, "gemma", 8)
-            loaded.append(tree_rss(pid))
-            post_ok(http, "/model/gemma/unload")
-            _wait_no_workers(pid)
-            time.sleep(0.2)
-            after.append(tree_rss(pid))
-            log(f"llama.cpp memory cycle {i}: loaded {mb(loaded[-1])}, after {mb(after[-1])} "
-                f"(baseline {mb(baseline)})")
+        baseline, loaded, after = memory_cycles(
+            daemon, http, "gemma", cycles,
+            while_loaded=lambda: stream_tokens(daemon.url, "gemma", 8))
     worst = max(a - baseline for a in after)
     return Result("llamacpp-memory", "memory return on llama.cpp", [
         Row(f"9. Gemma 3 270M on llama.cpp, {cycles} load/generate/unload cycles: daemon + "

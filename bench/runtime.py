@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from bench.common import (
     tree_rss,
     warm_page_cache,
 )
-from tests.daemon import toml_text
+from tests.daemon import Daemon, toml_text
 from tests.gguf_factory import write_tiny_llama
 
 THREADS = 1  # the daemon's [runtime] threads in tests/daemon.py, and the reference's
@@ -145,31 +146,41 @@ def bench_load() -> Result:
     return Result("load", "Load overhead", rows, details)
 
 
+def memory_cycles(daemon: Daemon, http: httpx.Client, model_id: str, cycles: int,
+                  while_loaded: Callable[[], object] = lambda: None,
+                  ) -> tuple[int, list[int], list[int]]:
+    """Daemon + worker RSS before any load, then with the model loaded and after its unload,
+    for each of `cycles` load/unload cycles (`while_loaded` runs between load and unload)."""
+    pid = daemon_pid(daemon)
+    for _ in range(20):  # same requests as a cycle, without a load: warm the code paths
+        http.get(f"/model/{model_id}").raise_for_status()
+        http.get("/models").raise_for_status()
+    time.sleep(0.5)
+    baseline = tree_rss(pid)
+    loaded: list[int] = []
+    after: list[int] = []
+    for i in range(cycles):
+        post_ok(http, f"/model/{model_id}/load")
+        while_loaded()
+        loaded.append(tree_rss(pid))
+        post_ok(http, f"/model/{model_id}/unload")
+        _wait_no_workers(pid)
+        time.sleep(0.2)
+        after.append(tree_rss(pid))
+        log(f"memory cycle {i} ({model_id}): loaded {mb(loaded[-1])}, after unload "
+            f"{mb(after[-1])} (baseline {mb(baseline)})")
+    return baseline, loaded, after
+
+
 def bench_memory() -> Result:
     cycles = env_int("BENCH_MEMORY_CYCLES", 20)
     big_extra = env_int("BENCH_BIG_MODEL_EXTRA_BYTES", 400_000_000)
     path = gguf_file(big_extra)
     warm_page_cache(path)
     entries, place = _placed({"big": path})
-    after: list[int] = []
-    loaded: list[int] = []
     with run_daemon("memory", entries, prepare=place) as daemon, \
             httpx.Client(base_url=daemon.url, timeout=300, trust_env=False) as http:
-        pid = daemon_pid(daemon)
-        for _ in range(20):  # same requests as a cycle, without a load: warm the code paths
-            http.get("/model/big").raise_for_status()
-            http.get("/models").raise_for_status()
-        time.sleep(0.5)
-        baseline = tree_rss(pid)
-        for i in range(cycles):
-            post_ok(http, "/model/big/load")
-            loaded.append(tree_rss(pid))
-            post_ok(http, "/model/big/unload")
-            _wait_no_workers(pid)
-            time.sleep(0.2)
-            after.append(tree_rss(pid))
-            log(f"memory cycle {i}: loaded {mb(loaded[-1])}, after unload {mb(after[-1])} "
-                f"(baseline {mb(baseline)})")
+        baseline, loaded, after = memory_cycles(daemon, http, "big", cycles)
     worst = max(a - baseline for a in after)
     last = after[-1] - baseline
     loaded_f = [float(x) for x in loaded]

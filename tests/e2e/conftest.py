@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pieces_os_client.api.model_api import ModelApi
 from pieces_os_client.api.models_api import ModelsApi
@@ -41,3 +42,17 @@ class Sdk:
 @pytest.fixture
 def sdk_for() -> Callable[[Daemon], Sdk]:
     return lambda daemon: Sdk(daemon.url)
+
+
+def create(daemon: Daemon, name: str, **extra: Any) -> str:
+    """POST /models/create; the new custom model's id."""
+    r = httpx.post(f"{daemon.url}/models/create", json={"name": name, **extra})
+    assert 200 == r.status_code, r.text
+    model_id: str = r.json()["id"]
+    return model_id
+
+
+def upload(daemon: Daemon, model_id: str, path: Path) -> httpx.Response:
+    """PUT /model/{id}/file with the bytes of `path`."""
+    return httpx.put(f"{daemon.url}/model/{model_id}/file", content=path.read_bytes(),
+                     headers={"content-type": "application/octet-stream"}, timeout=120)

@@ -16,21 +16,12 @@ import psutil
 import pytest
 
 from tests.daemon import Daemon
+from tests.e2e.conftest import create, upload
 from tests.gguf_factory import write_tiny_llama
 
 RUNTIMES = ("llama.cpp", "ctransformers")
 
 
-def create(daemon: Daemon, name: str, **extra: Any) -> str:
-    r = httpx.post(f"{daemon.url}/models/create", json={"name": name, **extra})
-    assert 200 == r.status_code, r.text
-    model_id: str = r.json()["id"]
-    return model_id
-
-
-def upload(daemon: Daemon, model_id: str, path: Path) -> httpx.Response:
-    return httpx.put(f"{daemon.url}/model/{model_id}/file", content=path.read_bytes(),
-                     headers={"content-type": "application/octet-stream"}, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 import psutil
@@ -16,6 +16,7 @@ import pytest
 
 from supervisor.client import Api, ClientError, Endpoint
 from tests.daemon import Daemon
+from tests.e2e.conftest import create, upload
 from tests.e2e.test_cli import modeld
 from tests.gguf_factory import write_tiny_llama
 
@@ -34,16 +35,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         served.close()
 
 
-def create(daemon: Daemon, name: str, **extra: Any) -> str:
-    r = httpx.post(f"{daemon.url}/models/create", json={"name": name, **extra})
-    assert 200 == r.status_code, r.text
-    model_id: str = r.json()["id"]
-    return model_id
-
-
-def upload(daemon: Daemon, model_id: str, path: Path) -> httpx.Response:
-    return httpx.put(f"{daemon.url}/model/{model_id}/file", content=path.read_bytes(),
-                     headers={"content-type": "application/octet-stream"}, timeout=120)
 
 
 class Watch:
