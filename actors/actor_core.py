@@ -22,7 +22,7 @@ from actors.attempts import (
 from actors.disk import FreeSpace, free_bytes
 from actors.gguf import GGUFInfo, inspect_gguf
 from actors.keepalive import DEFAULT, Expired, KeepAlive, KeepAliveArg, parse_keep_alive
-from actors.load_checks import read_facts
+from actors.load_checks import RememberedInspect, read_facts
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
 from actors.runtimes import preview_runtime
@@ -75,7 +75,7 @@ class ActorCore:
         self._fetch = fetch
         self._spawn = spawn
         self._gate = gate
-        self._inspect = inspect
+        self._inspect = RememberedInspect(inspect)
         self._free_space = free_space
         self._send, self._inbox = trio.open_memory_channel[Message](64)
         self._nursery: trio.Nursery | None = None

@@ -22,6 +22,28 @@ log = structlog.get_logger("modeld.actor")
 MEMORY_MARGIN = 256 * 1024 * 1024
 
 
+class RememberedInspect:
+    """`inspect` that remembers its last answer for the file it read: the same file (device,
+    inode, size, modification time) is not parsed again. A published file is never written
+    in place (a new one is renamed over it), so the check of a download or import before
+    publishing also serves the first load, and a load after an unload parses nothing; a
+    vocabulary of 262k tokens takes 0.15 s to parse, on the path of every load."""
+
+    def __init__(self, inspect: Callable[[Path], GGUFInfo]) -> None:
+        self._inspect = inspect
+        self._last: tuple[tuple[int, int, int, int], GGUFInfo] | None = None
+
+    def __call__(self, path: Path) -> GGUFInfo:
+        st = os.stat(path)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        last = self._last
+        if last is not None and last[0] == identity:
+            return last[1]
+        info = self._inspect(path)
+        self._last = (identity, info)
+        return info
+
+
 def facts_from(info: GGUFInfo) -> m.FileFacts:
     return m.FileFacts(
         size=info.file_size,

@@ -15,6 +15,7 @@ from actors.gguf_header import (
     HeaderLimit,
     read_header,
 )
+from actors.load_checks import RememberedInspect
 from tests.gguf_factory import corrupt_header, truncate, write_tiny_llama
 
 TINY_PARAMETERS = 2 * 64 * 260 + 64 + 2 * (2 * 64 + 4 * 64 * 64 + 3 * 64 * 128)
@@ -205,3 +206,24 @@ def test_header_size_cap() -> None:
     data = _head([_key(f"k{i}") + one for i in range(n)])
     with pytest.raises(HeaderLimit, match=f"larger than {MAX_HEADER} bytes"):
         read_header(data)
+
+
+def test_a_file_is_parsed_once_until_another_takes_its_place(tiny: Path) -> None:
+    parsed: list[Path] = []
+
+    def counting(path: Path) -> GGUFInfo:
+        parsed.append(path)
+        return inspect_gguf(path)
+
+    inspect = RememberedInspect(counting)
+    first = inspect(tiny)
+    assert first == inspect(tiny)
+    assert 1 == len(parsed)
+    # A new file renamed over it (as publishing does) is a new file: parsed again.
+    other = write_tiny_llama(tiny.with_name("other.gguf"), architecture="qwen2")
+    os.replace(other, tiny)
+    assert "qwen2" == inspect(tiny).architecture
+    assert 2 == len(parsed)
+    tiny.unlink()
+    with pytest.raises(FileNotFoundError):
+        inspect(tiny)
