@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from supervisor import __version__
-from supervisor.cli_status import cmd_du, cmd_ps, cmd_status
+from supervisor.cli_status import cmd_du, cmd_prune, cmd_ps, cmd_status
 from supervisor.config import find_config_path
 
 if TYPE_CHECKING:
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     client("status", "the daemon at a glance: version, uptime, loaded models, downloads, "
            "memory and disk")
     client("du", "disk use: bytes per model (file and partial download) and free space")
+    client("prune", "remove files no model owns (partials of deleted models, stale temp "
+           "files), listing them").add_argument(
+        "--dry-run", action="store_true", help="list them only")
     client("show", "one model as JSON").add_argument("id")
     pull = client("pull", "download a model, showing its progress until it is done")
     pull.add_argument("id", help="a model id, or a Hub reference (hf.co/USER/REPO[:QUANT]"
@@ -486,7 +489,7 @@ def _model_for_reference(endpoint: Endpoint, reference: str, out: Out) -> str:
 COMMANDS: dict[str, Callable[[Api, argparse.Namespace, Out], int]] = {
     "ls": cmd_ls, "show": cmd_show, "load": cmd_load, "unload": cmd_unload,
     "cancel": cmd_cancel, "rm": cmd_rm, "import": cmd_import, "ps": cmd_ps,
-    "status": cmd_status, "du": cmd_du,
+    "status": cmd_status, "du": cmd_du, "prune": cmd_prune,
 }
 
 

@@ -1,5 +1,5 @@
-"""`modeld ps`, `modeld status` and `modeld du`: GET /status (and /models), shown for people
-(or as JSON with --json)."""
+"""`modeld ps`, `modeld status`, `modeld du` and `modeld prune`: GET /status (and /models),
+POST /storage/prune, shown for people (or as JSON with --json)."""
 
 from __future__ import annotations
 
@@ -136,4 +136,23 @@ def cmd_du(api: Api, args: argparse.Namespace, out: Out) -> int:
         out.line("no model has files")
     out.line(f"{format_bytes(total)} in {len(models)} models; "
              f"{format_bytes(storage.get('freeBytes'))} free in {storage.get('dir')}")
+    return EXIT_OK
+
+
+def cmd_prune(api: Api, args: argparse.Namespace, out: Out) -> int:
+    """List what no model owns, and remove it unless --dry-run."""
+    from supervisor.client import model_of
+    from supervisor.views import format_bytes
+
+    body = {"dryRun": True} if args.dry_run else None
+    data = model_of(api.request("POST", "/storage/prune", json=body))
+    if out.json:
+        out.data(data)
+        return EXIT_OK
+    files = data.get("files") or []
+    for f in files:
+        out.line(f"{format_bytes(f.get('bytes'))}\t{f.get('path')}\t({f.get('reason')})")
+    verb = "would remove" if args.dry_run else "removed"
+    out.line(f"{verb} {len(files)} files, {format_bytes(data.get('bytes'))}"
+             if files else "nothing to prune: every file belongs to a model")
     return EXIT_OK

@@ -261,6 +261,16 @@ def build_document() -> dict[str, Any]:
                                   "models, running downloads, memory and disk"),
                        tags=["modeld"], model=False),
         },
+        "/storage/prune": {
+            "post": _op("modeld_prune", "Remove the files no model owns",
+                        _responses(200, "Prune", 400, 413, 415, ok_description="the files "
+                                   "removed (or, with dryRun, that would be)"),
+                        tags=["modeld"], model=False, body=_json_body("PruneInput"),
+                        body_required=False,
+                        description="Partials, sidecars and pins of models that no longer "
+                        "exist, temp files untouched for an hour, links. Without a body it "
+                        "removes them; {\"dryRun\": true} lists them only."),
+        },
         "/health": {
             "get": _op("modeld_health", "Is the daemon serving? (readiness)",
                        {"200": {"description": "serving",

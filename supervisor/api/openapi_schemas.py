@@ -198,6 +198,14 @@ def schemas() -> dict[str, Schema]:
             "description": "modeld: how long the model stays loaded when idle (\"5m\"; "
             "\"-1\": until unloaded, the default of an explicit load)"}},
             "description": "optional; other keys are ignored"},
+        "PruneInput": _obj({"dryRun": {"type": "boolean", "description": "list only"}}),
+        "Prune": _obj({
+            "dryRun": {"type": "boolean"},
+            "files": {"type": "array", "items": _obj({
+                "path": {"type": "string"}, "bytes": SIZE, "reason": {"type": "string"},
+            }, ["path", "bytes", "reason"])},
+            "bytes": SIZE,
+        }, ["dryRun", "files", "bytes"]),
         "Health": _obj({"status": {"type": "string", "enum": ["ok", "starting", "stopping"]}},
                        ["status"]),
         "Error": _obj(

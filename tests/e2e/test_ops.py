@@ -253,3 +253,27 @@ def test_a_file_that_does_not_fit_is_refused_before_any_byte(ops: Ops) -> None:
     as_json = json.loads(modeld_cli(ops, "du", "--json").stdout)
     assert len(ops.tiny) == next(m for m in as_json["models"] if m["id"] == "tiny")["bytes"]
     assert 0 < as_json["freeBytes"]
+
+
+def test_prune_lists_then_removes_only_what_no_model_owns(ops: Ops) -> None:
+    models = ops.daemon.storage / "models"
+    stray = models / "deleted-model.gguf.partial"
+    stray.write_bytes(b"\0" * 4096)
+    (models / "deleted-model.gguf.partial.json").write_text("{}")
+    before = sorted(p.name for p in models.iterdir())
+
+    dry = modeld_cli(ops, "prune", "--dry-run")
+    assert 0 == dry.returncode, dry.stderr
+    assert str(stray) in dry.stdout and "model 'deleted-model' no longer exists" in dry.stdout
+    assert "would remove 2 files" in dry.stdout
+    assert before == sorted(p.name for p in models.iterdir())  # a dry run removes nothing
+
+    assert 401 == httpx.post(f"{ops.daemon.url}/storage/prune").status_code
+    r = ops.client.post("/storage/prune", json={"dryRun": "yes"})
+    assert (400, "invalid_body") == (r.status_code, r.json()["error"])
+    done = json.loads(modeld_cli(ops, "prune", "--json").stdout)
+    assert (False, 4096 + 2) == (done["dryRun"], done["bytes"])
+    assert {str(stray), f"{stray}.json"} == {f["path"] for f in done["files"]}
+    assert sorted(set(before) - {stray.name, f"{stray.name}.json"}) == sorted(
+        p.name for p in models.iterdir())
+    assert "nothing to prune" in modeld_cli(ops, "prune").stdout
