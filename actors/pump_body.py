@@ -13,7 +13,6 @@ Standard library plus h11 and certifi.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -25,20 +24,19 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
 
 import certifi
 import h11
 
 from actors.frames import Frame
 from actors.heads import Refused, header_fields, judge_body
+from actors.writeback import WRITEBACK_EVERY, start_writeback
 
 PUMP_BUFFER = 1024 * 1024  # bytes per read (TLS) or per splice
 # MODELD_SPLICE=0 in the daemon's environment: bodies are received with recv_into and written
 # with pwrite (for a file system whose splice misbehaves, and for fault injectors such as
 # libfiu, which intercept write calls but not splice).
 SPLICE = os.environ.get("MODELD_SPLICE", "1") != "0"
-WRITEBACK_EVERY = 8 * 1024 * 1024  # bytes written before they are handed to the disk
 REPORT_EVERY = 0.05  # seconds between position frames of one pump
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -48,29 +46,6 @@ def tls_context() -> ssl.SSLContext:
     """How downloads check origins' certificates: the CA bundle in $SSL_CERT_FILE when set
     (a local mirror, a company CA), else certifi's (as httpx); hostnames always checked."""
     return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
-
-
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return cast("Callable[[int, int, int, int], int]", function)
-
-
-_sync_file_range = _libc_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> bool:
-    """Start writing [offset, offset + length) to the disk without waiting (Linux), so that the
-    fsync before publishing finds little left to write. Best effort: False where it cannot."""
-    if _sync_file_range is None:
-        return False
-    return length <= 0 or _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0
 
 
 class Stopped(Exception):

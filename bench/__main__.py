@@ -8,12 +8,13 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import backends, cancel, downloads, live, llamacpp, report, runtime
+from bench import backends, cancel, downloads, imports, live, llamacpp, report, runtime
 from bench.common import Result, Row, log, raise_nofile
 
 BENCHMARKS: dict[str, Callable[[], Result]] = {
     "download": downloads.bench_download,
     "segmented": downloads.bench_segmented,
+    "import": imports.bench_import,
     "latency": live.bench_latency,
     "fanout": live.bench_fanout,
     "cancel": cancel.bench_cancel,

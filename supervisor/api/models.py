@@ -33,6 +33,7 @@ from actors.gguf import architecture_from_prefix, unrunnable_message
 from actors.keepalive import FOREVER, parse_keep_alive
 from actors.runtimes import runnable
 from actors.spec import ModelSpec
+from actors.writeback import WRITEBACK_EVERY, start_writeback
 from supervisor.api.app import READ_TIMEOUT, error_response, json_reply, no_content
 from supervisor.api.guard import (
     OCTET_STREAM,
@@ -63,7 +64,8 @@ log = structlog.get_logger("modeld.api")
 
 MAX_JSON_BODY = 1024 * 1024
 MAX_JSON_DEPTH = 64
-FILE_CHUNK = 4 * 1024 * 1024
+FILE_CHUNK = 4 * 1024 * 1024  # bytes of an upload written per call in a thread
+IOV_MAX = 1024  # buffers per writev(2)
 PREFIX_BYTES = 1024 * 1024  # an upload's architecture is checked within this many bytes
 
 class _NeverRaised(Exception):
@@ -390,39 +392,83 @@ def _check_prefix(prefix: bytes) -> None:
         raise InvalidInput(unrunnable_message(architecture), code="model_file_invalid")
 
 
-async def _receive_file(temp: Path) -> str:
-    """Stream the request body into `temp`, writing (and hashing) in a thread in large blocks;
-    return its sha256. A file whose architecture no runtime runs is refused (400) within its
-    first MiB."""
-    fd = await trio.to_thread.run_sync(os.open, temp, os.O_WRONLY | os.O_TRUNC)
-    hasher = hashlib.sha256()
+class _FileSink:
+    """An upload's bytes on their way to the disk (blocking; called in a thread): written as
+    they came, without joining them first; hashed; handed to the disk every WRITEBACK_EVERY
+    bytes, so that the fsync before publishing finds little left to write."""
 
-    def write(data: bytes) -> None:
-        _write_all(fd, data)
-        hasher.update(data)
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pos, self.handed = fd, 0, 0
+        self.hasher = hashlib.sha256()
+
+    def write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.hasher.update(chunk)
+        views = [memoryview(c) for c in chunks]
+        while views:
+            written = os.writev(self.fd, views[:IOV_MAX])
+            self.pos += written
+            while views and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if written:
+                views[0] = views[0][written:]
+        if self.pos - self.handed >= WRITEBACK_EVERY:
+            start_writeback(self.fd, self.handed, self.pos - self.handed)
+            self.handed = self.pos
+
+
+async def _receive_file(temp: Path) -> str:
+    """Stream the request body into `temp` and return its sha256. Batches of FILE_CHUNK bytes
+    are written and hashed in a thread while the next batch arrives (so the body is taken from
+    the server as it comes, never piling up). A file whose architecture no runtime runs is
+    refused (400) within its first MiB."""
+    fd = await trio.to_thread.run_sync(os.open, temp, os.O_WRONLY | os.O_TRUNC)
+    sink = _FileSink(fd)
+    send, receive = trio.open_memory_channel[list[bytes]](1)
+
+    async def write_batches() -> None:
+        async with receive:
+            async for batch in receive:
+                await trio.to_thread.run_sync(sink.write, batch)
 
     try:
-        buffer = bytearray()
-        checked = False
-        async for chunk in body_chunks():
-            buffer += chunk
-            if not checked and len(buffer) >= PREFIX_BYTES:
-                _check_prefix(bytes(buffer[:PREFIX_BYTES]))
-                checked = True
-            if len(buffer) >= FILE_CHUNK:
-                data, buffer = bytes(buffer), bytearray()
-                await trio.to_thread.run_sync(write, data)
-        if not checked:
-            _check_prefix(bytes(buffer))
-        if buffer:
-            await trio.to_thread.run_sync(write, bytes(buffer))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_batches)
+            async with send:
+                head: bytearray | None = bytearray()  # the first PREFIX_BYTES, until checked
+                batch: list[bytes] = []
+                batched = 0
+                async for chunk in body_chunks():
+                    if head is not None:
+                        head += chunk[: PREFIX_BYTES - len(head)]
+                        if len(head) >= PREFIX_BYTES:
+                            _check_prefix(bytes(head))
+                            head = None
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= FILE_CHUNK:
+                        await send.send(batch)
+                        batch, batched = [], 0
+                if head is not None:
+                    _check_prefix(bytes(head))
+                if batch:
+                    await send.send(batch)
+    except BaseExceptionGroup as group:
+        raise _sole_error(group) from None
     finally:
         os.close(fd)
-    return hasher.hexdigest()
+    return sink.hasher.hexdigest()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside `group` (the receiving or the writing side failed), else the
+    group itself."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group

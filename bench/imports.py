@@ -1,0 +1,81 @@
+"""Issue 14's import target: `modeld import` of a 1 GiB GGUF (hash, HTTP upload, header check,
+fsync, publish) against `cp` of the same file followed by `sync` of the copy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (
+    ROUNDS,
+    WORK,
+    GiB,
+    Result,
+    Row,
+    client,
+    delete_model,
+    env_int,
+    log,
+    mbps,
+    median,
+    random_file,
+    rate,
+    run_daemon,
+    warm_page_cache,
+)
+from tests.daemon import ROOT
+
+TARGET = 0.5
+
+
+def _cp_sync(src: Path, dest: Path) -> float:
+    dest.unlink(missing_ok=True)
+    os.sync()
+    started = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dest)], check=True)
+    subprocess.run(["sync", str(dest)], check=True)
+    seconds = time.perf_counter() - started
+    dest.unlink()
+    return seconds
+
+
+def _import(url: str, src: Path) -> tuple[float, str]:
+    os.sync()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELD_")}
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor", "--url", url, "import", str(src), "--copy"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+        stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0:
+        raise RuntimeError(f"modeld import failed ({out.returncode}): {out.stderr}")
+    return seconds, out.stdout.strip()
+
+
+def bench_import() -> Result:
+    size = env_int("BENCH_IMPORT_BYTES", GiB)
+    src, _digest = random_file("import.gguf", size)
+    warm_page_cache(src)
+    modeld_s: list[float] = []
+    cp_s: list[float] = []
+    with run_daemon("import", []) as daemon, client(daemon) as http:
+        copy = daemon.storage / "cp-copy.gguf"  # the same file system as the models
+        for i in range(ROUNDS):
+            cp_s.append(_cp_sync(src, copy))
+            seconds, model_id = _import(daemon.url, src)
+            modeld_s.append(seconds)
+            delete_model(http, model_id)
+            log(f"round {i + 1}: cp+sync {cp_s[-1]:.2f} s, modeld import {seconds:.2f} s")
+    ours, ref = rate(size, median(modeld_s)), rate(size, median(cp_s))
+    ratio = ours / ref
+    return Result("import", f"import {size / GiB:.0f} GiB", [Row(
+        "14. `modeld import` of a GGUF vs `cp` + `sync`", f"{mbps(ours)} "
+        f"({median(modeld_s):.2f} s)", f"cp + sync: {mbps(ref)} ({median(cp_s):.2f} s)",
+        f"{ratio:.2f} x", f">= {TARGET} x", ratio >= TARGET)], details={
+        "modeld_seconds": modeld_s, "cp_sync_seconds": cp_s, "bytes": size,
+        "how": f"{ROUNDS} alternating rounds, medians; the source file in the page cache; "
+               f"the command line process included (it hashes the file first); files in {WORK}"})
