@@ -252,11 +252,13 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
     from supervisor.api.openapi import register_openapi
     from supervisor.api.ops import Readiness as _Readiness
     from supervisor.api.ops import register_ops
+    from supervisor.api.page import register_page
 
     register_routes(app, registry, config, feed)
     register_ops(app, registry, readiness or _Readiness(), metrics)
     register_openapi(app)
     register_openai(app, registry, config)
+    register_page(app, token_required=token is not None)
     return app
 
 

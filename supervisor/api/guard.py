@@ -87,6 +87,17 @@ def host_name(host: str) -> str | None:
     return name
 
 
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether a browser's Origin is the daemon itself as the request names it (its status
+    page calling its API). The Host was checked first, so a rebinding page (whose Host is its
+    own name) is never same-origin."""
+    if host is None:
+        return False
+    parts = urlsplit(normal_origin(origin))
+    return parts.scheme in ("http", "https") and parts.netloc == host.strip().lower() and not (
+        parts.path or parts.query or parts.fragment)
+
+
 def normal_origin(origin: str) -> str:
     """An Origin (or allowed_origins entry) compared case-insensitively, without a final slash."""
     return origin.strip().rstrip("/").lower()
@@ -211,7 +222,9 @@ class Guard:
     def check_origin(self, incoming: Incoming) -> None:
         origins = incoming.values("origin")
         if origins:
-            if len(set(origins)) != 1 or not self.origin_allowed(origins[0]):
+            if len(set(origins)) != 1 or not (
+                    self.origin_allowed(origins[0])
+                    or same_origin(origins[0], incoming.first("host"))):
                 raise Refused(
                     "cross-origin requests are refused; add the origin to [server] "
                     "allowed_origins to allow it",

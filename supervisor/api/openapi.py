@@ -281,6 +281,25 @@ def build_document() -> dict[str, Any]:
                        description="Needs no token, even when [server] token_file is set: it "
                        "reveals nothing but this status. The Host and Origin checks apply."),
         },
+        "/": {
+            "get": _op("modeld_page", "The status page (HTML)",
+                       {"200": {"description": "the page; it holds no data, so it needs no token",
+                                "content": {"text/html": {"schema": {"type": "string"}}}},
+                        "403": {"$ref": "#/components/responses/E403"}},
+                       tags=["modeld"], model=False),
+        },
+        "/static/{name}": {
+            "get": {**_op("modeld_page_asset", "The status page's script and style",
+                          {"200": {"description": "the file",
+                                   "content": {"text/javascript": {"schema": {"type": "string"}},
+                                               "text/css": {"schema": {"type": "string"}}}},
+                           "403": {"$ref": "#/components/responses/E403"},
+                           "404": {"$ref": "#/components/responses/E404"}},
+                          tags=["modeld"], model=False),
+                    "parameters": [{"name": "name", "in": "path", "required": True,
+                                    "schema": {"type": "string",
+                                               "enum": ["page.js", "page.css"]}}]},
+        },
         "/openapi.json": {
             "get": _op("modeld_openapi", "This document",
                        {"200": {"description": "the OpenAPI document",

@@ -125,6 +125,26 @@ def test_origin_and_fetch_metadata(headers: list[tuple[str, str]], code: str | N
     assert code == refused_code(guard, incoming([("Host", "localhost"), *headers]))
 
 
+@pytest.mark.parametrize(
+    ("host", "origin", "code"),
+    [
+        ("127.0.0.1:1000", "http://127.0.0.1:1000", None),  # the status page calling its API
+        ("localhost:8080", "HTTP://LOCALHOST:8080/", None),
+        ("127.0.0.1:1000", "https://127.0.0.1:1000", None),
+        ("127.0.0.1:1000", "http://127.0.0.1:1001", "origin_not_allowed"),  # another local app
+        ("127.0.0.1:1000", "http://localhost:1000", "origin_not_allowed"),
+        ("127.0.0.1:1000", "ws://127.0.0.1:1000", "origin_not_allowed"),
+        ("127.0.0.1:1000", "http://127.0.0.1:1000/x", "origin_not_allowed"),
+        ("127.0.0.1:1000", "null", "origin_not_allowed"),
+        # A rebinding page is same-origin with its own name, which the Host check refuses.
+        ("evil.example:1000", "http://evil.example:1000", "host_not_allowed"),
+    ],
+)
+def test_the_daemons_own_origin_is_allowed(host: str, origin: str, code: str | None) -> None:
+    guard = Guard.create([], [], None)
+    assert code == refused_code(guard, incoming([("Host", host), ("Origin", origin)]))
+
+
 def test_secret_compares_and_never_shows_its_value() -> None:
     secret = Secret("s3cret-token")
     assert secret.matches("s3cret-token")
