@@ -19,7 +19,7 @@ from actors.attempts import (
     LoadEnded,
     WorkerExited,
 )
-from actors.disk import FreeSpace, free_bytes
+from actors.disk import DISK_MARGIN, FreeSpace, free_bytes
 from actors.gguf import GGUFInfo, inspect_gguf
 from actors.keepalive import DEFAULT, Expired, KeepAlive, KeepAliveArg, parse_keep_alive
 from actors.load_checks import RememberedInspect, read_facts
@@ -42,6 +42,7 @@ class ActorSettings:
     default_runtime: str = "auto"
     parallel: int = 2
     keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle
+    min_free: int = DISK_MARGIN  # bytes of disk a download leaves free ([storage] min_free)
 
 
 Message = (m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited

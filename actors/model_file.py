@@ -41,7 +41,8 @@ class FileCommands(ActorCore):
                 )
             if self.spec.size is not None:  # refused before any byte when it cannot fit
                 free = await trio.to_thread.run_sync(self._free_space, self.dest.parent)
-                check_fits(self.spec.size - self._partial, free, "the download")
+                check_fits(self.spec.size - self._partial, free, "the download",
+                           self._settings.min_free)
             self._start_download()
         # Downloading: join it. Downloaded, loading or loaded: the file is already here.
         return self.view()
@@ -68,6 +69,7 @@ class FileCommands(ActorCore):
             retries=self._settings.retries,
             stall_timeout=self._settings.stall_timeout,
             allow_http=self._settings.allow_http,
+            min_free=self._settings.min_free,
             # One rule for downloads and imports: the file must pass `inspect`.
             magic=GGUF_MAGIC,
             verify=self._inspect,

@@ -85,7 +85,8 @@ class PumpProcess:
     async def fetch(self, *, scheme: str, host: str, port: int, target: str, netloc: str,
                     headers: dict[str, str], at: Cursor, end: int | None,
                     stall_timeout: float, moved: Callable[[], None], total: int | None,
-                    etag: str | None, ranged: bool) -> None:
+                    etag: str | None, ranged: bool, cap: int | None = None,
+                    min_free: int = 0) -> None:
         """GET the file from `at.pos` to `end` (None: to the end of the body) into the file;
         `at.pos` follows what is written, and `moved()` is called whenever it moves. The
         response head must be exactly that range of a file of `total` bytes and ETag `etag`
@@ -103,7 +104,8 @@ class PumpProcess:
                               "port": port, "target": target, "netloc": netloc,
                               "headers": [[k, v] for k, v in headers.items()],
                               "start": at.pos, "end": end, "timeout": stall_timeout,
-                              "total": total, "etag": etag, "ranged": ranged})
+                              "total": total, "etag": etag, "ranged": ranged,
+                              "cap": cap, "min_free": min_free})
             sent = True
             frame = await job.receive.receive()
             ended = True

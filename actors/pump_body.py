@@ -71,6 +71,10 @@ class BodyFetch:
         self.msg, self.fd, self.stop, self.moved = msg, fd, stop, moved
         self.pos = int(msg["start"])
         self.end: int | None = None if msg.get("end") is None else int(msg["end"])
+        # The most bytes the file may hold (its known size, plus one to see an origin that
+        # sends more); without a known size, the free space the disk must keep (`min_free`).
+        self.cap: int | None = None if msg.get("cap") is None else int(msg["cap"])
+        self.min_free = int(msg.get("min_free") or 0)
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()
         self.handed = self.pos  # bytes before this are handed to the disk
@@ -122,6 +126,9 @@ class BodyFetch:
                 self._body_by_events(conn, sock)
             else:
                 self._sized_body(conn, sock, length)
+            if self.cap is not None and self.pos >= self.cap:
+                raise Failed("size", f"the origin sent more than the file's known size of "
+                             f"{self.cap - 1} bytes; stopped there")
             if self.end is not None and self.pos < self.end and not self.stop.is_set():
                 raise Failed("transient", "the origin closed the connection early")
         except TimeoutError:
@@ -137,6 +144,17 @@ class BodyFetch:
         if start_writeback(self.fd, self.handed, self.pos - self.handed):
             self.handed_bytes += self.pos - self.handed
         self.handed = self.pos
+
+    def _check_free(self) -> None:
+        """A file of unknown size stops while the disk still has `min_free` bytes free."""
+        if not self.min_free:
+            return
+        st = os.fstatvfs(self.fd)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free:
+            raise Failed("full", f"stopped at {self.pos} bytes: the storage filesystem is "
+                         f"down to {free} bytes free, and {self.min_free} are kept free "
+                         "([storage] min_free)", errno.ENOSPC)
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -172,19 +190,23 @@ class BodyFetch:
 
     def _body_by_events(self, conn: h11.Connection, sock: socket.socket) -> None:
         """A chunked or unsized body, through h11, to its end (or `end`)."""
-        while self.end is None or self.pos < self.end:
+        limit = self._limit(self.end)
+        while limit is None or self.pos < limit:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 conn.receive_data(sock.recv(PUMP_BUFFER))
             elif isinstance(event, h11.Data):
-                self._write(memoryview(event.data))
+                data = memoryview(event.data)
+                self._write(data if limit is None else data[: limit - self.pos])
             elif isinstance(event, h11.EndOfMessage):
                 return
             self._check_stop()
 
     def _sized_body(self, conn: h11.Connection, sock: socket.socket, length: int) -> None:
         """A body of `length` bytes: what h11 already holds, then the socket directly."""
-        limit = self.pos + length if self.end is None else min(self.end, self.pos + length)
+        limit = self._limit(self.pos + length if self.end is None
+                            else min(self.end, self.pos + length))
+        assert limit is not None
         while self.pos < limit:
             event = conn.next_event()
             if not isinstance(event, h11.Data):
@@ -194,6 +216,12 @@ class BodyFetch:
             self.end = limit
         if isinstance(sock, ssl.SSLSocket) or not SPLICE or not self._splice(sock, limit):
             self._receive(sock, limit)
+
+    def _limit(self, end: int | None) -> int | None:
+        """Where writing stops: `end`, and never past `cap`."""
+        if self.cap is None:
+            return end
+        return self.cap if end is None else min(end, self.cap)
 
     def _receive(self, sock: socket.socket, limit: int) -> None:
         buffer = memoryview(bytearray(PUMP_BUFFER))
@@ -264,6 +292,7 @@ class BodyFetch:
         self.pos = pos
         if pos - self.handed >= WRITEBACK_EVERY:
             self._hand_over()
+            self._check_free()
         now = time.monotonic()
         if now - self.reported >= REPORT_EVERY:
             self.reported = now

@@ -14,6 +14,7 @@ import cattrs
 import cattrs.v
 from cattrs.gen import make_dict_structure_fn
 
+from actors.disk import DISK_MARGIN
 from actors.keepalive import parse_keep_alive
 from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, check_url, is_valid_id
@@ -57,6 +58,9 @@ class ServerConfig:
 class StorageConfig:
     dir: str = "~/.local/share/modeld"
     max_custom_models: int = attrs.field(default=1000, validator=_positive)
+    # Bytes of free space kept on the storage filesystem: a file that would leave less is
+    # refused before its first byte (507), and a download of unknown size stops there.
+    min_free: int = attrs.field(default=DISK_MARGIN, validator=_non_negative)
 
     def path(self) -> Path:
         return Path(self.dir or "~/.local/share/modeld").expanduser()

@@ -226,6 +226,7 @@ class Registry:
             default_runtime=config.runtime.default_runtime,
             parallel=config.runtime.parallel,
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
+            min_free=config.storage.min_free,
         )
         self._fetch = fetch
         # Chat templates render here, off the event loop (for /v1/chat and the load check).

@@ -55,6 +55,7 @@ class Faults:
     redirect_to: str | None = None  # a path on this origin or an absolute URL (any scheme)
     redirect_status: int = 302
     headers: list[tuple[str, str]] = attrs.Factory(list)  # sent with `status`
+    unsized: bool = False  # no Content-Length (chunked), no ranges: the size is not told
 
 
 @attrs.define
@@ -216,8 +217,8 @@ class Origin:
         start, end, status = 0, size, 200
         wanted = headers.get("range")
         if_range = headers.get("if-range")
-        if wanted is not None and not f.ignore_range and if_range in (None, res.etag,
-                                                                      res.last_modified):
+        if wanted is not None and not f.ignore_range and not f.unsized and if_range in (
+                None, res.etag, res.last_modified):
             rng = parse_range(wanted, size)
             if rng is None:
                 await _send_simple(conn, stream, 416, [("Content-Range", f"bytes */{size}")])
@@ -232,6 +233,8 @@ class Origin:
         ]
         if status == 206:
             out.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
+        if f.unsized:
+            out = [(k, v) for k, v in out if k not in ("Content-Length", "Accept-Ranges")]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=out)))
         if method == "HEAD":
             await stream.send_all(conn.send(h11.EndOfMessage()))

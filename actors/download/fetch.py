@@ -22,6 +22,7 @@ import trio
 from actors.download.errors import (
     ChecksumMismatch,
     ContentChanged,
+    DiskFull,
     DownloadError,
     FileInvalid,
     OriginError,
@@ -279,7 +280,10 @@ class Download:
                         target=url.raw_path.decode("ascii"),
                         netloc=url.netloc.decode("ascii"), headers=headers, at=at, end=end,
                         stall_timeout=self.req.stall_timeout, moved=note,
-                        total=probe.total, etag=probe.etag, ranged=probe.ranges)
+                        total=probe.total, etag=probe.etag, ranged=probe.ranges,
+                        cap=None if self.req.size is None else self.req.size + 1,
+                        min_free=self.req.min_free if self.req.size is None and probe.total is None
+                        else 0)
                 except PumpFailed as exc:
                     failure = self._pump_failure(exc)
                 finally:
@@ -293,6 +297,10 @@ class Download:
     def _pump_failure(self, exc: PumpFailed) -> DownloadError | ContentChanged | Transient:
         if exc.kind == "disk":
             return disk_error(OSError(exc.errno, exc.reason), self.req.dest)
+        if exc.kind == "full":  # a file of unknown size reached [storage] min_free
+            return DiskFull(f"{exc.reason}; free some space and download again")
+        if exc.kind == "size":  # more bytes than the known size: never resumed or retried
+            return SizeMismatch(f"{exc.reason}; check the model's url and size")
         if exc.kind == "died":
             return DownloadError(f"{exc.reason}; the partial is kept: download again to resume")
         if exc.kind in ("changed", "origin"):

@@ -21,6 +21,9 @@ class DownloadRequest:
     stall_timeout: float = 30.0
     allow_http: bool = False
     min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
+    # Bytes of free space a download of unknown size leaves on the disk ([storage] min_free);
+    # a known size is checked (and reserved) before the first byte instead.
+    min_free: int = 64 * 1024 * 1024
     # What the file must start with, checked as soon as its first bytes are in.
     magic: bytes | None = None
     # Checks the complete file before it is published; blocking (run in a thread). Raises

@@ -287,7 +287,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
         if request.content_length is not None:  # refused before any byte when it cannot fit
             free = await trio.to_thread.run_sync(free_bytes, registry.store.root)
-            check_fits(request.content_length, free, "the upload")
+            check_fits(request.content_length, free, "the upload", config.storage.min_free)
         with disk_errors_reported():
             temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
         try:

@@ -395,3 +395,51 @@ async def test_https_download_checks_the_certificate(make_daemon: DaemonFactory,
             assert "CERTIFICATE" in messages[-1]["error"].upper()
             assert not (untrusted.storage / "models" / "s.gguf").exists()
             assert 0 == await trio.to_thread.run_sync(untrusted.stop)
+
+
+async def test_an_unsized_body_stops_at_the_known_size(make_daemon: DaemonFactory) -> None:
+    """An origin that tells no size and sends far more than the catalog's size: the download
+    stops one byte past it (size_mismatch), not after the origin's whole body."""
+    data = payload(1 * MiB, seed=8)
+    with trio.fail_after(60):
+        async with open_origin() as origin:
+            origin.add("/big.gguf", data + b"\0" * (48 * MiB))
+            origin.faults("/big.gguf").unsized = True
+            daemon = await started(make_daemon([entry(origin, "/big.gguf", data)],
+                                               download={"retries": 0}))
+            await sdk_call(daemon, "model_specific_model_download", "big")
+            messages, _code = await watch(daemon, "big")
+            assert "FAILED" == messages[-1]["status"], messages[-1]
+            line = daemon.wait_for("download_failed", model="big")
+            assert "size_mismatch" == line["code"], line
+            assert f"known size of {len(data)} bytes" in messages[-1]["error"]
+            on_disk = [p.stat().st_size for p in (daemon.storage / "models").glob("big.gguf*")
+                       if not p.name.endswith(".json")]
+            assert max(on_disk, default=0) <= len(data) + 1, on_disk
+            assert not (daemon.storage / "models" / "big.gguf").exists()
+
+
+async def test_an_unsized_download_stops_at_min_free(make_daemon: DaemonFactory,
+                                                     tmp_path: Path) -> None:
+    """No size anywhere: the download stops while the disk keeps [storage] min_free, says so,
+    and leaves nothing behind (it could not resume)."""
+    data = payload(96 * MiB, seed=9)
+    with trio.fail_after(60):
+        async with open_origin() as origin:
+            origin.add("/nosize.gguf", data)
+            origin.faults("/nosize.gguf").unsized = True
+            # About 16 MiB may be written before the free space falls to min_free.
+            free = shutil.disk_usage(tmp_path).free
+            daemon = await started(make_daemon(
+                [entry(origin, "/nosize.gguf", data, checked=False)],
+                download={"retries": 0}, storage={"min_free": free - 16 * MiB}))
+            await sdk_call(daemon, "model_specific_model_download", "nosize")
+            messages, _code = await watch(daemon, "nosize")
+            assert "FAILED" == messages[-1]["status"], messages[-1]
+            assert "[storage] min_free" in messages[-1]["error"]
+            line = daemon.wait_for("download_failed", model="nosize")
+            assert "disk_full" == line["code"], line
+            # It cannot resume (no size, no ranges): its bytes are given back, and the view
+            # says what is on disk.
+            assert [] == list((daemon.storage / "models").glob("nosize.gguf.partial*"))
+            assert 0 == (await snapshot(daemon, "nosize"))["partialBytes"]
