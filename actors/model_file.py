@@ -21,6 +21,7 @@ from actors.gguf import GGUF_MAGIC, GGUFInvalid
 from actors.load_checks import facts_from
 from actors.partial import held_marker, partial_bytes, remove_partial
 from actors.progress import ProgressMeter
+from actors.safe_files import touch_new
 from actors.state import Event, State
 
 log = structlog.get_logger("modeld.actor")
@@ -108,7 +109,7 @@ class FileCommands(ActorCore):
             self._publish(status="COMPLETED", percentage=100.0, bytes=size, total=size)
             log.info("download_completed", model=self.spec.id, bytes=size)
             return
-        await trio.to_thread.run_sync(held_marker(dest).touch)
+        await trio.to_thread.run_sync(touch_new, held_marker(dest))
         self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
         last = self.progress.value
         if attempt.error is not None:

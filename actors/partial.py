@@ -17,6 +17,8 @@ from pathlib import Path
 
 import attrs
 
+from actors.safe_files import is_own, open_new, open_own
+
 
 def partial_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".partial")
@@ -110,7 +112,7 @@ def write_sidecar(dest: Path, side: Sidecar) -> None:
     costs re-fetching what it described.)"""
     path = sidecar_path(dest)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_new(tmp, mode=0o644)  # never through a link planted at the temp's name
     try:
         os.write(fd, side.to_json())
         os.fsync(fd)
@@ -141,9 +143,15 @@ def look_at_partial(dest: Path) -> tuple[Sidecar | None, int]:
     """The sidecar of an existing partial (None when either is missing or invalid), and the
     partial's size in bytes (-1 when there is none). Blocking, cheap."""
     with partial_lock(dest):
+        part = partial_path(dest)
         try:
-            size = partial_path(dest).stat().st_size
+            size = part.lstat().st_size
         except FileNotFoundError:
+            return None, -1
+        if not is_own(part):
+            # A link or a hard link planted at the partial's name: never resumed (that would
+            # write into its target); the name is removed, its target left alone.
+            remove_partial(dest)
             return None, -1
         return read_sidecar(dest), size
 
@@ -163,7 +171,7 @@ def open_partial(dest: Path, side: Sidecar, *, keep: bool) -> int:
             free = shutil.disk_usage(dest.parent).free
             if free < total - have:
                 raise OSError(errno.ENOSPC, f"need {total - have} bytes, {free} free")
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = open_own(part)  # a link or a hard link planted there is refused
         try:
             if total is not None:
                 try:

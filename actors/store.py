@@ -22,6 +22,13 @@ from typing import Any
 import attrs
 import structlog
 
+from actors.safe_files import (
+    UnsafeDir,
+    check_private_dir,
+    fsync_dir,
+    open_own,
+    write_new_then_rename,
+)
 from actors.spec import ModelScore, ModelSpec, is_valid_id
 
 log = structlog.get_logger("modeld.store")
@@ -36,27 +43,9 @@ class StoreError(Exception):
 OWNED_SUFFIXES = ("", ".partial", ".partial.json", ".partial.json.tmp", ".held")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old or the new content."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_new_then_rename(path, data)
 
 
 def _record_to_json(spec: ModelSpec) -> bytes:
@@ -85,6 +74,12 @@ class Store:
         root = root.expanduser().resolve()
         for sub in ("models", "custom"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (root, root / "models", root / "custom", root / "pins"):
+            try:
+                if path.exists():
+                    check_private_dir(path)
+            except UnsafeDir as exc:
+                raise StoreError(f"the storage dir is not safe to use: {exc}") from None
         store = cls(root)
         store._remove_stale_temps()
         return store
@@ -165,8 +160,11 @@ class Store:
     def publish(self, temp: Path, model_id: str) -> Path:
         """fsync `temp`, rename it onto the final path and fsync the directory."""
         final = self.model_path(model_id)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = open_own(temp, os.O_RDONLY, create=False)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, final)
         fsync_dir(final.parent)
         return final

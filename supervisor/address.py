@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from actors.safe_files import write_new_then_rename
+
 ADDRESS_FILE = "daemon.json"
 DEFAULT_STORAGE = Path("~/.local/share/modeld")
 
@@ -21,9 +23,8 @@ DEFAULT_STORAGE = Path("~/.local/share/modeld")
 def write_address(storage: Path, url: str) -> None:
     """Record that this process listens at `url` (blocking; rename makes it whole or absent)."""
     path = storage / ADDRESS_FILE
-    tmp = path.with_name(f".{ADDRESS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}), encoding="utf-8")
-    os.replace(tmp, path)
+    write_new_then_rename(path, json.dumps({"url": url, "pid": os.getpid()}).encode(),
+                          sync_dir=False)
 
 
 def clear_address(storage: Path) -> None:

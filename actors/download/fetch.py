@@ -58,7 +58,7 @@ from actors.partial import (
     sync_sidecar,
 )
 from actors.pump import PumpFailed, PumpProcess, with_pump
-from actors.store import fsync_dir
+from actors.safe_files import fsync_dir
 
 T = TypeVar("T")
 

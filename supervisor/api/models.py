@@ -32,6 +32,7 @@ from actors.errors import (
 from actors.gguf import architecture_from_prefix, unrunnable_message
 from actors.keepalive import FOREVER, parse_keep_alive
 from actors.runtimes import runnable
+from actors.safe_files import open_own
 from actors.spec import ModelSpec
 from actors.writeback import WRITEBACK_EVERY, start_writeback
 from supervisor.api.app import READ_TIMEOUT, error_response, json_reply, no_content
@@ -422,7 +423,8 @@ async def _receive_file(temp: Path) -> str:
     are written and hashed in a thread while the next batch arrives (so the body is taken from
     the server as it comes, never piling up). A file whose architecture no runtime runs is
     refused (400) within its first MiB."""
-    fd = await trio.to_thread.run_sync(os.open, temp, os.O_WRONLY | os.O_TRUNC)
+    fd = await trio.to_thread.run_sync(
+        lambda: open_own(temp, os.O_WRONLY | os.O_TRUNC, create=False))
     sink = _FileSink(fd)
     send, receive = trio.open_memory_channel[list[bytes]](1)
 
