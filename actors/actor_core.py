@@ -22,7 +22,7 @@ from actors.attempts import (
 from actors.disk import DISK_MARGIN, FreeSpace, free_bytes
 from actors.gguf import GGUFInfo, inspect_gguf
 from actors.keepalive import DEFAULT, Expired, KeepAlive, KeepAliveArg, parse_keep_alive
-from actors.load_checks import RememberedInspect, read_facts
+from actors.load_checks import RememberedInspect, memory_need, read_facts
 from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
 from actors.runtimes import preview_runtime
@@ -115,8 +115,20 @@ class ActorCore:
             ),
             slots=1 if self._worker is None else self._worker.info.parallel,
             context_length=None if self._worker is None else self._worker.info.context_length,
+            memory_estimate=self._memory_estimate(),
             **self._keep.view_fields(),
         )
+
+    def _memory_estimate(self) -> int | None:
+        """What the model takes loaded (its worker's real context and slots), or would."""
+        worker, facts = self._worker, self._facts
+        if worker is not None:
+            spec = attrs.evolve(self.spec, context_length=worker.info.context_length,
+                                parallel=worker.info.parallel)
+            return memory_need(spec, facts, worker.info.runtime, self._settings.parallel)
+        runtime = preview_runtime(self.spec.runtime or self._settings.default_runtime,
+                                  facts.architecture if facts else None)
+        return memory_need(self.spec, facts, runtime, self._settings.parallel)
 
     def _keep_for(self, keep_alive: KeepAliveArg) -> float:
         """Seconds; DEFAULT (a load on first use): the model's own keep-alive, else

@@ -25,6 +25,7 @@ from actors.gguf_header import (
     TensorEntry,
     read_header,
 )
+from actors.memory import MemoryShape, shape_of
 from actors.runtimes import runnable
 
 
@@ -64,6 +65,7 @@ class GGUFInfo:
     chat_template: str | None
     name: str | None
     file_size: int
+    memory: MemoryShape  # what it will take in memory (actors/memory.py)
 
 
 def check_magic(head: bytes, what: str) -> None:
@@ -224,4 +226,14 @@ def inspect_gguf(path: Path) -> GGUFInfo:
         chat_template=_str_field(fields, "tokenizer.chat_template"),
         name=_str_field(fields, "general.name"),
         file_size=file_size,
+        memory=shape_of(
+            tensor_bytes=sum(_tensor_bytes(t) for t in header.tensors),
+            layers=_int_field(fields, f"{architecture}.block_count"),
+            embedding=_int_field(fields, f"{architecture}.embedding_length"),
+            heads=_int_field(fields, f"{architecture}.attention.head_count"),
+            heads_kv=_int_field(fields, f"{architecture}.attention.head_count_kv"),
+            key_length=_int_field(fields, f"{architecture}.attention.key_length"),
+            value_length=_int_field(fields, f"{architecture}.attention.value_length"),
+            vocab=vocab_size,
+        ),
     )

@@ -8,18 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-import psutil
 import structlog
 
 from actors import messages as m
-from actors.errors import InsufficientMemory, InvalidInput
+from actors.errors import InvalidInput
 from actors.gguf import GGUFInfo, GGUFInvalid
+from actors.memory import estimate_memory
 from actors.runtimes import CTRANSFORMERS, RuntimeRefused, choose_runtime
 from actors.spec import ModelSpec
 
 log = structlog.get_logger("modeld.actor")
 
-MEMORY_MARGIN = 256 * 1024 * 1024
 
 
 class RememberedInspect:
@@ -52,6 +51,7 @@ def facts_from(info: GGUFInfo) -> m.FileFacts:
         parameter_count=info.parameter_count,
         architecture=info.architecture,
         chat_template=info.chat_template,
+        memory=info.memory,
     )
 
 
@@ -69,19 +69,6 @@ def read_facts(inspect: Callable[[Path], GGUFInfo], path: Path,
         return None
 
 
-def check_memory(spec: ModelSpec, file_size: int) -> None:
-    """Refuse a model that cannot fit: its catalog `ram`, else its file size (the worker reads
-    the weights into memory), plus a margin, against what is available now. Raises
-    InsufficientMemory."""
-    need = spec.ram or file_size
-    available = psutil.virtual_memory().available
-    if need + MEMORY_MARGIN > available:
-        raise InsufficientMemory(
-            f"loading needs about {need / 1e9:.1f} GB ({need} bytes) but only "
-            f"{available / 1e9:.1f} GB are available; unload other models or free memory",
-        )
-
-
 MAX_DEFAULT_CONTEXT = 4096  # tokens, when neither the model's record nor its file says less
 
 
@@ -93,7 +80,26 @@ def runtime_spec(spec: ModelSpec, info: GGUFInfo, default_runtime: str,
         runtime = choose_runtime(spec.runtime or default_runtime, info.architecture)
     except RuntimeRefused as exc:
         raise InvalidInput(str(exc), code="runtime_unsupported") from None
-    context = spec.context_length or min(info.context_length or MAX_DEFAULT_CONTEXT,
-                                         MAX_DEFAULT_CONTEXT)
-    parallel = 1 if runtime == CTRANSFORMERS else spec.parallel or default_parallel
-    return attrs.evolve(spec, runtime=runtime, context_length=context, parallel=parallel)
+    return attrs.evolve(spec, runtime=runtime,
+                        context_length=planned_context(spec, info.context_length),
+                        parallel=planned_parallel(spec, runtime, default_parallel))
+
+
+def planned_context(spec: ModelSpec, file_context: int | None) -> int:
+    """The context a worker is started with: the model's own setting, else the file's, at
+    most MAX_DEFAULT_CONTEXT."""
+    return spec.context_length or min(file_context or MAX_DEFAULT_CONTEXT, MAX_DEFAULT_CONTEXT)
+
+
+def planned_parallel(spec: ModelSpec, runtime: str, default_parallel: int) -> int:
+    return 1 if runtime == CTRANSFORMERS else spec.parallel or default_parallel
+
+
+def memory_need(spec: ModelSpec, facts: m.FileFacts | None, runtime: str | None,
+                default_parallel: int) -> int | None:
+    """Bytes `spec` will take loaded with `runtime` (actors/memory.py); None when the file's
+    header is not known."""
+    if facts is None or facts.memory is None or runtime is None:
+        return None
+    return estimate_memory(facts.memory, runtime, planned_context(spec, facts.context_length),
+                           planned_parallel(spec, runtime, default_parallel)).total

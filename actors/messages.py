@@ -17,6 +17,7 @@ from actors.embedding import EmbeddingJob
 from actors.errors import ModelError
 from actors.generation import GenerationStream
 from actors.keepalive import DEFAULT, FOREVER, KeepAliveArg
+from actors.memory import MemoryShape
 from actors.spec import ModelSpec
 from actors.state import State
 from actors.worker import GenerateParams
@@ -51,6 +52,7 @@ class FileFacts:
     parameter_count: int | None = None
     architecture: str | None = None
     chat_template: str | None = None
+    memory: MemoryShape | None = None  # what it will take in memory, from its header
 
 
 @attrs.frozen
@@ -71,6 +73,7 @@ class ModelView:
     idle_since: float | None = None  # wall-clock time (epoch s) its last request ended
     expires_at: float | None = None  # wall-clock time (epoch s) it is unloaded if still idle
     keep_alive: float | None = None  # seconds it stays loaded when idle; None: until unloaded
+    memory_estimate: int | None = None  # bytes it takes (or would take) loaded; None: unknown
 
 
 Reply = ModelView | ModelError

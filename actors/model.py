@@ -27,7 +27,7 @@ from actors.errors import (
 from actors.generation import GenerationStream
 from actors.gguf import ArchitectureUnsupported, GGUFInvalid
 from actors.keepalive import DEFAULT, Expired, show_keep_alive, watch_expiry
-from actors.load_checks import check_memory, facts_from, read_facts, runtime_spec
+from actors.load_checks import facts_from, memory_need, read_facts, runtime_spec
 from actors.model_file import FileCommands
 from actors.partial import held_marker, partial_bytes
 from actors.ports import WorkerHandle
@@ -262,8 +262,10 @@ class ModelActor(FileCommands):
                 # The runtime is chosen (or refused) before anything is evicted for the model.
                 spec = runtime_spec(self.spec, info, self._settings.default_runtime,
                                     self._settings.parallel)
-                check_memory(self.spec, info.file_size)
-                await self._gate.admit(self.spec.id)
+                # The catalog's `ram`, when it says more than the header's estimate, wins.
+                need = memory_need(spec, attempt.facts, spec.runtime, self._settings.parallel)
+                await self._gate.admit(self.spec.id,
+                                       max(need or info.file_size, self.spec.ram or 0))
                 admitted = True
                 spawned_at = trio.current_time()
                 attempt.worker = await self._spawn(self.dest, spec)

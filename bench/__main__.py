@@ -8,7 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import backends, cancel, downloads, imports, live, llamacpp, report, runtime
+from bench import backends, cancel, downloads, estimate, imports, live, llamacpp, report, runtime
 from bench.common import Result, Row, log, raise_nofile
 
 BENCHMARKS: dict[str, Callable[[], Result]] = {
@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Callable[[], Result]] = {
     "llamacpp-memory": backends.bench_llamacpp_memory,
     "parallel": backends.bench_parallel,
     "backends": backends.bench_backends,
+    "estimate": estimate.bench_estimate,
 }
 
 

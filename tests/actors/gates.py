@@ -8,7 +8,7 @@ import trio
 class OpenGate:
     """A gate that admits everything: for a single actor on its own (tests)."""
 
-    async def admit(self, model_id: str) -> None:
+    async def admit(self, model_id: str, need: int) -> None:
         await trio.lowlevel.checkpoint()
 
     def release(self, model_id: str) -> None:

@@ -20,15 +20,16 @@ import trio
 import trio.testing
 
 from actors import messages as m
-from actors.errors import Conflict, OperationFailed, Unavailable
+from actors.errors import Conflict, InsufficientMemory, OperationFailed, Unavailable
+from actors.memory import MEMORY_MARGIN
 from actors.progress import Broadcaster, must_deliver
 from actors.spec import ModelSpec
 from actors.state import State
 from actors.store import Store
 from supervisor.config import Config, RuntimeConfig
+from supervisor.gate import LruGate
 from supervisor.registry import (
     MAX_RESTART_DELAY,
-    LruGate,
     Registry,
     restart_delay,
     serve_registry,
@@ -338,16 +339,22 @@ async def test_a_slow_subscriber_still_sees_every_reset_and_terminal(
 
 
 class FakeRegistry:
-    """What LruGate asks of the registry: unload a victim (which releases it)."""
+    """What LruGate asks of the registry: unload a victim (which releases it and gives its
+    memory back), and each model's view."""
 
     def __init__(self, refuse: set[str] | None = None) -> None:
         self.gate: LruGate | None = None
         self.unloaded: list[str] = []
         self.refuse = refuse or set()
         self.busy: set[str] = set()  # in use: its actor refuses an eviction
+        self.loading: set[str] = set()
+        self.rss: dict[str, int] = {}  # resident bytes of the loaded models
+        self.available = 10**12  # what the system reports available
 
     def view(self, model_id: str) -> Any:
-        return attrs.make_class("View", ["busy"])(int(model_id in self.busy))
+        return View(busy=int(model_id in self.busy),
+                    state=State.LOADING if model_id in self.loading else State.LOADED,
+                    worker_pid=None, memory_estimate=self.rss.get(model_id))
 
     async def call(self, model_id: str, make: Any) -> None:
         await trio.sleep(1)
@@ -358,57 +365,61 @@ class FakeRegistry:
         if model_id not in self.refuse:
             assert self.gate is not None
             self.gate.release(model_id)
+            self.available += self.rss.pop(model_id, 0)
+
+
+View = attrs.make_class("View", ["busy", "state", "worker_pid", "memory_estimate"])
 
 
 def gate(max_loaded: int, refuse: set[str] | None = None) -> tuple[LruGate, FakeRegistry]:
     fake = FakeRegistry(refuse)
-    fake.gate = LruGate(fake, max_loaded)  # type: ignore[arg-type]
+    fake.gate = LruGate(fake, max_loaded, memory=lambda: fake.available)  # type: ignore[arg-type]
     return fake.gate, fake
 
 
 async def test_gate_evicts_the_least_recently_used(autojump_clock: trio.abc.Clock) -> None:
     lru, fake = gate(2)
-    await lru.admit("a")
-    await lru.admit("b")
+    await lru.admit("a", 0)
+    await lru.admit("b", 0)
     lru.touch("a")
-    await lru.admit("c")
+    await lru.admit("c", 0)
     assert ["b"] == fake.unloaded
-    await lru.admit("d")
+    await lru.admit("d", 0)
     assert ["b", "a"] == fake.unloaded
 
 
 async def test_gate_refuses_when_eviction_frees_nothing(autojump_clock: trio.abc.Clock) -> None:
     lru, fake = gate(1, refuse={"a"})
-    await lru.admit("a")
+    await lru.admit("a", 0)
     with pytest.raises(Unavailable, match="could not unload a"):
-        await lru.admit("b")
+        await lru.admit("b", 0)
     assert ["a"] == fake.unloaded
 
 
 async def test_gate_never_evicts_a_model_in_use(autojump_clock: trio.abc.Clock) -> None:
     lru, fake = gate(2)
-    await lru.admit("a")
-    await lru.admit("b")
+    await lru.admit("a", 0)
+    await lru.admit("b", 0)
     fake.busy.add("a")  # the least recently used, but generating
-    await lru.admit("c")
+    await lru.admit("c", 0)
     assert ["b"] == fake.unloaded
     fake.busy.add("c")
     with pytest.raises(Unavailable, match="every loaded model is in use") as info:
-        await lru.admit("d")
+        await lru.admit("d", 0)
     assert "all_busy" == info.value.code
     assert ["b"] == fake.unloaded
     fake.busy.discard("a")
-    await lru.admit("d")
+    await lru.admit("d", 0)
     assert ["b", "a"] == fake.unloaded
 
 
 async def test_gate_skips_a_model_that_became_busy(autojump_clock: trio.abc.Clock) -> None:
     lru, fake = gate(2)
     for model_id in ("a", "b"):
-        await lru.admit(model_id)
+        await lru.admit(model_id, 0)
     fake.busy.add("a")
-    fake.view = lambda model_id: attrs.make_class("View", ["busy"])(0)  # type: ignore[method-assign]
-    await lru.admit("c")  # a's actor refused (a request began): b goes instead
+    fake.view = lambda model_id: View(0, State.LOADED, None, None)  # type: ignore[method-assign]
+    await lru.admit("c", 0)  # a's actor refused (a request began): b goes instead
     assert ["b"] == fake.unloaded
 
 
@@ -417,7 +428,7 @@ async def test_concurrent_admits_stay_within_max_loaded(autojump_clock: trio.abc
     admitted: list[str] = []
 
     async def admit(model_id: str) -> None:
-        await lru.admit(model_id)
+        await lru.admit(model_id, 0)
         admitted.append(model_id)
 
     async with trio.open_nursery() as nursery:
@@ -425,5 +436,43 @@ async def test_concurrent_admits_stay_within_max_loaded(autojump_clock: trio.abc
             nursery.start_soon(admit, model_id)
     assert ["a", "b", "c"] == sorted(admitted)
     assert 2 == len(fake.unloaded)  # each later admit evicted the one before it
-    await lru.admit(admitted[-1])  # already in: nothing to evict
+    await lru.admit(admitted[-1], 0)  # already in: nothing to evict
     assert 2 == len(fake.unloaded)
+
+
+async def test_gate_makes_room_in_memory_or_refuses_with_the_numbers(
+        autojump_clock: trio.abc.Clock) -> None:
+    lru, fake = gate(8)
+    fake.available = MEMORY_MARGIN + 1000
+    await lru.admit("a", 400)
+    fake.rss["a"], fake.available = 400, fake.available - 400
+    await lru.admit("b", 400)
+    fake.rss["b"], fake.available = 400, fake.available - 400
+    fake.busy.add("a")
+    # 1000 are needed, 200 free: unloading b (400) is not enough, and a is in use: refused
+    # before anything is unloaded.
+    with pytest.raises(InsufficientMemory) as info:
+        await lru.admit("c", 1000)
+    assert "insufficient_memory" == info.value.code
+    assert [] == fake.unloaded
+    message = str(info.value)
+    assert "c needs ~0.00 GB" in message and "after unloading idle models" in message
+    # 500 needed: b, idle, is unloaded to make room; a, in use, stays.
+    await lru.admit("c", 500)
+    assert ["b"] == fake.unloaded
+    assert ["b"] == lru.take_evicted("c")
+
+
+async def test_gate_counts_the_memory_of_loads_under_way(autojump_clock: trio.abc.Clock) -> None:
+    """Two loads admitted one after the other: the second sees the first's estimate as taken,
+    though its worker has not taken it yet."""
+    lru, fake = gate(8)
+    fake.available = MEMORY_MARGIN + 1000
+    fake.loading.add("a")
+    await lru.admit("a", 800)
+    with pytest.raises(InsufficientMemory):
+        await lru.admit("b", 800)
+    fake.loading.discard("a")  # loaded: its memory now shows in what the system reports
+    fake.rss["a"], fake.available = 800, fake.available - 800
+    await lru.admit("b", 800)  # by unloading a, idle
+    assert ["a"] == fake.unloaded

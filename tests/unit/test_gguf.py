@@ -16,6 +16,7 @@ from actors.gguf_header import (
     read_header,
 )
 from actors.load_checks import RememberedInspect
+from actors.memory import MemoryShape
 from tests.gguf_factory import corrupt_header, truncate, write_tiny_llama
 
 TINY_PARAMETERS = 2 * 64 * 260 + 64 + 2 * (2 * 64 + 4 * 64 * 64 + 3 * 64 * 128)
@@ -38,6 +39,9 @@ def test_tiny_model_metadata(tiny: Path) -> None:
         chat_template="{{ messages }}",
         name="tiny-llama",
         file_size=tiny.stat().st_size,
+        # f32 weights; 2 layers of K and V, 4 heads of 16 values each (no separate KV heads)
+        memory=MemoryShape(tensor_bytes=TINY_PARAMETERS * 4, layers=2, embedding=64,
+                           kv_width=128, vocab=260),
     )
     assert expected == inspect_gguf(tiny)
 
