@@ -292,7 +292,7 @@ async def _call(fn: Callable[..., Any], *args: Any) -> None:
 
 ActorMachine.TestCase.settings = settings(
     # Enough to reach sequences like download, finish, load, restart (checked by mutation).
-    max_examples=int(os.environ.get("MODELD_MACHINE_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("MODELD_MACHINE_EXAMPLES", "60")),
     stateful_step_count=25, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

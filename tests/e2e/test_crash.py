@@ -1,7 +1,7 @@
 """Crash consistency: SIGKILL a real daemon at random moments of a download and of custom
 model updates, restart it, and check that nothing unverified is published, no record is
 half-written, and the download resumes. MODELD_CRASH_POINTS sets the number of kills
-(default 12), MODELD_CRASH_SEED the random seed."""
+(default 10), MODELD_CRASH_SEED the random seed."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.e2e.conftest import DaemonFactory
 from tests.e2e.test_download_e2e import MiB, entry, payload, started, watch
 from tests.origin import open_origin
 
-POINTS = int(os.environ.get("MODELD_CRASH_POINTS", "12"))
+POINTS = int(os.environ.get("MODELD_CRASH_POINTS", "10"))
 SEED = int(os.environ.get("MODELD_CRASH_SEED", "1234"))
 
 

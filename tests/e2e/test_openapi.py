@@ -158,7 +158,7 @@ def fuzz_schema() -> Any:
     param = doc["components"]["parameters"]["model"]
     param["schema"] = {"anyOf": [{"enum": STAND_INS}, param["schema"]]}
     config = schemathesis.Config.from_dict({
-        "generation": {"max-examples": 15, "database": "none", "no-shrink": True},
+        "generation": {"max-examples": 10, "database": "none", "no-shrink": True},
         "request-timeout": 30,
     })
     return schemathesis.openapi.from_dict(doc, config=config)
