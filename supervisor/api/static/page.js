@@ -6,6 +6,7 @@
 const TOKEN_KEY = "modeld.token";
 const REFRESH_MS = 2000;
 const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELED"]);
+const SUBPROTOCOL_SAFE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // RFC 9110's token characters
 const needsToken = document.documentElement.dataset.token === "required";
 let token = sessionStorage.getItem(TOKEN_KEY);
 const sockets = new Map(); // model id -> its progress WebSocket
@@ -147,9 +148,10 @@ function renderModel(row, model) {
   const loaded = loadedById.get(model.id);
   row.querySelector(".name").textContent = model.name || model.id;
   row.querySelector(".id").textContent = model.id;
+  const partial = state === "absent" && model.partialBytes ? model.partialBytes : 0;
   const badge = row.querySelector(".state");
-  badge.textContent = state;
-  badge.className = "state " + state;
+  badge.textContent = partial ? "partial" : state;
+  badge.className = "state " + (partial ? "partial" : state);
   row.dataset.state = state;
   const size = model.bytes && model.bytes.value;
   row.querySelector(".size").textContent = formatBytes(size);
@@ -159,10 +161,17 @@ function renderModel(row, model) {
   row.querySelector(".memory").textContent = rss ? formatBytes(rss)
     : model.memoryEstimate ? "~" + formatBytes(model.memoryEstimate) : "–";
   row.querySelector(".expires").textContent = state !== "loaded" ? "–"
-    : model.expiresAt ? new Date(model.expiresAt).toLocaleTimeString() : "when unloaded";
+    : model.expiresAt ? "idle until " + new Date(model.expiresAt).toLocaleTimeString()
+    : "only when asked";
+  row.querySelector(".context").textContent = !loaded || !loaded.contextLength ? "–"
+    : `${loaded.contextLength} · ${loaded.slotsBusy || 0}/${loaded.slots || 1} busy`;
   const error = row.querySelector(".error-text");
   error.textContent = model.error || "";
   error.hidden = !model.error;
+  const note = row.querySelector(".note");
+  note.textContent = partial ? `${formatBytes(partial)} downloaded so far; Resume goes on from there.` : "";
+  note.hidden = !partial;
+  row.querySelector('button[data-action="download"]').textContent = partial ? "Resume" : "Download";
   renderProgress(row, model, state);
   const can = {
     download: state === "absent",
@@ -198,8 +207,14 @@ function renderProgress(row, model, state) {
 function watch(id) {
   if (sockets.has(id)) return;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const url = `${scheme}//${location.host}/model/${encodeURIComponent(id)}/download/progress`;
-  const socket = token ? new WebSocket(url, ["bearer." + token]) : new WebSocket(url);
+  let url = `${scheme}//${location.host}/model/${encodeURIComponent(id)}/download/progress`;
+  // A browser cannot set headers on a WebSocket: the token goes as the `bearer.<token>`
+  // subprotocol, or, when it holds characters a subprotocol may not (base64's "/" and "="),
+  // as the `token` query parameter (modeld never logs query strings).
+  const protocols = [];
+  if (token && SUBPROTOCOL_SAFE.test(token)) protocols.push("bearer." + token);
+  else if (token) url += "?token=" + encodeURIComponent(token);
+  const socket = new WebSocket(url, protocols);
   sockets.set(id, socket);
   socket.onmessage = (event) => {
     let message;
