@@ -108,11 +108,18 @@ async function refresh() {
 function renderSummary(status) {
   $("version").textContent = status.version ? "v" + status.version : "";
   $("uptime").textContent = formatDuration(status.uptimeSeconds);
-  $("loaded-count").textContent = String((status.loaded || []).length);
+  const loaded = status.loaded || [];
+  const downloads = (status.downloads || []).length;
+  $("loaded-count").textContent = String(loaded.length);
+  $("loaded-names").textContent = [loaded.map((m) => m.id).join(", "),
+    downloads ? `${downloads} downloading` : ""].filter(Boolean).join(" · ");
   const memory = status.memory || {};
-  $("memory").textContent = `${formatBytes(memory.availableBytes)} of ${formatBytes(memory.totalBytes)}`;
+  $("memory").textContent = formatBytes(memory.availableBytes);
+  $("memory-total").textContent = memory.totalBytes ? `of ${formatBytes(memory.totalBytes)}` : "";
   const storage = status.storage || {};
-  $("disk").textContent = `${formatBytes(storage.usedBytes)} / ${formatBytes(storage.freeBytes)}`;
+  $("disk").textContent = formatBytes(storage.usedBytes);
+  $("disk-free").textContent = storage.freeBytes !== undefined
+    ? `${formatBytes(storage.freeBytes)} free` : "";
 }
 
 function stateOf(model) {
