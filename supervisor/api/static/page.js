@@ -14,6 +14,7 @@ const progress = new Map(); // model id -> its last progress message
 let models = [];
 let loadedById = new Map();
 let refreshing = null;
+let failures = 0; // refreshes in a row the daemon did not answer: polls back off up to 30 s
 
 class NeedsToken extends Error {}
 
@@ -46,9 +47,12 @@ function showMessage(text, isError) {
 }
 
 function askToken(why) {
-  $("token-form").hidden = false;
-  $("token-error").textContent = why || "";
-  $("token").focus();
+  // Polls keep coming while the question is open: they neither wipe its reason nor refocus.
+  if (why !== undefined) $("token-error").textContent = why;
+  if ($("token-form").hidden) {
+    $("token-form").hidden = false;
+    $("token").focus();
+  }
   setConnection("token needed", "warn");
 }
 
@@ -96,8 +100,12 @@ async function refresh() {
       renderSummary(status);
       renderModels();
       setConnection("connected", "ok");
+      failures = 0;
     } catch (e) {
-      if (!(e instanceof NeedsToken)) setConnection("not answering", "bad");
+      if (!(e instanceof NeedsToken)) {
+        setConnection("not answering", "bad");
+        failures++;
+      }
     } finally {
       refreshing = null;
     }
@@ -270,9 +278,14 @@ $("token-form").addEventListener("submit", async (event) => {
   token = value;
   sessionStorage.setItem(TOKEN_KEY, token);
   $("token").value = "";
+  $("token-error").textContent = "";
   $("token-form").hidden = true;
   await refresh();
 });
 
-refresh();
-setInterval(refresh, REFRESH_MS);
+async function poll() {
+  await refresh();
+  setTimeout(poll, Math.min(30000, REFRESH_MS * 2 ** failures));
+}
+
+poll();
