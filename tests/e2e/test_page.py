@@ -181,6 +181,31 @@ def test_the_page_shows_and_steers_the_models(browser: Any, origin: tuple[Origin
         assert [] == severe_console_entries(browser)
 
 
+def check_the_page_over_http(daemon: Daemon) -> None:
+    """With a token: the page and its two files need none (they hold no data) and carry their
+    CSP; nothing else is served from the package, the data needs the token, and the Host check
+    applies to the page as to the rest."""
+    import httpx
+
+    with httpx.Client(base_url=daemon.url, timeout=10) as http:
+        page = http.get("/")
+        assert 200 == page.status_code and 'data-token="required"' in page.text
+        assert page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert "DENY" == page.headers["x-frame-options"]
+        for name, media in (("page.js", "text/javascript"), ("page.css", "text/css")):
+            asset = http.get(f"/static/{name}")
+            assert 200 == asset.status_code and asset.headers["content-type"].startswith(media)
+        for path in ("/static/index.html", "/static/nope.js", "/static/..%2Fpage.py",
+                     "/static/../page.py"):
+            refused = http.get(path)
+            assert refused.status_code in (401, 404), (path, refused.status_code)
+            assert "import" not in refused.text
+        assert 401 == http.get("/models").status_code
+        assert 403 == http.get("/", headers={"host": "rebound.example"}).status_code
+
+
 def test_with_a_token_the_page_asks_once(browser: Any, origin: tuple[Origin, bytes],
                                          tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
@@ -189,6 +214,7 @@ def test_with_a_token_the_page_asks_once(browser: Any, origin: tuple[Origin, byt
     token_file.write_text(TOKEN + "\n")
     with page_daemon(browser, tmp_path / "d", origin,
                      server={"token_file": str(token_file)}) as daemon:
+        check_the_page_over_http(daemon)
         browser.get(daemon.url + "/")
         form = browser.find_element(By.ID, "token-form")
         wait("the token question", form.is_displayed)
