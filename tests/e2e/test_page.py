@@ -1,7 +1,8 @@
 """The status page in a real browser: Debian's headless Chromium, driven by selenium through
 Debian's chromedriver, against a real daemon and a real origin. A download started from the page
 shows its bar moving to 100 %, a model is loaded, unloaded and deleted (with the confirmation),
-and with a token the page asks for it once and then works; the browser logs no error."""
+and with a token the page asks for it once (again after a wrong one) and then works, a download
+cancelled and resumed; the browser logs no error. Screenshots, wide and narrow, in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
 
-TOKEN = "page-token-0123456789"
+# Shaped like `openssl rand -base64` output: "/" and "=" may not go in a WebSocket subprotocol, so
+# the page's progress socket carries it as the query parameter instead.
+TOKEN = "pAge+t0ken/0123456789abc="
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +56,28 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Origin, b
     tiny = write_tiny_llama(tmp_path_factory.mktemp("page") / "tiny.gguf", seed=11).read_bytes()
     with run_origin_in_thread() as server:
         server.add("/tiny.gguf", tiny)
-        # About 2.5 s for the whole file: the bar has time to be seen between 0 and 100 %.
-        server.faults("/tiny.gguf").throttle = 192 * 1024
+        # About 1.2 s for the whole file: the bar is seen between 0 and 100 %, and a cancel
+        # clicked as soon as the download shows lands before its end.
+        server.faults("/tiny.gguf").throttle = 400 * 1024
         yield server, tiny
 
 
-def start_daemon(tmp: Path, origin: tuple[Origin, bytes], **sections: dict[str, Any]) -> Daemon:
+@contextmanager
+def page_daemon(browser: Any, tmp: Path, origin: tuple[Origin, bytes],
+                **sections: dict[str, Any]) -> Iterator[Daemon]:
+    """A daemon with the one catalog model; the browser leaves its page before it stops (the
+    page would log every refused poll after) and starts each test with an empty console log."""
     server, tiny = origin
     catalog = [{"id": "tiny", "name": "Tiny llama", "url": server.url("/tiny.gguf"),
                 "sha256": hashlib.sha256(tiny).hexdigest(), "size": len(tiny)}]
     daemon = Daemon(tmp, catalog, **sections)
     daemon.start()
-    return daemon
+    browser.get_log("browser")
+    try:
+        yield daemon
+    finally:
+        browser.get("about:blank")
+        daemon.close()
 
 
 def wait(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
@@ -88,12 +102,16 @@ def state(browser: Any, model: str) -> str | None:
     return None if found is None else found.get_attribute("data-state")
 
 
-def click(browser: Any, model: str, action: str) -> None:
+def button(browser: Any, model: str, action: str) -> Any:
     from selenium.webdriver.common.by import By
 
-    button = row(browser, model).find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]')
-    assert button.is_displayed(), f"no {action} button while {state(browser, model)}"
-    button.click()
+    return row(browser, model).find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]')
+
+
+def click(browser: Any, model: str, action: str) -> None:
+    found = button(browser, model, action)
+    assert found.is_displayed(), f"no {action} button while {state(browser, model)}"
+    found.click()
 
 
 def bar_value(browser: Any, model: str) -> float | None:
@@ -129,8 +147,7 @@ def download_from_the_page(browser: Any, daemon: Daemon) -> list[float]:
 
 def test_the_page_shows_and_steers_the_models(browser: Any, origin: tuple[Origin, bytes],
                                               tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path / "d", origin)
-    try:
+    with page_daemon(browser, tmp_path / "d", origin) as daemon:
         browser.get(daemon.url + "/")
         assert "modeld" == browser.title
         wait("the model's row", lambda: state(browser, "tiny") == "absent")
@@ -139,17 +156,20 @@ def test_the_page_shows_and_steers_the_models(browser: Any, origin: tuple[Origin
         assert any(0 < v < 100 for v in seen), f"the bar never showed a step between: {seen}"
         assert seen == sorted(seen) and seen[-1] == 100.0, seen
         assert (daemon.storage / "models" / "tiny.gguf").read_bytes() == origin[1]
-        browser.save_screenshot(str(tmp_path / "page-wide.png"))
 
         click(browser, "tiny", "load")
         wait("loaded", lambda: state(browser, "tiny") == "loaded")
         daemon.wait_for("model_loaded", model="tiny")
-        click(browser, "tiny", "unload")
-        wait("unloaded", lambda: state(browser, "tiny") == "downloaded")
-
-        browser.set_window_size(420, 900)  # a narrow window: still usable
+        facts = row(browser, "tiny").text
+        assert "only when asked" in facts, facts  # an explicit load stays until unloaded
+        browser.save_screenshot(str(tmp_path / "page-wide.png"))
+        browser.set_window_size(400, 900)  # a narrow window: nothing runs off its side
+        assert browser.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth")
         browser.save_screenshot(str(tmp_path / "page-narrow.png"))
         browser.set_window_size(1280, 900)
+        click(browser, "tiny", "unload")
+        wait("unloaded", lambda: state(browser, "tiny") == "downloaded")
 
         click(browser, "tiny", "delete")
         browser.switch_to.alert.dismiss()  # asked, and declined: nothing happens
@@ -159,8 +179,31 @@ def test_the_page_shows_and_steers_the_models(browser: Any, origin: tuple[Origin
         wait("deleted", lambda: state(browser, "tiny") == "absent")
         assert not (daemon.storage / "models" / "tiny.gguf").exists()
         assert [] == severe_console_entries(browser)
-    finally:
-        daemon.close()
+
+
+def check_the_page_over_http(daemon: Daemon) -> None:
+    """With a token: the page and its two files need none (they hold no data) and carry their
+    CSP; nothing else is served from the package, the data needs the token, and the Host check
+    applies to the page as to the rest."""
+    import httpx
+
+    with httpx.Client(base_url=daemon.url, timeout=10) as http:
+        page = http.get("/")
+        assert 200 == page.status_code and 'data-token="required"' in page.text
+        assert page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert "DENY" == page.headers["x-frame-options"]
+        for name, media in (("page.js", "text/javascript"), ("page.css", "text/css")):
+            asset = http.get(f"/static/{name}")
+            assert 200 == asset.status_code and asset.headers["content-type"].startswith(media)
+        for path in ("/static/index.html", "/static/nope.js", "/static/..%2Fpage.py",
+                     "/static/../page.py"):
+            refused = http.get(path)
+            assert refused.status_code in (401, 404), (path, refused.status_code)
+            assert "import" not in refused.text
+        assert 401 == http.get("/models").status_code
+        assert 403 == http.get("/", headers={"host": "rebound.example"}).status_code
 
 
 def test_with_a_token_the_page_asks_once(browser: Any, origin: tuple[Origin, bytes],
@@ -169,20 +212,38 @@ def test_with_a_token_the_page_asks_once(browser: Any, origin: tuple[Origin, byt
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    daemon = start_daemon(tmp_path / "d", origin, server={"token_file": str(token_file)})
-    try:
+    with page_daemon(browser, tmp_path / "d", origin,
+                     server={"token_file": str(token_file)}) as daemon:
+        check_the_page_over_http(daemon)
         browser.get(daemon.url + "/")
         form = browser.find_element(By.ID, "token-form")
         wait("the token question", form.is_displayed)
         assert row(browser, "tiny") is None  # nothing is shown without the token
-        browser.find_element(By.ID, "token").send_keys(TOKEN)
-        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+        def answer(token: str) -> None:
+            browser.find_element(By.ID, "token").send_keys(token)
+            form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+        answer("not-" + TOKEN)  # a wrong token: asked again, with the reason
+        refusal = browser.find_element(By.ID, "token-error")
+        wait("the refusal", lambda: "not accepted" in refusal.text)
+        assert form.is_displayed() and row(browser, "tiny") is None
+        refused = severe_console_entries(browser)  # Chromium logs the 401 itself, nothing else
+        assert refused and all(" 401 " in e["message"] for e in refused), refused
+        answer(TOKEN)
         wait("the model's row", lambda: state(browser, "tiny") == "absent")
         assert not form.is_displayed()
+
+        # Cancel once bytes arrived, then resume: the partial is kept and the bar ends at 100 %.
+        click(browser, "tiny", "download")
+        wait("the first bytes", lambda: (bar_value(browser, "tiny") or 0) > 0)
+        click(browser, "tiny", "cancel")
+        wait("the partial to be offered for resuming",
+             lambda: button(browser, "tiny", "download").text == "Resume")
+        assert "absent" == state(browser, "tiny")
+        daemon.wait_for("download_cancelled", model="tiny")
         download_from_the_page(browser, daemon)  # the progress WebSocket carries the token too
         browser.refresh()  # kept for the tab: not asked again
         wait("the model's row", lambda: state(browser, "tiny") == "downloaded")
         assert not browser.find_element(By.ID, "token-form").is_displayed()
         assert [] == severe_console_entries(browser)
-    finally:
-        daemon.close()

@@ -6,6 +6,7 @@
 const TOKEN_KEY = "modeld.token";
 const REFRESH_MS = 2000;
 const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELED"]);
+const SUBPROTOCOL_SAFE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/; // RFC 9110's token characters
 const needsToken = document.documentElement.dataset.token === "required";
 let token = sessionStorage.getItem(TOKEN_KEY);
 const sockets = new Map(); // model id -> its progress WebSocket
@@ -13,6 +14,7 @@ const progress = new Map(); // model id -> its last progress message
 let models = [];
 let loadedById = new Map();
 let refreshing = null;
+let failures = 0; // refreshes in a row the daemon did not answer: polls back off up to 30 s
 
 class NeedsToken extends Error {}
 
@@ -45,9 +47,12 @@ function showMessage(text, isError) {
 }
 
 function askToken(why) {
-  $("token-form").hidden = false;
-  $("token-error").textContent = why || "";
-  $("token").focus();
+  // Polls keep coming while the question is open: they neither wipe its reason nor refocus.
+  if (why !== undefined) $("token-error").textContent = why;
+  if ($("token-form").hidden) {
+    $("token-form").hidden = false;
+    $("token").focus();
+  }
   setConnection("token needed", "warn");
 }
 
@@ -95,8 +100,12 @@ async function refresh() {
       renderSummary(status);
       renderModels();
       setConnection("connected", "ok");
+      failures = 0;
     } catch (e) {
-      if (!(e instanceof NeedsToken)) setConnection("not answering", "bad");
+      if (!(e instanceof NeedsToken)) {
+        setConnection("not answering", "bad");
+        failures++;
+      }
     } finally {
       refreshing = null;
     }
@@ -107,11 +116,18 @@ async function refresh() {
 function renderSummary(status) {
   $("version").textContent = status.version ? "v" + status.version : "";
   $("uptime").textContent = formatDuration(status.uptimeSeconds);
-  $("loaded-count").textContent = String((status.loaded || []).length);
+  const loaded = status.loaded || [];
+  const downloads = (status.downloads || []).length;
+  $("loaded-count").textContent = String(loaded.length);
+  $("loaded-names").textContent = [loaded.map((m) => m.id).join(", "),
+    downloads ? `${downloads} downloading` : ""].filter(Boolean).join(" · ");
   const memory = status.memory || {};
-  $("memory").textContent = `${formatBytes(memory.availableBytes)} of ${formatBytes(memory.totalBytes)}`;
+  $("memory").textContent = formatBytes(memory.availableBytes);
+  $("memory-total").textContent = memory.totalBytes ? `of ${formatBytes(memory.totalBytes)}` : "";
   const storage = status.storage || {};
-  $("disk").textContent = `${formatBytes(storage.usedBytes)} / ${formatBytes(storage.freeBytes)}`;
+  $("disk").textContent = formatBytes(storage.usedBytes);
+  $("disk-free").textContent = storage.freeBytes !== undefined
+    ? `${formatBytes(storage.freeBytes)} free` : "";
 }
 
 function stateOf(model) {
@@ -147,9 +163,10 @@ function renderModel(row, model) {
   const loaded = loadedById.get(model.id);
   row.querySelector(".name").textContent = model.name || model.id;
   row.querySelector(".id").textContent = model.id;
+  const partial = state === "absent" && model.partialBytes ? model.partialBytes : 0;
   const badge = row.querySelector(".state");
-  badge.textContent = state;
-  badge.className = "state " + state;
+  badge.textContent = partial ? "partial" : state;
+  badge.className = "state " + (partial ? "partial" : state);
   row.dataset.state = state;
   const size = model.bytes && model.bytes.value;
   row.querySelector(".size").textContent = formatBytes(size);
@@ -159,10 +176,17 @@ function renderModel(row, model) {
   row.querySelector(".memory").textContent = rss ? formatBytes(rss)
     : model.memoryEstimate ? "~" + formatBytes(model.memoryEstimate) : "–";
   row.querySelector(".expires").textContent = state !== "loaded" ? "–"
-    : model.expiresAt ? new Date(model.expiresAt).toLocaleTimeString() : "when unloaded";
+    : model.expiresAt ? "idle until " + new Date(model.expiresAt).toLocaleTimeString()
+    : "only when asked";
+  row.querySelector(".context").textContent = !loaded || !loaded.contextLength ? "–"
+    : `${loaded.contextLength} · ${loaded.slotsBusy || 0}/${loaded.slots || 1} busy`;
   const error = row.querySelector(".error-text");
   error.textContent = model.error || "";
   error.hidden = !model.error;
+  const note = row.querySelector(".note");
+  note.textContent = partial ? `${formatBytes(partial)} downloaded so far; Resume goes on from there.` : "";
+  note.hidden = !partial;
+  row.querySelector('button[data-action="download"]').textContent = partial ? "Resume" : "Download";
   renderProgress(row, model, state);
   const can = {
     download: state === "absent",
@@ -198,8 +222,14 @@ function renderProgress(row, model, state) {
 function watch(id) {
   if (sockets.has(id)) return;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const url = `${scheme}//${location.host}/model/${encodeURIComponent(id)}/download/progress`;
-  const socket = token ? new WebSocket(url, ["bearer." + token]) : new WebSocket(url);
+  let url = `${scheme}//${location.host}/model/${encodeURIComponent(id)}/download/progress`;
+  // A browser cannot set headers on a WebSocket: the token goes as the `bearer.<token>`
+  // subprotocol, or, when it holds characters a subprotocol may not (base64's "/" and "="),
+  // as the `token` query parameter (modeld never logs query strings).
+  const protocols = [];
+  if (token && SUBPROTOCOL_SAFE.test(token)) protocols.push("bearer." + token);
+  else if (token) url += "?token=" + encodeURIComponent(token);
+  const socket = new WebSocket(url, protocols);
   sockets.set(id, socket);
   socket.onmessage = (event) => {
     let message;
@@ -248,9 +278,14 @@ $("token-form").addEventListener("submit", async (event) => {
   token = value;
   sessionStorage.setItem(TOKEN_KEY, token);
   $("token").value = "";
+  $("token-error").textContent = "";
   $("token-form").hidden = true;
   await refresh();
 });
 
-refresh();
-setInterval(refresh, REFRESH_MS);
+async function poll() {
+  await refresh();
+  setTimeout(poll, Math.min(30000, REFRESH_MS * 2 ** failures));
+}
+
+poll();
