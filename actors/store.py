@@ -45,6 +45,7 @@ class StoreError(Exception):
 # that must not resume by itself.
 OWNED_SUFFIXES = ("", ".partial", ".partial.json", ".partial.json.tmp", ".held")
 SUBDIRS = ("models", "custom", "pins")
+_UPLOAD_TEMP = re.compile(r"\.(.+)\.gguf\.[A-Za-z0-9_]{8}\.import")  # see `import_temp`
 
 
 def _record_to_json(spec: ModelSpec) -> bytes:
@@ -177,7 +178,26 @@ class Store:
         return final
 
     def _remove_stale_temps(self) -> None:
+        """Remove the temps a crash left. An upload's temp means its upload was cut: a model
+        that only ever waited for that file (custom, no url, no source, no file) goes with it,
+        as an import refused while the daemon runs leaves no record either."""
+        cut: set[str] = set()
         for sub in ("models", "custom"):
             for path in (self.root / sub).glob(".*"):
                 if path.suffix in (".tmp", ".import"):
                     path.unlink(missing_ok=True)
+                    upload = _UPLOAD_TEMP.fullmatch(path.name)
+                    if upload is not None and is_valid_id(upload[1]):
+                        cut.add(upload[1])
+        for model_id in sorted(cut):
+            self._forget_cut_import(model_id)
+
+    def _forget_cut_import(self, model_id: str) -> None:
+        path = self.record_path(model_id)
+        try:
+            spec = _record_from_json(read_own(path))
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # no record (or not one to judge): load_records says so
+        if spec.url is None and spec.source is None and not self.has_model_file(model_id):
+            self.delete_record(model_id)
+            log.warning("import_interrupted", model=model_id)
