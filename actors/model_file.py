@@ -15,7 +15,7 @@ from actors import messages as m
 from actors.actor_core import ActorCore
 from actors.attempts import DownloadAttempt, DownloadEnded
 from actors.disk import check_fits
-from actors.download import DownloadError, DownloadRequest
+from actors.download import DiskFull, DownloadError, DownloadRequest
 from actors.errors import Conflict, InvalidInput, OperationFailed
 from actors.gguf import GGUF_MAGIC, GGUFInvalid
 from actors.load_checks import facts_from
@@ -114,6 +114,8 @@ class FileCommands(ActorCore):
         last = self.progress.value
         if attempt.error is not None:
             self.error = str(attempt.error)
+            if isinstance(attempt.error, DiskFull) and self._partial > 0:
+                self.error += f" (the {self._partial} bytes done are kept: it resumes from there)"
             self._move(Event.DOWNLOAD_FAILED)
             log.error(
                 "download_failed",

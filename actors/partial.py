@@ -17,7 +17,7 @@ from pathlib import Path
 
 import attrs
 
-from actors.safe_files import is_own, open_new, open_own
+from actors.safe_files import is_own, open_own, read_own, write_atomic
 
 
 def partial_path(dest: Path) -> Path:
@@ -92,7 +92,7 @@ class Sidecar:
 
 def read_sidecar(dest: Path) -> Sidecar | None:
     try:
-        raw = json.loads(sidecar_path(dest).read_bytes())
+        raw = json.loads(read_own(sidecar_path(dest)))  # never through a link or a FIFO
         done = [(int(s), int(e)) for s, e in raw["done"]]
         total = raw["total"]
         side = Sidecar(str(raw["url"]), raw["etag"], raw["last_modified"],
@@ -107,18 +107,10 @@ def read_sidecar(dest: Path) -> Sidecar | None:
 
 
 def write_sidecar(dest: Path, side: Sidecar) -> None:
-    """Atomically: temp file, fsync, rename. Blocking. (Not `store.write_atomic`: this runs every
-    second while bytes flow, so it skips the directory fsync; a sidecar lost in a crash only
-    costs re-fetching what it described.)"""
-    path = sidecar_path(dest)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = open_new(tmp, mode=0o644)  # never through a link planted at the temp's name
-    try:
-        os.write(fd, side.to_json())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Atomically: a new temp file of a random name, fsync, rename. Blocking. (Without the
+    directory fsync: this runs every second while bytes flow, and a sidecar lost in a crash
+    only costs re-fetching what it described.)"""
+    write_atomic(sidecar_path(dest), side.to_json(), sync_dir=False)
 
 
 def prefix_end(done: list[tuple[int, int]]) -> int:
@@ -167,7 +159,10 @@ def open_partial(dest: Path, side: Sidecar, *, keep: bool) -> int:
             remove_partial(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if total is not None:
-            have = part.stat().st_blocks * 512 if part.exists() else 0
+            try:
+                have = part.lstat().st_blocks * 512  # a link is refused below, not measured
+            except FileNotFoundError:
+                have = 0
             free = shutil.disk_usage(dest.parent).free
             if free < total - have:
                 raise OSError(errno.ENOSPC, f"need {total - have} bytes, {free} free")

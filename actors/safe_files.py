@@ -3,7 +3,12 @@ someone else is never followed and a hard link to an outside file is never writt
 
 - New files (temps, markers) are created with O_CREAT | O_EXCL | O_NOFOLLOW after removing
   whatever has the name (unlink removes a link itself, never its target).
+- Files that must survive a crash whole are written to a new temp with a random name (O_EXCL)
+  and renamed over their name (`write_atomic`); a crash leaves the temp, `.<name>.*.tmp`,
+  which the store removes at start.
 - An existing file opened for writing must be a regular file with one link (`open_own`).
+- Records are read only when they are regular files, never through a link, never waiting on a
+  FIFO, and only up to a size limit (`read_own`).
 - The storage dir and its subdirectories must belong to the daemon's user and be writable by
   nobody else (`check_private_dir`), or start-up stops with the path and the fix.
 Standard library only.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -73,10 +79,11 @@ def touch_new(path: Path) -> None:
     os.close(open_new(path))
 
 
-def write_new_then_rename(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Write `data` to a new temp file beside `path` (a random name, O_EXCL), fsync it and rename
     it onto `path`: a crash leaves the old or the new content, and a link at `path` is
-    replaced, never followed."""
+    replaced, never followed. Without `sync_dir` the rename itself may be lost in a crash (for
+    files rewritten often, whose loss costs little)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,6 +96,37 @@ def write_new_then_rename(path: Path, data: bytes, *, sync_dir: bool = True) -> 
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def temp_name(name: str) -> re.Pattern[str]:
+    """What `write_atomic`'s temps beside a file called `name` look like."""
+    return re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+
+
+def read_own(path: Path, limit: int = 1 << 20) -> bytes:
+    """The content of the regular file `path`, at most `limit` bytes. Raises FileNotFoundError
+    when there is none, UnsafeFile when it is a link or not a regular file (a FIFO is opened
+    without waiting for a writer, then refused), or too large."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(errno.ELOOP, f"{path} is a link; modeld does not follow links "
+                             "in its storage dir") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(errno.EPERM, f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise UnsafeFile(errno.EFBIG, f"{path} is larger than {limit} bytes")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UnsafeFile(errno.EFBIG, f"{path} is larger than {limit} bytes")
+    return data
 
 
 def fsync_dir(path: Path) -> None:

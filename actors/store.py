@@ -27,7 +27,9 @@ from actors.safe_files import (
     check_private_dir,
     fsync_dir,
     open_own,
-    write_new_then_rename,
+    read_own,
+    temp_name,
+    write_atomic,
 )
 from actors.spec import ModelScore, ModelSpec, is_valid_id
 
@@ -39,13 +41,11 @@ class StoreError(Exception):
 
 
 # What a model owns in models/ besides import leftovers: its file, the partial, the partial's
-# sidecar (and that sidecar's temp), the marker of a partial that must not resume by itself.
+# sidecar (and the fixed-name temp older versions wrote it through), the marker of a partial
+# that must not resume by itself.
 OWNED_SUFFIXES = ("", ".partial", ".partial.json", ".partial.json.tmp", ".held")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new content."""
-    write_new_then_rename(path, data)
+SUBDIRS = ("models", "custom", "pins")
+_UPLOAD_TEMP = re.compile(r"\.(.+)\.gguf\.[A-Za-z0-9_]{8}\.import")  # see `import_temp`
 
 
 def _record_to_json(spec: ModelSpec) -> bytes:
@@ -70,16 +70,21 @@ class Store:
 
     @classmethod
     def open(cls, root: Path) -> Store:
-        """Create the layout if needed (blocking; call before serving)."""
+        """Create the layout if needed and check that only this user can change it (blocking;
+        call before serving). Raises StoreError naming the path and the fix."""
         root = root.expanduser().resolve()
-        for sub in ("models", "custom"):
-            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        for path in (root, root / "models", root / "custom", root / "pins"):
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (root, *(root / sub for sub in SUBDIRS)):
+            if path.is_symlink() and not path.is_dir():  # models/ moved, its disk not mounted
+                raise StoreError(f"{path} is a link to {os.readlink(path)}, which is not a "
+                                 "directory; mount or fix it, or set [storage] dir instead")
             try:
-                if path.exists():
-                    check_private_dir(path)
+                path.mkdir(exist_ok=True, mode=0o700)
+                check_private_dir(path)
+            except FileExistsError:
+                raise StoreError(f"{path} is not a directory") from None
             except UnsafeDir as exc:
-                raise StoreError(f"the storage dir is not safe to use: {exc}") from None
+                raise StoreError(str(exc)) from None
         store = cls(root)
         store._remove_stale_temps()
         return store
@@ -119,16 +124,18 @@ class Store:
 
     def delete_record(self, model_id: str) -> None:
         path = self.record_path(model_id)
-        if path.exists():
-            path.unlink()
-            fsync_dir(path.parent)
+        try:
+            path.unlink()  # a link planted there is removed, never followed
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
 
     def load_records(self) -> list[ModelSpec]:
         specs = []
         for path in sorted((self.root / "custom").glob("*.json")):
             try:
-                spec = _record_from_json(path.read_bytes())
-            except (ValueError, TypeError, KeyError) as exc:
+                spec = _record_from_json(read_own(path))  # never through a link or a FIFO
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 log.error("record_unreadable", path=str(path), reason=str(exc))
                 continue
             if path.stem != spec.id:
@@ -139,14 +146,15 @@ class Store:
 
     def delete_model_files(self, model_id: str) -> None:
         """Remove exactly the files the model owns: the published file, the partial, its
-        sidecar and held marker, and its import leftovers; never another model's (the files of
-        model `a.gguf` start with the name of model `a`'s file)."""
+        sidecar and held marker, and its import and sidecar-temp leftovers; never another
+        model's (the files of model `a.gguf` start with the name of model `a`'s file)."""
         final = self.model_path(model_id)
         for suffix in OWNED_SUFFIXES:
             final.with_name(final.name + suffix).unlink(missing_ok=True)
-        leftover = re.compile(rf"\.{re.escape(final.name)}\.[A-Za-z0-9_]{{8}}\.import")
-        for path in final.parent.glob(f".{final.name}.*.import"):
-            if leftover.fullmatch(path.name):
+        leftovers = (re.compile(rf"\.{re.escape(final.name)}\.[A-Za-z0-9_]{{8}}\.import"),
+                     temp_name(final.name + ".partial.json"))
+        for path in final.parent.glob(f".{final.name}.*"):
+            if any(pattern.fullmatch(path.name) for pattern in leftovers):
                 path.unlink(missing_ok=True)
         fsync_dir(final.parent)
 
@@ -170,7 +178,26 @@ class Store:
         return final
 
     def _remove_stale_temps(self) -> None:
+        """Remove the temps a crash left. An upload's temp means its upload was cut: a model
+        that only ever waited for that file (custom, no url, no source, no file) goes with it,
+        as an import refused while the daemon runs leaves no record either."""
+        cut: set[str] = set()
         for sub in ("models", "custom"):
             for path in (self.root / sub).glob(".*"):
                 if path.suffix in (".tmp", ".import"):
                     path.unlink(missing_ok=True)
+                    upload = _UPLOAD_TEMP.fullmatch(path.name)
+                    if upload is not None and is_valid_id(upload[1]):
+                        cut.add(upload[1])
+        for model_id in sorted(cut):
+            self._forget_cut_import(model_id)
+
+    def _forget_cut_import(self, model_id: str) -> None:
+        path = self.record_path(model_id)
+        try:
+            spec = _record_from_json(read_own(path))
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # no record (or not one to judge): load_records says so
+        if spec.url is None and spec.source is None and not self.has_model_file(model_id):
+            self.delete_record(model_id)
+            log.warning("import_interrupted", model=model_id)

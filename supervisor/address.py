@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from actors.safe_files import write_new_then_rename
+from actors.safe_files import read_own, write_atomic
 
 ADDRESS_FILE = "daemon.json"
 DEFAULT_STORAGE = Path("~/.local/share/modeld")
@@ -23,8 +23,7 @@ DEFAULT_STORAGE = Path("~/.local/share/modeld")
 def write_address(storage: Path, url: str) -> None:
     """Record that this process listens at `url` (blocking; rename makes it whole or absent)."""
     path = storage / ADDRESS_FILE
-    write_new_then_rename(path, json.dumps({"url": url, "pid": os.getpid()}).encode(),
-                          sync_dir=False)
+    write_atomic(path, json.dumps({"url": url, "pid": os.getpid()}).encode(), sync_dir=False)
 
 
 def clear_address(storage: Path) -> None:
@@ -46,7 +45,7 @@ def running_url(storage_dirs: Iterable[Path]) -> str | None:
 
 def _pid(path: Path) -> int | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_own(path))
     except (OSError, ValueError):
         return None
     pid = data.get("pid") if isinstance(data, dict) else None
@@ -55,7 +54,7 @@ def _pid(path: Path) -> int | None:
 
 def _read(path: Path) -> str | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_own(path))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):

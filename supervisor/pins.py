@@ -14,8 +14,8 @@ from pathlib import Path
 import attrs
 import structlog
 
+from actors.safe_files import read_own, write_atomic
 from actors.spec import SHA256_PATTERN, ModelSpec, is_valid_id
-from actors.store import write_atomic
 from supervisor.hub_refs import BadReference, parse_reference, quant_tag
 
 log = structlog.get_logger("modeld.pins")
@@ -58,7 +58,7 @@ def apply_pins(root: Path, specs: list[ModelSpec]) -> list[ModelSpec]:
 def _pinned(root: Path, spec: ModelSpec) -> ModelSpec:
     path = pin_path(root, spec.id)
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_own(path))  # never through a link or a FIFO
     except FileNotFoundError:
         return spec
     except (OSError, ValueError) as exc:

@@ -79,8 +79,9 @@ class Transient(Exception):
 
 def disk_error(exc: OSError, dest: Path) -> DownloadError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Whether a partial is kept is known only when the attempt has ended: the model says.
         return DiskFull(f"no space left for {dest.name} in {dest.parent}; free some space and "
-                        "download again (a partial that can resume is kept)")
+                        "download again")
     return DiskError(f"cannot write {partial_path(dest)}: {exc.strerror or exc}")
 
 

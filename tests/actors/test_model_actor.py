@@ -20,6 +20,7 @@ import trio.testing
 
 from actors import messages as m
 from actors.download import DownloadRequest, FileInvalid, OriginUnreachable, ProgressSink
+from actors.download.errors import DiskFull
 from actors.errors import Conflict, InvalidInput, ModelError, OperationFailed
 from actors.generation import GenerationStream
 from actors.gguf import GGUF_MAGIC
@@ -381,6 +382,22 @@ async def test_cancel_racing_completion_ends_downloaded(
         assert not held_marker(rig.dest).exists()
         assert not partial_path(rig.dest).exists()
         assert 1 == len(rig.fetch.calls)
+
+
+async def test_a_full_disk_says_a_partial_is_kept_only_when_one_is(
+        autojump_clock: trio.abc.Clock, start: Start) -> None:
+    async with start() as rig:
+        rig.fetch.error = DiskFull("no space left for m.gguf; free some space")
+        rig.fetch.proceed.set()
+        await rig.view(lambda r: m.StartDownload(reply=r))
+        failed = await rig.wait_progress("FAILED")
+        assert failed.error is not None
+        assert failed.error.endswith(f"(the {rig.fetch.half} bytes done are kept: it resumes "
+                                     "from there)")
+        rig.fetch.data = b""  # this time no byte is done: no word of a partial
+        await rig.view(lambda r: m.StartDownload(reply=r))
+        failed = await rig.wait_progress("FAILED")
+        assert failed.error is not None and "kept" not in failed.error
 
 
 async def test_failed_download_is_absent_with_the_error(autojump_clock: trio.abc.Clock,

@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import random
+import threading
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -103,4 +105,64 @@ def test_storage_dirs_of_another_user_or_writable_by_others_are_refused(
     Store.open(root)
     bigger.chmod(0o757)
     with pytest.raises(StoreError, match="writable by other users"):
+        Store.open(root)
+
+
+def test_sidecar_temps_are_unique_and_a_crashed_one_is_cleaned(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "storage")
+    dest = store.model_path("m")
+    write_sidecar(dest, Sidecar(url="u", etag=None, last_modified=None, total=10, done=[]))
+    assert ["m.gguf.partial.json"] == sorted(p.name for p in dest.parent.iterdir())
+    crashed = dest.parent / ".m.gguf.partial.json.k2j4h5g6.tmp"  # a crash between write and rename
+    crashed.write_bytes(b"{")
+    other = dest.parent / ".mm.gguf.partial.json.k2j4h5g6.tmp"
+    other.write_bytes(b"{")
+    store.delete_model_files("m")
+    assert [other.name] == [p.name for p in dest.parent.iterdir()]  # only m's, not mm's
+    Store.open(store.root)
+    assert [] == list(dest.parent.iterdir())  # and every temp at start
+
+
+def test_records_and_pins_are_read_only_as_regular_files(tmp_path: Path) -> None:
+    from actors.spec import ModelSpec
+    from supervisor.pins import apply_pins, pin_path, write_pin
+
+    store = Store.open(tmp_path / "storage")
+    spec = ModelSpec(id="real", name="real", custom=True)
+    store.write_record(spec)
+    # A link to a well-formed record elsewhere, and a FIFO that would block a plain open.
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(store.record_path("real").read_bytes().replace(b'"real"', b'"linked"'))
+    store.record_path("linked").symlink_to(elsewhere)
+    os.mkfifo(store.record_path("fifo"))
+    loaded: list[list[str]] = []
+    reader = threading.Thread(target=lambda: loaded.append(
+        [s.id for s in store.load_records()]), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert [["real"]] == loaded  # neither followed nor waited on
+    # A pin planted as a link is not applied.
+    pinned = ModelSpec(id="cat", name="cat", source="hf.co/o/r:Q4_K_M", url="https://x/y.gguf",
+                       sha256="a" * 64, size=5, revision="c" * 40, file="y-Q4_K_M.gguf")
+    write_pin(store.root, pinned)
+    os.replace(pin_path(store.root, "cat"), elsewhere)
+    pin_path(store.root, "cat").symlink_to(elsewhere)
+    catalog = attrs.evolve(pinned, url=None, sha256=None, size=None, revision=None, file=None)
+    assert [catalog] == apply_pins(store.root, [catalog])
+    pin_path(store.root, "cat").unlink()
+    os.replace(elsewhere, pin_path(store.root, "cat"))
+    assert pinned.url == apply_pins(store.root, [catalog])[0].url  # the real pin: applied
+
+
+def test_a_models_link_to_nothing_or_a_file_in_its_place_is_a_clear_error(
+        tmp_path: Path) -> None:
+    root = tmp_path / "storage"
+    root.mkdir(mode=0o700)
+    (root / "models").symlink_to(tmp_path / "unmounted" / "models")
+    with pytest.raises(StoreError, match=r"models is a link to .*unmounted/models, which is "
+                       r"not a directory.*set \[storage\] dir"):
+        Store.open(root)
+    (root / "models").unlink()
+    (root / "models").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"models is not a directory"):
         Store.open(root)

@@ -45,6 +45,7 @@ async def test_write_faults_fail_cleanly_and_publish_nothing(
                 assert ("FAILED", 1000) == (messages[-1]["status"], close)
                 error = messages[-1]["error"]
                 assert words in error.lower()
+                assert "kept" not in error  # no byte was written: no partial to speak of
                 # Still answering, nothing published.
                 r = await client.get(f"{daemon.url}/models")
                 assert 200 == r.status_code

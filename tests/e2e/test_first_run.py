@@ -52,6 +52,15 @@ def test_every_startup_failure_is_one_line_and_an_exit_code(tmp_path: Path) -> N
     assert env_failure.stderr.startswith(f"modeld: cannot use the storage dir {blocked}")
     assert 1 == startup_failed(env_failure)["exit_code"]
 
+    shared = tmp_path / "shared"
+    (shared / "models").mkdir(parents=True)
+    (shared / "models").chmod(0o777)  # any user could plant links in it
+    unsafe = serve("--storage-dir", str(shared), "--port", "0")
+    assert 1 == unsafe.returncode
+    assert 1 == len(unsafe.stderr.splitlines()), unsafe.stderr
+    assert f"{shared}/models is writable by other users (mode 777); run: chmod go-w " \
+        f"{shared}/models" in unsafe.stderr
+
     config = tmp_path / "config.toml"
     config.write_text("[server]\nport = 70000\n[download]\nalow_http = true\n")
     bad = serve("--config", str(config))
@@ -64,7 +73,7 @@ def test_every_startup_failure_is_one_line_and_an_exit_code(tmp_path: Path) -> N
     usage = serve("--port", "70000")
     assert 2 == usage.returncode
     assert "70000 is not a port" in usage.stderr
-    assert "Traceback" not in usage.stderr + env_failure.stderr + bad.stderr
+    assert "Traceback" not in usage.stderr + env_failure.stderr + bad.stderr + unsafe.stderr
 
 
 def test_version_on_the_command_line_and_in_the_server_header(
