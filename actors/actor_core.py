@@ -87,7 +87,7 @@ class ActorCore:
         self._facts: m.FileFacts | None = None
         self._partial = 0
         self._load_seconds: float | None = None
-        self._keep = KeepAlive()
+        self._keep = KeepAlive(on_idle=lambda: gate.idle(spec.id))
         self._load_keep: KeepAliveArg = DEFAULT  # the keep-alive the load in progress gives
 
     @property

@@ -85,6 +85,7 @@ class KeepAlive:
     loaded: bool = False
     fresh: bool = False  # loaded, and no request has used it yet
     changed: trio.Event = attrs.field(factory=trio.Event)
+    on_idle: Callable[[], None] = lambda: None  # called when the last request ends
 
     @property
     def deadline(self) -> float | None:
@@ -132,6 +133,7 @@ class KeepAlive:
         self.busy -= 1
         if not self.busy:
             self.idle_since = now
+            self.on_idle()
         self._poke()
 
     def stop(self) -> None:

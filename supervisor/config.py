@@ -106,6 +106,8 @@ class RuntimeConfig:
     max_loaded: int = attrs.field(default=2, validator=_positive)
     threads: int = attrs.field(default=0, validator=_non_negative)
     load_timeout: float = attrs.field(default=300.0, validator=_positive)
+    # How long a load waits for models in use to be idle when it must unload one to fit.
+    load_wait: float = attrs.field(default=30.0, validator=_non_negative)
     default_runtime: str = attrs.field(default="auto", validator=_runtime_choice)
     parallel: int = attrs.field(default=2, validator=_positive)
     # How long a model loaded on first use (/v1) stays loaded when idle.

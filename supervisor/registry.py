@@ -151,7 +151,7 @@ class Registry:
         self._entries: dict[str, _Entry] = {}
         self._catalog_ids: set[str] = set()
         self._lock = trio.Lock()
-        self.gate = LruGate(self, config.runtime.max_loaded)
+        self.gate = LruGate(self, config.runtime.max_loaded, wait=config.runtime.load_wait)
         self._settings = ActorSettings(
             connections=config.download.connections,
             retries=config.download.retries,

@@ -194,7 +194,7 @@ def load_keep_alive(body: Any) -> float:
 
 def register_routes(app: QuartTrio, registry: Registry, config: Config,
                     feed: ProgressFeed) -> None:
-    load_wait = config.runtime.load_timeout + 30
+    load_wait = config.runtime.load_wait + config.runtime.load_timeout + 30
 
     async def call(model: str, make: Any, *, wait: float = 30.0) -> Response:
         with answer_within(wait):

@@ -122,7 +122,7 @@ def _as_openai(exc: ModelError) -> OpenAIError:
 
 def register_openai(app: QuartTrio, registry: Registry, config: Config) -> None:
     """The /v1 routes. Their errors (guard refusals included) are in OpenAI's shape."""
-    load_wait = config.runtime.load_timeout + 30
+    load_wait = config.runtime.load_wait + config.runtime.load_timeout + 30
     busy: dict[str, int] = {}  # requests running or waiting, per model
 
     metrics: Metrics = app.extensions[METRICS]

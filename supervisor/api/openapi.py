@@ -187,7 +187,11 @@ def build_document() -> dict[str, Any]:
                         body=_json_body("LoadOptions"), body_required=False,
                         description="Returns when loaded, or fails (409 when not downloaded). "
                         "The model stays loaded until it is unloaded, unless the optional "
-                        "body gives a keepAlive."),
+                        "body gives a keepAlive. Idle models, least recently used first, are "
+                        "unloaded to make room (max_loaded, memory; named in evicted); when "
+                        "only models in use stand in the way it waits up to [runtime] "
+                        "load_wait for one to be idle, then 503 all_busy or 507 "
+                        "insufficient_memory with the numbers."),
         },
         "/model/{model}/unload": {
             "post": _op("model_specific_model_unload", "Free the model's memory (idempotent)",

@@ -16,3 +16,6 @@ class OpenGate:
 
     def touch(self, model_id: str) -> None:
         pass
+
+    def idle(self, model_id: str) -> None:
+        pass

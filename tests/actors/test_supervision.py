@@ -371,9 +371,11 @@ class FakeRegistry:
 View = attrs.make_class("View", ["busy", "state", "worker_pid", "memory_estimate"])
 
 
-def gate(max_loaded: int, refuse: set[str] | None = None) -> tuple[LruGate, FakeRegistry]:
+def gate(max_loaded: int, refuse: set[str] | None = None,
+         wait: float = 0.0) -> tuple[LruGate, FakeRegistry]:
     fake = FakeRegistry(refuse)
-    fake.gate = LruGate(fake, max_loaded, memory=lambda: fake.available)  # type: ignore[arg-type]
+    fake.gate = LruGate(fake, max_loaded, memory=lambda: fake.available,  # type: ignore[arg-type]
+                        wait=wait)
     return fake.gate, fake
 
 
@@ -476,3 +478,61 @@ async def test_gate_counts_the_memory_of_loads_under_way(autojump_clock: trio.ab
     fake.rss["a"], fake.available = 800, fake.available - 800
     await lru.admit("b", 800)  # by unloading a, idle
     assert ["a"] == fake.unloaded
+
+
+async def test_a_load_waits_for_a_model_in_use_then_evicts_it(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Every loaded model in use: the load waits ([runtime] load_wait) until one is idle, and
+    evicts that one; one that stays in use past the wait is a 503 that says so."""
+    lru, fake = gate(2, wait=30)
+    await lru.admit("a", 0)
+    await lru.admit("b", 0)
+    fake.busy |= {"a", "b"}
+
+    async def idle_later(model_id: str, seconds: float) -> None:
+        await trio.sleep(seconds)
+        fake.busy.discard(model_id)
+        lru.idle(model_id)  # as its actor tells the gate
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(idle_later, "b", 5)
+        started = trio.current_time()
+        await lru.admit("c", 0)
+        assert 6 == pytest.approx(trio.current_time() - started)  # b idle at 5; its unload: 1 s
+    assert ["b"] == fake.unloaded
+    fake.busy.add("c")
+    started = trio.current_time()
+    with pytest.raises(Unavailable, match="after waiting 30 s") as info:
+        await lru.admit("d", 0)
+    assert "all_busy" == info.value.code
+    assert 30 == pytest.approx(trio.current_time() - started)
+    assert ["b"] == fake.unloaded
+
+
+async def test_a_load_waits_for_memory_held_by_a_model_in_use(
+        autojump_clock: trio.abc.Clock) -> None:
+    """The memory a load needs is held by a model in use: it waits for it to be idle, then
+    evicts it; a load that no eviction could make room for is refused at once."""
+    lru, fake = gate(8, wait=30)
+    fake.available = MEMORY_MARGIN + 1000
+    await lru.admit("a", 800)
+    fake.rss["a"], fake.available = 800, fake.available - 800
+    fake.busy.add("a")
+    started = trio.current_time()
+    with pytest.raises(InsufficientMemory, match="c needs"):
+        await lru.admit("c", 2000)  # more than a frees: no waiting
+    assert started == trio.current_time()
+
+    async def idle_later() -> None:
+        await trio.sleep(3)
+        fake.busy.discard("a")
+        lru.idle("a")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(idle_later)
+        await lru.admit("b", 800)
+    assert ["a"] == fake.unloaded
+    assert 4 == pytest.approx(trio.current_time() - started)
+    fake.rss["b"], fake.available, fake.busy = 800, fake.available - 800, {"b"}
+    with pytest.raises(InsufficientMemory, match="b in use after waiting 30 s"):
+        await lru.admit("d", 800)
