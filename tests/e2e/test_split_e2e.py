@@ -1,7 +1,8 @@
 """A split GGUF model (llama.cpp's `name-00001-of-00003.gguf`) end to end: pulled from the fake
 Hub (tests/hub.py) by the real command line into a real daemon, every part verified, one
 progress over the set, published only whole, loaded by llama.cpp from its first part and
-generating, refused by ctransformers, and deleted with all its parts."""
+generating, refused by ctransformers, found whole after a restart, and deleted with all its
+parts."""
 
 from __future__ import annotations
 
@@ -87,6 +88,15 @@ def test_split_model_pull_load_refuse_delete(make_daemon: DaemonFactory, tmp_pat
             "model": MODEL, "prompt": "Hello", "max_tokens": 4, "seed": 1})
         assert 200 == done.status_code, done.text
         assert 0 < done.json()["usage"]["completion_tokens"] <= 4
+
+        # Started again, the set is found whole: downloaded, nothing fetched again.
+        assert 0 == daemon.stop()
+        daemon.start()
+        fetched = len(hub.cdn.requests)
+        url = daemon.url
+        again = httpx.get(f"{url}/model/{MODEL}").json()
+        assert (True, names[0]) == (again["downloaded"], again["file"])
+        assert fetched == len(hub.cdn.requests)
 
         # Deleted: every part goes, nothing of the model is left.
         assert 204 == httpx.post(f"{url}/models/{MODEL}/delete", timeout=60).status_code
