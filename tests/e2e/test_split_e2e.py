@@ -66,8 +66,10 @@ def test_split_model_pull_load_refuse_delete(make_daemon: DaemonFactory, tmp_pat
         assert {f"/repos/user/split/{commit}/{n}" for n in names} == set(cdn)
 
         model = httpx.get(f"{url}/model/{MODEL}").json()
-        assert (True, names[0], hashlib.sha256(parts[0]).hexdigest(), "llama.cpp") == (
-            model["downloaded"], model["file"], model["sha256"], model["runtime"])
+        assert (True, names[0], names, hashlib.sha256(parts[0]).hexdigest(), "llama.cpp") == (
+            model["downloaded"], model["file"], model["parts"], model["sha256"],
+            model["runtime"])
+        assert 200 == httpx.post(f"{url}/model/update", json=model).status_code  # as it came
         completed = daemon.wait_for("download_completed", model=MODEL)
         assert total == completed["bytes"]
 
