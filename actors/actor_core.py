@@ -27,6 +27,7 @@ from actors.ports import Fetcher, LoadGate, Spawner, WorkerHandle
 from actors.progress import Broadcaster, progress_broadcaster
 from actors.runtimes import preview_runtime
 from actors.spec import ModelSpec
+from actors.split import model_file, whole_set
 from actors.state import Event, State, transition
 from actors.store import Store
 
@@ -96,7 +97,7 @@ class ActorCore:
 
     @property
     def dest(self) -> Path:
-        return self._store.model_path(self.spec.id)
+        return model_file(self._store, self.spec)  # a split model's: its first part
 
     def view(self) -> m.ModelView:
         return m.ModelView(
@@ -112,6 +113,7 @@ class ActorCore:
             else preview_runtime(
                 self.spec.runtime or self._settings.default_runtime,
                 self._facts.architecture if self._facts else None,
+                split=bool(self.spec.parts),
             ),
             slots=1 if self._worker is None else self._worker.info.parallel,
             context_length=None if self._worker is None else self._worker.info.context_length,
@@ -127,7 +129,8 @@ class ActorCore:
                                 parallel=worker.info.parallel)
             return memory_need(spec, facts, worker.info.runtime, self._settings.parallel)
         runtime = preview_runtime(self.spec.runtime or self._settings.default_runtime,
-                                  facts.architecture if facts else None)
+                                  facts.architecture if facts else None,
+                                  split=bool(self.spec.parts))
         return memory_need(self.spec, facts, runtime, self._settings.parallel)
 
     def _keep_for(self, keep_alive: KeepAliveArg) -> float:
@@ -156,5 +159,5 @@ class ActorCore:
 
     async def _refresh_facts(self) -> None:
         """Read the published file's header; a bad file is reported here and refused at load."""
-        self._facts = await trio.to_thread.run_sync(read_facts, self._inspect, self.dest,
-                                                    self.spec.id)
+        facts = await trio.to_thread.run_sync(read_facts, self._inspect, self.dest, self.spec.id)
+        self._facts = whole_set(facts, self.spec)

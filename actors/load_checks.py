@@ -77,7 +77,8 @@ def runtime_spec(spec: ModelSpec, info: GGUFInfo, default_runtime: str,
     """The spec a worker is started with: its runtime chosen from the file's architecture
     (InvalidInput when none runs it), a context length and the parallel slots set."""
     try:
-        runtime = choose_runtime(spec.runtime or default_runtime, info.architecture)
+        runtime = choose_runtime(spec.runtime or default_runtime, info.architecture,
+                                 split=bool(spec.parts))
     except RuntimeRefused as exc:
         raise InvalidInput(str(exc), code="runtime_unsupported") from None
     return attrs.evolve(spec, runtime=runtime,

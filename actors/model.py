@@ -13,6 +13,7 @@ import structlog
 import trio
 
 from actors import messages as m
+from actors import split
 from actors.actor_core import ActorSettings, Message
 from actors.attempts import DownloadEnded, FactsRead, LoadAttempt, LoadEnded, WorkerExited
 from actors.embedding import EmbeddingJob
@@ -29,7 +30,7 @@ from actors.gguf import ArchitectureUnsupported, GGUFInvalid
 from actors.keepalive import DEFAULT, Expired, show_keep_alive, watch_expiry
 from actors.load_checks import facts_from, memory_need, read_facts, runtime_spec
 from actors.model_file import FileCommands
-from actors.partial import held_marker, partial_bytes
+from actors.partial import held_marker
 from actors.ports import WorkerHandle
 from actors.state import Event, State
 from actors.worker import WorkerError
@@ -118,11 +119,11 @@ class ModelActor(FileCommands):
     async def _recover(self) -> bool:
         """Set the state from disk; True when an interrupted download should resume."""
         dest = self.dest
-        if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
+        if await trio.to_thread.run_sync(split.published, self._store, self.spec):
             self.state = State.DOWNLOADED  # its facts come later (_read_facts_later)
             self._publish(status="COMPLETED", percentage=100.0)
             return False
-        self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
+        self._partial = await trio.to_thread.run_sync(split.done_bytes, self._store, self.spec)
         held = await trio.to_thread.run_sync(held_marker(dest).exists)
         return self._partial > 0 and not held and self.spec.url is not None
 
@@ -131,7 +132,7 @@ class ModelActor(FileCommands):
         facts of the file found on disk arrive in the mailbox once read."""
         facts = await trio.to_thread.run_sync(read_facts, self._inspect, self.dest,
                                               self.spec.id, abandon_on_cancel=True)
-        await self._send.send(FactsRead(facts))
+        await self._send.send(FactsRead(split.whole_set(facts, self.spec)))
 
     async def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, FactsRead):
@@ -258,14 +259,15 @@ class ModelActor(FileCommands):
         try:
             with attempt.scope:
                 info = await trio.to_thread.run_sync(self._inspect, self.dest)
-                attempt.facts = facts_from(info)
+                attempt.facts = facts = split.whole_set(facts_from(info), self.spec)
+                assert facts is not None
                 # The runtime is chosen (or refused) before anything is evicted for the model.
                 spec = runtime_spec(self.spec, info, self._settings.default_runtime,
                                     self._settings.parallel)
                 # The catalog's `ram`, when it says more than the header's estimate, wins.
                 need = memory_need(spec, attempt.facts, spec.runtime, self._settings.parallel)
                 await self._gate.admit(self.spec.id,
-                                       max(need or info.file_size, self.spec.ram or 0))
+                                       max(need or facts.size, self.spec.ram or 0))
                 admitted = True
                 spawned_at = trio.current_time()
                 attempt.worker = await self._spawn(self.dest, spec)
@@ -380,7 +382,7 @@ class ModelActor(FileCommands):
             self._download = None
             self._move(Event.DOWNLOAD_CANCELLED)
         await self._unload()
-        await trio.to_thread.run_sync(self._store.delete_model_files, self.spec.id)
+        await trio.to_thread.run_sync(split.delete_files, self._store, self.spec)
         self._partial = 0
         self._facts = None
         self.error = None

@@ -12,6 +12,7 @@ import structlog
 import trio
 
 from actors import messages as m
+from actors import split
 from actors.actor_core import ActorCore
 from actors.attempts import DownloadAttempt, DownloadEnded
 from actors.disk import check_fits
@@ -19,7 +20,7 @@ from actors.download import DiskFull, DownloadError, DownloadRequest
 from actors.errors import Conflict, InvalidInput, OperationFailed
 from actors.gguf import GGUF_MAGIC, GGUFInvalid
 from actors.load_checks import facts_from
-from actors.partial import held_marker, partial_bytes, remove_partial
+from actors.partial import held_marker, remove_partial
 from actors.progress import ProgressMeter
 from actors.safe_files import touch_new
 from actors.state import Event, State
@@ -86,8 +87,12 @@ class FileCommands(ActorCore):
                 lambda: held_marker(request.dest).unlink(missing_ok=True)
             )
             with attempt.scope:
-                await self._fetch(request, ProgressMeter(self.spec.id, self.progress,
-                                                            retries=self._settings.retries))
+                meter = ProgressMeter(self.spec.id, self.progress,
+                                      retries=self._settings.retries)
+                if not self.spec.parts:
+                    await self._fetch(request, meter)
+                else:
+                    await self._fetch_parts(request, meter)
         except DownloadError as exc:
             attempt.error = exc
         except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
@@ -97,20 +102,32 @@ class FileCommands(ActorCore):
             attempt.ended.set()
         await self._send.send(DownloadEnded(attempt))
 
+    async def _fetch_parts(self, template: DownloadRequest, meter: ProgressMeter) -> None:
+        """Download a split model's parts one after the other (actors/split.py), with one
+        progress over the whole set; a part already verified at its final name is kept."""
+        total = sum(p.size for p in self.spec.parts)
+        for request, part, before in split.part_requests(self._store, self.spec, template):
+            if await trio.to_thread.run_sync(split.still_valid, request.dest, part,
+                                             abandon_on_cancel=True):
+                continue
+            await self._fetch(request, split.SetProgress(meter, before, total))
+
     async def _finish_download(self, attempt: DownloadAttempt) -> None:
         """The one place a download attempt's end moves the state, whatever ended it."""
         self._download = None
         dest = self.dest
-        if await trio.to_thread.run_sync(self._store.has_model_file, self.spec.id):
+        if await trio.to_thread.run_sync(split.published, self._store, self.spec):
             self._partial = 0
             self._move(Event.DOWNLOAD_DONE)
             await self._refresh_facts()
             size = self._facts.size if self._facts else 0
+            if self.spec.parts:
+                size = sum(p.size for p in self.spec.parts)
             self._publish(status="COMPLETED", percentage=100.0, bytes=size, total=size)
             log.info("download_completed", model=self.spec.id, bytes=size)
             return
         await trio.to_thread.run_sync(touch_new, held_marker(dest))
-        self._partial = await trio.to_thread.run_sync(partial_bytes, dest)
+        self._partial = await trio.to_thread.run_sync(split.done_bytes, self._store, self.spec)
         last = self.progress.value
         if attempt.error is not None:
             self.error = str(attempt.error)
@@ -147,6 +164,9 @@ class FileCommands(ActorCore):
 
     async def _handle_import(self, temp: Path, sha256: str) -> m.ModelView:
         try:
+            if self.spec.parts:
+                raise Conflict("this model is a split GGUF set; download it (an upload is one "
+                               "file)", code="split_import_unsupported")
             if self.state not in (State.ABSENT, State.DOWNLOADED):
                 raise Conflict(
                     f"cannot replace the file while the model is {self.state.value}",

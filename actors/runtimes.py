@@ -53,22 +53,34 @@ def runnable(architecture: str) -> bool:
     return any(runs(r, architecture) for r in RUNTIMES)
 
 
-def preview_runtime(requested: str, architecture: str | None) -> str | None:
+def preview_runtime(requested: str, architecture: str | None, *,
+                    split: bool = False) -> str | None:
     """The runtime that would run the model, or None when none would."""
     try:
-        return choose_runtime(requested, architecture)
+        return choose_runtime(requested, architecture, split=split)
     except RuntimeRefused:
         return None
 
 
-def choose_runtime(requested: str, architecture: str | None) -> str:
+def choose_runtime(requested: str, architecture: str | None, *, split: bool = False) -> str:
     """The runtime that runs a model of `architecture` when `requested` ("auto", "llama.cpp"
     or "ctransformers") is asked for. "auto" is llama.cpp for every architecture it runs.
+    A `split` model (several GGUF parts) runs only in llama.cpp: ctransformers reads one file.
 
     Raises RuntimeRefused when the requested runtime (or, for "auto", every runtime) cannot run
     the architecture. A file whose architecture is not known yet counts as llama.
     """
     arch = architecture or "llama"
+    if split and requested == CTRANSFORMERS:
+        raise RuntimeRefused(
+            "the model is a split GGUF file (several parts), which ctransformers cannot load; "
+            "set the model's runtime to 'llama.cpp' or 'auto'"
+        )
+    if split and requested == AUTO and not runs(LLAMA_CPP, arch):
+        raise RuntimeRefused(
+            f"the file is a {arch!r} model split in several parts: llama.cpp does not run "
+            "it, and ctransformers cannot load split files"
+        )
     if requested == AUTO:
         for runtime in RUNTIMES:
             if runs(runtime, arch):

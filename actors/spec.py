@@ -16,11 +16,15 @@ RUNTIME_TYPES = frozenset(
     {"llama", "gpt2", "gptj", "gpt_neox", "dolly-v2", "starcoder", "falcon", "mpt", "replit"}
 )
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+# The end of a split GGUF part's name (llama.cpp's `-00001-of-00003`): the parts of model `x`
+# are `x-0000k-of-0000n.gguf`, so no model id may end like that.
+SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 
 
 def is_valid_id(model_id: str) -> bool:
     """True when `model_id` is safe to use as a file name under the storage dir."""
-    return ID_PATTERN.fullmatch(model_id) is not None and ".." not in model_id
+    return (ID_PATTERN.fullmatch(model_id) is not None and ".." not in model_id
+            and SPLIT_SUFFIX.search(model_id) is None)
 
 
 def check_url(url: str, *, allow_http: bool) -> str | None:
@@ -76,6 +80,24 @@ class ModelScore:
 
 
 @attrs.frozen
+class SplitPart:
+    """One part of a split GGUF model (`name-0000k-of-0000n.gguf`): where its bytes are and
+    what verifies them."""
+
+    file: str
+    url: str
+    sha256: str
+    size: int
+
+
+def _to_parts(value: object) -> tuple[SplitPart, ...]:
+    """A record's `parts` (a JSON list of objects) or SplitParts, as a tuple."""
+    if not isinstance(value, list | tuple):
+        raise TypeError("parts must be a list")
+    return tuple(p if isinstance(p, SplitPart) else SplitPart(**p) for p in value)
+
+
+@attrs.frozen
 class ModelSpec:
     id: str
     name: str
@@ -105,3 +127,6 @@ class ModelSpec:
     source: str | None = None
     revision: str | None = None
     file: str | None = None
+    # A split model's parts, in order (empty: one file). `url`, `sha256` and `file` are then
+    # the first part's, `size` the whole set's.
+    parts: tuple[SplitPart, ...] = attrs.field(default=(), converter=_to_parts)

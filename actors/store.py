@@ -1,6 +1,7 @@
 """On-disk layout of the storage dir, and the only code that writes records.
 
     <dir>/models/<id>.gguf              published model files: complete and verified
+    <dir>/models/<id>-0000k-of-0000n.gguf   a split model's parts instead (actors/split.py)
     <dir>/models/<id>.gguf.partial      a download in progress (and its .partial.json sidecar)
     <dir>/custom/<id>.json              custom model records
 

@@ -18,8 +18,8 @@ import structlog
 import trio
 
 from actors.errors import InvalidInput, Unavailable
-from actors.spec import SHA256_PATTERN
-from supervisor.hub_refs import ChoiceError, HubRef, choose_file
+from actors.spec import SHA256_PATTERN, SplitPart
+from supervisor.hub_refs import ChoiceError, HubRef, choose_file, split_parts
 
 log = structlog.get_logger("modeld.hub")
 
@@ -39,6 +39,8 @@ class Resolved:
     size: int
     sha256: str
     url: str
+    # A split set (`file` is its first part): every part, in order; `size` is then the set's.
+    parts: tuple[SplitPart, ...] = ()
 
 
 def resolve_url(endpoint: str, repo: str, commit: str, file: str) -> str:
@@ -56,7 +58,7 @@ async def resolve(ref: HubRef, endpoint: str) -> Resolved:
     resolved = await trio.to_thread.run_sync(
         functools.partial(_resolve_blocking, ref, endpoint), abandon_on_cancel=True)
     log.info("hub_resolved", source=resolved.source, revision=resolved.commit,
-             file=resolved.file, bytes=resolved.size)
+             file=resolved.file, bytes=resolved.size, parts=len(resolved.parts) or 1)
     return resolved
 
 
@@ -72,14 +74,26 @@ def _resolve_blocking(ref: HubRef, endpoint: str) -> Resolved:
         file = choose_file(ref, list(siblings))
     except ChoiceError as exc:
         raise InvalidInput(str(exc), code=exc.code) from None
+    parts = tuple(_part(ref, endpoint, commit, siblings, name)
+                  for name in split_parts(file) or [file])
+    first = parts[0]
+    return Resolved(source=where, repo=ref.repo, commit=commit, file=file,
+                    size=sum(p.size for p in parts), sha256=first.sha256, url=first.url,
+                    parts=parts if len(parts) > 1 else ())
+
+
+def _part(ref: HubRef, endpoint: str, commit: str, siblings: dict[str, Any],
+          file: str) -> SplitPart:
+    """One file of the commit with its LFS sha256 and size (InvalidInput without them)."""
     lfs = siblings[file].lfs
     sha256 = str(lfs["sha256"]).lower() if lfs else ""
     size = lfs["size"] if lfs else None
     if not SHA256_PATTERN.fullmatch(sha256) or not isinstance(size, int) or size <= 0:
         raise InvalidInput(f"{file} of {ref.repo} is not stored with an LFS sha256 and size, so "
-                           f"modeld cannot verify it ({where})", code="hub_file_unverifiable")
-    return Resolved(source=where, repo=ref.repo, commit=commit, file=file, size=size,
-                    sha256=sha256, url=resolve_url(endpoint, ref.repo, commit, file))
+                           f"modeld cannot verify it ({ref.canonical()})",
+                           code="hub_file_unverifiable")
+    return SplitPart(file=file, url=resolve_url(endpoint, ref.repo, commit, file),
+                     sha256=sha256, size=size)
 
 
 def _model_info(ref: HubRef, endpoint: str) -> Any:

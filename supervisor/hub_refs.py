@@ -142,47 +142,70 @@ def quant_tag(path: str) -> str | None:
     return found[-1].upper() if found else None
 
 
+_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
 def is_split_part(path: str) -> bool:
-    return _SPLIT.search(path.rsplit("/", 1)[-1][: -len(".gguf")]) is not None
+    return _PART.search(path.rsplit("/", 1)[-1]) is not None
+
+
+def split_parts(path: str) -> list[str] | None:
+    """The names of every part of the split set `path` is a part of (in order), or None when
+    `path` is not a split part (`name-0000k-of-0000n.gguf`, 1 <= k <= n)."""
+    found = _PART.search(path)
+    if found is None or "/" in path[found.start():]:
+        return None
+    number, count = int(found[1]), int(found[2])
+    if not 1 <= number <= count:
+        return None
+    stem = path[: found.start()]
+    return [f"{stem}-{k:05d}-of-{count:05d}.gguf" for k in range(1, count + 1)]
 
 
 def model_files(paths: list[str]) -> list[str]:
-    """The repository's GGUF model files: `.gguf`, neither a vision projector (`mmproj`)
-    nor a part of a split file."""
-    return [p for p in paths if p.lower().endswith(".gguf") and not is_split_part(p)
-            and not p.rsplit("/", 1)[-1].lower().startswith("mmproj")]
+    """The repository's GGUF models: `.gguf` files that are not a vision projector
+    (`mmproj`); a split set counts once, as its first part."""
+    out = []
+    for p in paths:
+        if not p.lower().endswith(".gguf") or p.rsplit("/", 1)[-1].lower().startswith("mmproj"):
+            continue
+        parts = split_parts(p)
+        if parts is None or parts[0] == p:
+            out.append(p)
+    return out
 
 
 def choose_file(ref: HubRef, paths: list[str]) -> str:
     """The one file of `paths` (a repository's file list) that `ref` names.
 
-    Raises ChoiceError (code `hub_file_not_found`, `hub_no_gguf`, `hub_quant_not_found`,
-    `hub_quant_ambiguous`, `hub_split_unsupported`) with the choices listed.
+    A split set is named by its first part (`name-00001-of-0000n.gguf`), whichever of its parts
+    the reference names; `split_parts` gives the others. Raises ChoiceError (code
+    `hub_file_not_found`, `hub_no_gguf`, `hub_quant_not_found`, `hub_quant_ambiguous`,
+    `hub_split_incomplete`) with the choices listed.
     """
     where = ref.canonical()
     if ref.file is not None:
         if ref.file not in paths:
             raise ChoiceError(f"{ref.repo} has no file {ref.file!r} ({where})",
                               code="hub_file_not_found")
-        if is_split_part(ref.file):
-            raise _split_error(where)
-        return ref.file
+        parts = split_parts(ref.file)
+        return _whole_set(parts, paths, where) if parts else ref.file
     candidates = model_files(paths)
     if not candidates:
-        if any(p.lower().endswith(".gguf") for p in paths):
-            raise _split_error(where)
         raise ChoiceError(f"{ref.repo} has no GGUF file ({where})", code="hub_no_gguf")
     tags = sorted({t for t in map(quant_tag, candidates) if t})
     wanted = ref.quant or DEFAULT_QUANT
     matching = [p for p in candidates if quant_tag(p) == wanted]
     if len(matching) == 1:
-        return matching[0]
+        parts = split_parts(matching[0])
+        return _whole_set(parts, paths, where) if parts else matching[0]
     if len(matching) > 1:
         raise ChoiceError(
             f"{where} matches {len(matching)} files: {', '.join(matching)}; name one as "
             f"hf.co/{ref.repo}/FILE.gguf", code="hub_quant_ambiguous")
     if ref.quant is None and len(candidates) == 1:
-        return candidates[0]
+        parts = split_parts(candidates[0])
+        return _whole_set(parts, paths, where) if parts else candidates[0]
     choices = ", ".join(tags) if tags else ", ".join(candidates)
     if ref.quant is not None:
         raise ChoiceError(f"{ref.repo} has no {ref.quant} file ({where}); its quantizations: "
@@ -192,16 +215,20 @@ def choose_file(ref: HubRef, paths: list[str]) -> str:
                       code="hub_quant_ambiguous")
 
 
-def _split_error(where: str) -> ChoiceError:
-    return ChoiceError(f"{where} is a split GGUF file (name-00001-of-0000N.gguf); modeld does "
-                       "not download split files yet", code="hub_split_unsupported")
+def _whole_set(parts: list[str], paths: list[str], where: str) -> str:
+    """The first part of a split set whose every part is in `paths`."""
+    absent = [p for p in parts if p not in paths]
+    if absent:
+        raise ChoiceError(f"{where} is a split GGUF file whose parts {', '.join(absent)} are "
+                          "not in the repository", code="hub_split_incomplete")
+    return parts[0]
 
 
 def model_id_for(repo: str, file: str, suffix_seed: str | None = None) -> str:
     """A stable, valid model id for a Hub file: `hf-{user}-{repo}-{quant}` lower-case (the
     file's name when it has no quantization tag); with `suffix_seed`, 8 hex digits of its
     sha256 are added (another reference to the same file name)."""
-    what = quant_tag(file) or file.rsplit("/", 1)[-1].removesuffix(".gguf")
+    what = quant_tag(file) or _SPLIT.sub("", file.rsplit("/", 1)[-1].removesuffix(".gguf"))
     base = re.sub(r"[^a-z0-9_-]+", "-", f"hf-{repo}-{what}".lower().replace("/", "-"))
     base = re.sub(r"-{2,}", "-", base).strip("-_")
     suffix = "" if suffix_seed is None else "-" + hashlib.sha256(

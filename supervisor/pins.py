@@ -32,7 +32,8 @@ def pin_path(root: Path, model_id: str) -> Path:
 def write_pin(root: Path, spec: ModelSpec) -> None:
     path = pin_path(root, spec.id)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    data = {name: getattr(spec, name) for name in PINNED}
+    data: dict[str, object] = {name: getattr(spec, name) for name in PINNED}
+    data["parts"] = [attrs.asdict(part) for part in spec.parts]  # a split set's
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
@@ -71,5 +72,9 @@ def _pinned(root: Path, spec: ModelSpec) -> ModelSpec:
             and isinstance(data.get("revision"), str) and isinstance(data.get("file"), str)):
         log.error("pin_unreadable", model=spec.id, path=str(path), reason="fields missing")
         return spec
-    return attrs.evolve(spec, quantization=spec.quantization or quant_tag(data["file"]),
-                        **{name: data[name] for name in PINNED})
+    try:
+        return attrs.evolve(spec, quantization=spec.quantization or quant_tag(data["file"]),
+                            parts=data.get("parts", []), **{name: data[name] for name in PINNED})
+    except TypeError as exc:
+        log.error("pin_unreadable", model=spec.id, path=str(path), reason=str(exc))
+        return spec

@@ -1,7 +1,8 @@
 """What no model owns in the storage dir, and removing it (`modeld prune`, POST /storage/prune).
 
 Owned: each known model's files in `models/` (its file, partial, sidecar, held marker, import
-leftovers: `Store.delete_model_files` removes exactly these), its record in `custom/` and its pin
+leftovers: `Store.delete_model_files` removes exactly these; a split model's parts, each with
+the same), its record in `custom/` and its pin
 in `pins/`. Stray: files of models that are gone (a partial of a model whose record was removed by
 hand, a pin of a deleted model), and temp files (`.<name>.<random>.tmp` or `.import`) untouched for
 an hour, which no running write can still own (an upload that stalls is ended sooner).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import attrs
 
+from actors.spec import SPLIT_SUFFIX
 from actors.store import OWNED_SUFFIXES
 
 TEMP_AGE_SECONDS = 3600.0
@@ -41,7 +43,8 @@ def _owner(name: str, subdir: str) -> str | None:
     for suffix in sorted(OWNED_SUFFIXES, key=len, reverse=True):
         stem = name[: len(name) - len(suffix)] if suffix else name
         if name.endswith(suffix) and stem.endswith(".gguf"):
-            return stem[: -len(".gguf")]
+            # A split model's parts (`<id>-0000k-of-0000n.gguf`, actors/split.py) are its own.
+            return SPLIT_SUFFIX.sub("", stem[: -len(".gguf")])
     return None
 
 

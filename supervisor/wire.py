@@ -103,6 +103,7 @@ class ModelOut:
     source: str | None = None  # a Hub reference, and the commit and file it is pinned to
     revision: str | None = None
     file: str | None = None
+    parts: list[str] | None = None  # a split GGUF set's files, in order (`file` is the first)
     keep_alive: str | None = None  # the model's own keep-alive, when it has one
     expires_at: str | None = None  # when it is unloaded if it stays idle (ISO 8601)
     memory_estimate: int | None = None  # bytes it takes loaded, estimated from its header
@@ -201,6 +202,7 @@ class ModelBody:
     source: str | None = None  # on create only: a Hub reference (supervisor/hub_refs.py)
     revision: Any = None
     file: Any = None
+    parts: Any = None
     keep_alive: str | None = None
     expires_at: Any = None
     memory_estimate: Any = None
@@ -330,6 +332,7 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         source=spec.source,
         revision=spec.revision,
         file=spec.file,
+        parts=[p.file for p in spec.parts] or None,
         keep_alive=spec.keep_alive,
         expires_at=None if view.expires_at is None
         else iso_utc(dt.datetime.fromtimestamp(view.expires_at, dt.UTC)),

@@ -81,6 +81,13 @@ class FakeHub:
                                      ("X-Error-Message", "Repository not found")])
 
 
+def split_files(stem: str, parts: list[bytes]) -> dict[str, bytes]:
+    """A split GGUF set's files as a repository holds them (`{stem}-0000k-of-0000n.gguf`), for
+    `publish`; `parts` from tests/gguf_factory.split_gguf."""
+    count = len(parts)
+    return {f"{stem}-{k:05d}-of-{count:05d}.gguf": data for k, data in enumerate(parts, 1)}
+
+
 @contextlib.contextmanager
 def open_fake_hub() -> Iterator[FakeHub]:
     with run_origin_in_thread() as api, run_origin_in_thread() as cdn:

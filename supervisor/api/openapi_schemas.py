@@ -90,6 +90,9 @@ def schemas() -> dict[str, Schema]:
         "revision": {"type": "string", "pattern": "^[0-9a-f]{40}$",
                      "description": "modeld: the Hub commit the source is pinned to"},
         "file": {"type": "string", "description": "modeld: the file of that commit"},
+        "parts": {"type": "array", "items": {"type": "string"},
+                  "description": "modeld: a split GGUF set's files of that commit, in order "
+                  "(`file` is the first)"},
         "keepAlive": {"type": "string", "description": "modeld: how long it stays loaded "
                       "when idle after a load on first use (\"15m\", \"0\", \"-1\")"},
         "expiresAt": {"type": "string", "format": "date-time",
@@ -158,6 +161,7 @@ def schemas() -> dict[str, Schema]:
                    "is recorded; ignored on update"},
         "revision": ANY,
         "file": ANY,
+        "parts": ANY,
     }
     update_props = {"id": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
                     **body_props}

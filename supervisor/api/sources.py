@@ -40,7 +40,7 @@ def pinned(spec: ModelSpec, resolved: Resolved) -> ModelSpec:
     return attrs.evolve(
         spec, url=resolved.url, sha256=resolved.sha256, size=resolved.size,
         source=resolved.source, revision=resolved.commit, file=resolved.file,
-        quantization=spec.quantization or quant_tag(resolved.file),
+        parts=resolved.parts, quantization=spec.quantization or quant_tag(resolved.file),
     )
 
 

@@ -16,6 +16,7 @@ from supervisor.hub_refs import (
     model_id_for,
     parse_reference,
     quant_tag,
+    split_parts,
 )
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -80,6 +81,23 @@ def test_choice() -> None:
     assert "m.Q8_0.gguf" == choose_file(HubRef("u/r"), ["m.Q8_0.gguf", "mmproj-F16.gguf"])
 
 
+SPLIT = ["README.md", "m-Q4_K_M-00001-of-00002.gguf", "m-Q4_K_M-00002-of-00002.gguf",
+         "m.Q8_0.gguf"]
+
+
+def test_split_choice() -> None:
+    """A split set counts as one model, named by its first part, whichever part is named."""
+    assert "m-Q4_K_M-00001-of-00002.gguf" == choose_file(HubRef("u/r"), SPLIT)
+    assert "m-Q4_K_M-00001-of-00002.gguf" == choose_file(HubRef("u/r", quant="Q4_K_M"), SPLIT)
+    assert "m-Q4_K_M-00001-of-00002.gguf" == choose_file(
+        HubRef("u/r", file="m-Q4_K_M-00002-of-00002.gguf"), SPLIT)
+    assert "m.Q8_0.gguf" == choose_file(HubRef("u/r", quant="Q8_0"), SPLIT)
+    assert ["d/x-00001-of-00002.gguf", "d/x-00002-of-00002.gguf"] == split_parts(
+        "d/x-00002-of-00002.gguf")
+    assert split_parts("x-00003-of-00002.gguf") is None
+    assert split_parts("x.Q4_K_M.gguf") is None
+
+
 def test_choice_errors() -> None:
     with pytest.raises(ChoiceError, match="its quantizations: F16, Q4_K_M, Q8_0") as missing:
         choose_file(HubRef("u/r", quant="Q2_K"), FILES)
@@ -93,9 +111,10 @@ def test_choice_errors() -> None:
     with pytest.raises(ChoiceError) as none:
         choose_file(HubRef("u/r"), ["README.md", "model.safetensors"])
     assert "hub_no_gguf" == none.value.code
-    with pytest.raises(ChoiceError) as split:
-        choose_file(HubRef("u/r"), ["m-Q4_K_M-00001-of-00002.gguf", "m-Q4_K_M-00002-of-00002.gguf"])
-    assert "hub_split_unsupported" == split.value.code
+    with pytest.raises(ChoiceError, match=r"m-Q4_K_M-00002-of-00003\.gguf") as split:
+        choose_file(HubRef("u/r"), ["m-Q4_K_M-00001-of-00003.gguf",
+                                    "m-Q4_K_M-00003-of-00003.gguf"])
+    assert "hub_split_incomplete" == split.value.code
     with pytest.raises(ChoiceError) as absent:
         choose_file(HubRef("u/r", file="x.gguf"), FILES)
     assert "hub_file_not_found" == absent.value.code
@@ -104,6 +123,7 @@ def test_choice_errors() -> None:
 def test_model_ids() -> None:
     assert "hf-user-repo-gguf-q4_k_m" == model_id_for("User/Repo-GGUF", "m.Q4_K_M.gguf")
     assert "hf-u-r-model" == model_id_for("u/r", "dir/model.gguf")
+    assert "hf-u-r-model" == model_id_for("u/r", "model-00001-of-00002.gguf")
     assert model_id_for("u/r", "m.gguf", "a") != model_id_for("u/r", "m.gguf", "b")
 
 

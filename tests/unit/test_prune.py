@@ -16,7 +16,9 @@ def layout(root: Path) -> None:
     pins.mkdir()
     for name in ("kept.gguf", "kept.gguf.partial", "kept.gguf.partial.json", "kept.gguf.held",
                  "gone.gguf.partial", "gone.gguf.partial.json", "a.gguf.gguf",
-                 ".kept.gguf.abcdefgh.import", ".old.gguf.abcdefgh.import", "notes.txt"):
+                 ".kept.gguf.abcdefgh.import", ".old.gguf.abcdefgh.import", "notes.txt",
+                 "kept-00002-of-00003.gguf", "kept-00001-of-00003.gguf.partial",
+                 "gone-00001-of-00002.gguf"):
         (models / name).write_bytes(b"x" * 10)
     (pins / "kept.json").write_text("{}")
     (pins / "gone.json").write_text("{}")
@@ -31,7 +33,8 @@ def test_only_what_no_model_owns_is_stray(tmp_path: Path) -> None:
     strays = find_strays(tmp_path, lambda: ["kept", "a.gguf"])
     names = {s.path.name: s for s in strays}
     assert {"gone.gguf.partial", "gone.gguf.partial.json", "gone.json",
-            ".old.gguf.abcdefgh.import", "notes.txt", "link.gguf"} == set(names)
+            ".old.gguf.abcdefgh.import", "notes.txt", "link.gguf",
+            "gone-00001-of-00002.gguf"} == set(names)
     assert "model 'gone' no longer exists" == names["gone.gguf.partial"].reason
     assert 10 == names["gone.gguf.partial"].bytes
     assert 0 == names["link.gguf"].bytes
@@ -39,8 +42,9 @@ def test_only_what_no_model_owns_is_stray(tmp_path: Path) -> None:
     removed = remove_strays(strays)
     assert len(strays) == len(removed)
     left = sorted(p.name for p in (tmp_path / "models").iterdir())
-    assert [".kept.gguf.abcdefgh.import", "a.gguf.gguf", "kept.gguf", "kept.gguf.held",
-            "kept.gguf.partial", "kept.gguf.partial.json"] == left
+    assert [".kept.gguf.abcdefgh.import", "a.gguf.gguf", "kept-00001-of-00003.gguf.partial",
+            "kept-00002-of-00003.gguf", "kept.gguf", "kept.gguf.held", "kept.gguf.partial",
+            "kept.gguf.partial.json"] == left
     assert ["kept.json"] == [p.name for p in (tmp_path / "pins").iterdir()]
     assert b"keep me" == (tmp_path / "outside").read_bytes()  # the link, not its target
     assert [] == find_strays(tmp_path, lambda: ["kept", "a.gguf"])

@@ -39,6 +39,16 @@ def test_choose_runtime_refuses(requested: str, architecture: str, words: str) -
     assert None is preview_runtime(requested, architecture)
 
 
+def test_split_models_run_only_in_llama_cpp() -> None:
+    assert "llama.cpp" == choose_runtime("auto", "llama", split=True)
+    assert "llama.cpp" == choose_runtime("llama.cpp", "llama", split=True)
+    with pytest.raises(RuntimeRefused, match=r"split GGUF file.*ctransformers cannot load"):
+        choose_runtime("ctransformers", "llama", split=True)
+    assert None is preview_runtime("ctransformers", "llama", split=True)
+    with pytest.raises(RuntimeRefused, match="'notanarch' model split"):
+        choose_runtime("auto", "notanarch", split=True)
+
+
 def test_architecture_from_prefix(tmp_path: Path) -> None:
     data = write_tiny_llama(tmp_path / "m.gguf", architecture="gemma3").read_bytes()
     assert "gemma3" == architecture_from_prefix(data[:4096])
