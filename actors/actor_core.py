@@ -103,7 +103,7 @@ class ActorCore:
             spec=self.spec,
             state=self.state,
             error=self.error,
-            partial_bytes=self._partial,
+            partial_bytes=self._partial_now(),
             load_seconds=self._load_seconds,
             facts=self._facts,
             worker_pid=None if self._worker is None else self._worker.pid,
@@ -118,6 +118,13 @@ class ActorCore:
             memory_estimate=self._memory_estimate(),
             **self._keep.view_fields(),
         )
+
+    def _partial_now(self) -> int:
+        """Bytes of the partial: while a download writes, what it wrote so far."""
+        now = self.progress.value
+        if self._download is not None and now.status == "IN-PROGRESS":
+            return max(now.bytes, 0)
+        return self._partial
 
     def _memory_estimate(self) -> int | None:
         """What the model takes loaded (its worker's real context and slots), or would."""

@@ -19,6 +19,7 @@ import attrs
 import httpx
 import trio
 
+from actors.disk import allocated_bytes, check_room
 from actors.download.errors import (
     ChecksumMismatch,
     ContentChanged,
@@ -41,6 +42,7 @@ from actors.download.origin import (
     retrying,
 )
 from actors.download.request import DownloadRequest, ProgressSink
+from actors.errors import InsufficientStorage
 from actors.gguf import GGUFInvalid, check_magic
 from actors.heads import Refused
 from actors.partial import (
@@ -120,6 +122,8 @@ class Download:
         self.done = list(side.done) if why_not is None and side is not None else []
         if why_not is not None and size > 0:
             self.sink.reset(why_not)
+        if probe.total is not None:  # known now: refused before any byte when it cannot fit
+            await trio.to_thread.run_sync(self._check_room, probe.total, why_not is None)
         start = self._sidecar()
         try:
             self.fd = await trio.to_thread.run_sync(
@@ -145,6 +149,25 @@ class Download:
             raise
         finally:
             await self._close_partial(discard=discard)
+
+    def _check_room(self, total: int, keep: bool) -> None:
+        """Room for the `total`-byte file (less what a kept partial holds) with [storage]
+        min_free to spare, or DiskFull. Blocking."""
+        dest = self.req.dest
+        have = allocated_bytes(partial_path(dest)) if keep else 0
+        try:
+            check_room(dest.parent, max(0, total - have), "the download", self.req.min_free)
+        except InsufficientStorage as exc:
+            raise DiskFull(str(exc)) from None
+        except OSError as exc:
+            raise disk_error(exc, dest) from exc
+
+    @property
+    def known_size(self) -> int | None:
+        """The file's size as the catalog or the origin's probe tells it (None: unknown)."""
+        if self.req.size is not None:
+            return self.req.size
+        return None if self.probe is None else self.probe.total
 
     def _sidecar(self) -> Sidecar:
         probe = self.probe
@@ -191,8 +214,9 @@ class Download:
         probe = self.probe
         assert probe is not None
         if probe.total is None or not probe.ranges:
+            # To the body's end: the pump stops one byte past a known size (`cap`).
             self.done = []
-            pieces: list[tuple[int, int | None]] = [(0, probe.total)]
+            pieces: list[tuple[int, int | None]] = [(0, None)]
             workers = 1
         else:
             gaps = missing(self.done, probe.total)
@@ -269,7 +293,7 @@ class Download:
                 failure = exc  # raised below, not as an exception group
                 nursery.cancel_scope.cancel()
 
-        url = probe.url
+        url, known = probe.url, self.known_size
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_checking)
@@ -281,9 +305,8 @@ class Download:
                         netloc=url.netloc.decode("ascii"), headers=headers, at=at, end=end,
                         stall_timeout=self.req.stall_timeout, moved=note,
                         total=probe.total, etag=probe.etag, ranged=probe.ranges,
-                        cap=None if self.req.size is None else self.req.size + 1,
-                        min_free=self.req.min_free if self.req.size is None and probe.total is None
-                        else 0)
+                        cap=None if known is None else known + 1,
+                        min_free=self.req.min_free if known is None else 0)
                 except PumpFailed as exc:
                     failure = self._pump_failure(exc)
                 finally:
@@ -366,9 +389,10 @@ class Download:
             size = await trio.to_thread.run_sync(lambda: os.fstat(fd).st_size)
         except OSError as exc:
             raise disk_error(exc, dest) from exc
-        if req.size is not None and size != req.size:  # an origin that did not say its size
+        known = self.known_size
+        if known is not None and size != known:  # an origin whose body did not fit its size
             await trio.to_thread.run_sync(remove_partial, dest)
-            raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
+            raise SizeMismatch(f"downloaded {size} bytes, expected {known}; check the model's "
                                "url and size")
         if req.sha256 is not None:
             assert hasher is not None
