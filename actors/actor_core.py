@@ -39,6 +39,7 @@ class ActorSettings:
     retries: int = 6
     stall_timeout: float = 30.0
     allow_http: bool = False
+    allow_private: bool = False  # [download] allow_private
     default_runtime: str = "auto"
     parallel: int = 2
     keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import certifi
 import h11
 
+from actors.addresses import Blocked, connect
 from actors.frames import Frame
 from actors.heads import Refused, header_fields, judge_body
 from actors.writeback import WRITEBACK_EVERY, start_writeback
@@ -100,7 +101,9 @@ class BodyFetch:
         msg = self.msg
         host, port, timeout = str(msg["host"]), int(msg["port"]), float(msg["timeout"])
         try:
-            raw = socket.create_connection((host, port), timeout=timeout)
+            raw = connect(host, port, timeout, private_ok=bool(msg.get("private_ok", True)))
+        except Blocked as exc:
+            raise Failed("refused", exc.reason) from None
         except OSError as exc:
             raise Failed("transient",
                          f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None

@@ -157,6 +157,7 @@ class Registry:
             retries=config.download.retries,
             stall_timeout=config.download.stall_timeout,
             allow_http=config.download.allow_http,
+            allow_private=config.download.allow_private,
             default_runtime=config.runtime.default_runtime,
             parallel=config.runtime.parallel,
             keep_alive=parse_keep_alive(config.runtime.keep_alive),

@@ -29,16 +29,22 @@ from actors.download.errors import (
     OriginError,
     SizeMismatch,
     Transient,
+    UrlRefused,
     disk_error,
     plain,
 )
 from actors.download.hashing import FrontHash
 from actors.download.origin import (
+    INTERNAL,
     Probe,
+    Resolve,
     from_refusal,
     give_up_message,
+    muted,
+    port_of,
     probe_once,
     redact,
+    resolve_host,
     retrying,
 )
 from actors.download.request import DownloadRequest, ProgressSink
@@ -84,6 +90,7 @@ class Download:
     clock: Callable[[], float]
     url: httpx.URL
     rng: random.Random = attrs.Factory(random.Random)
+    resolve: Resolve = resolve_host
     # per attempt
     probe: Probe | None = None
     fd: int = -1
@@ -115,7 +122,8 @@ class Download:
         req, dest = self.req, self.req.dest
         probe = self.probe = await self._retrying(self._probe_once, progress=None)
         if req.size is not None and probe.total is not None and probe.total != req.size:
-            raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
+            serves = "another size" if probe.internal else f"{probe.total} bytes"
+            raise SizeMismatch(f"the origin serves {serves}, the catalog expects "
                                f"{req.size}; check the model's url and size")
         side, size = await trio.to_thread.run_sync(look_at_partial, dest)
         why_not = _why_not_resumable(side, size, req.url, probe)
@@ -177,7 +185,8 @@ class Download:
 
     async def _probe_once(self) -> Probe:
         return await probe_once(self.client, self.url, allow_http=self.req.allow_http,
-                                stall_timeout=self.req.stall_timeout)
+                                stall_timeout=self.req.stall_timeout,
+                                allow_private=self.req.allow_private, resolve=self.resolve)
 
     async def _retrying(self, once: Callable[[], Awaitable[T]],
                         progress: Callable[[], int] | None) -> T:
@@ -300,7 +309,7 @@ class Download:
                 try:
                     await pumper.fetch(
                         scheme=url.scheme, host=url.host,
-                        port=url.port or (443 if url.scheme == "https" else 80),
+                        port=port_of(url), private_ok=probe.private_ok,
                         target=url.raw_path.decode("ascii"),
                         netloc=url.netloc.decode("ascii"), headers=headers, at=at, end=end,
                         stall_timeout=self.req.stall_timeout, moved=note,
@@ -324,12 +333,16 @@ class Download:
             return DiskFull(f"{exc.reason}; free some space and download again")
         if exc.kind == "size":  # more bytes than the known size: never resumed or retried
             return SizeMismatch(f"{exc.reason}; check the model's url and size")
+        if exc.kind == "refused":  # the address rule (actors/addresses.py)
+            return UrlRefused(f"refusing the download's address: {exc.reason}")
         if exc.kind == "died":
             return DownloadError(f"{exc.reason}; the partial is kept: download again to resume")
+        internal = self.probe is not None and self.probe.internal
         if exc.kind in ("changed", "origin"):
-            return from_refusal(Refused(exc.kind, exc.reason, status=exc.status), self.url)
-        return Transient(plain(exc.reason) or exc.reason, retry_after=exc.retry_after,
-                         status=exc.status)
+            refused = Refused(exc.kind, exc.reason, status=exc.status)
+            return from_refusal(muted(refused) if internal else refused, self.url)
+        reason = INTERNAL if internal and exc.status else plain(exc.reason) or exc.reason
+        return Transient(reason, retry_after=exc.retry_after, status=exc.status)
 
     def _record(self, pos: int, end: int) -> None:
         if self.probe is not None and self.probe.ranges:

@@ -20,6 +20,8 @@ class DownloadRequest:
     retries: int = 6
     stall_timeout: float = 30.0
     allow_http: bool = False
+    # Redirects from a public origin to private or loopback addresses ([download] allow_private).
+    allow_private: bool = False
     min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
     # Bytes of free space a download of unknown size leaves on the disk ([storage] min_free);
     # a known size is checked (and reserved) before the first byte instead.

@@ -330,10 +330,18 @@ async def test_faults_are_retried_and_4xx_fails_at_once(make_daemon: DaemonFacto
             origin.faults("/r.gguf").reset_requests = 2
             origin.add("/gone.gguf", data)
             origin.faults("/gone.gguf").status = 404
+            # A redirect to a link-local address (cloud metadata's): refused, never connected.
+            origin.redirect("/meta.gguf", "http://169.254.0.1:9/latest/meta-data/")
             daemon = await started(make_daemon([entry(origin, "/r.gguf", data),
-                                                entry(origin, "/gone.gguf", data)]))
+                                                entry(origin, "/gone.gguf", data),
+                                                entry(origin, "/meta.gguf", data)]))
+            await sdk_call(daemon, "model_specific_model_download", "meta")
             await sdk_call(daemon, "model_specific_model_download", "r")
             await sdk_call(daemon, "model_specific_model_download", "gone")
+            messages, _ = await watch(daemon, "meta")
+            assert "FAILED" == messages[-1]["status"]
+            assert "link-local" in messages[-1]["error"], messages[-1]
+            assert "url_refused" == daemon.wait_for("download_failed", model="meta")["code"]
             messages, _ = await watch(daemon, "r")
             assert "COMPLETED" == messages[-1]["status"]
             assert data == (daemon.storage / "models" / "r.gguf").read_bytes()
