@@ -3,6 +3,7 @@ answers reads with, moving its state, publishing its progress (actors/model.py r
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from actors.attempts import (
     WorkerExited,
 )
 from actors.disk import DISK_MARGIN, FreeSpace, free_bytes
+from actors.download_queue import DownloadQueue
 from actors.gguf import GGUFInfo, inspect_gguf
 from actors.keepalive import DEFAULT, Expired, KeepAlive, KeepAliveArg, parse_keep_alive
 from actors.load_checks import RememberedInspect, memory_need, read_facts
@@ -65,6 +67,7 @@ class ActorCore:
         inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
         progress: Broadcaster[m.Progress] | None = None,
         free_space: FreeSpace = free_bytes,
+        downloads: DownloadQueue | None = None,
     ) -> None:
         self.spec = spec
         self.state = State.ABSENT
@@ -79,6 +82,8 @@ class ActorCore:
         self._gate = gate
         self._inspect = RememberedInspect(inspect)
         self._free_space = free_space
+        # Shared by every model's actor ([download] max_active); alone: no limit.
+        self._downloads = downloads or DownloadQueue(sys.maxsize)
         self._send, self._inbox = trio.open_memory_channel[Message](64)
         self._nursery: trio.Nursery | None = None
         self._download: DownloadAttempt | None = None

@@ -59,8 +59,7 @@ class FileCommands(ActorCore):
         self.error = None
         self._move(Event.DOWNLOAD_START)
         log.info("download_started", model=self.spec.id, bytes=self._partial)
-        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
-                      percentage=self.progress.value.percentage if self._partial else 0.0)
+        self._publish_start(queue_position=None)
         request = DownloadRequest(
             url=self.spec.url,
             dest=self.dest,
@@ -78,6 +77,17 @@ class FileCommands(ActorCore):
         )
         self._nursery.start_soon(self._run_download, attempt, request)
 
+    def _publish_start(self, *, queue_position: int | None) -> None:
+        """INITIALIZED: the download is asked for; with its place while it waits in line
+        ([download] max_active)."""
+        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
+                      percentage=self.progress.value.percentage if self._partial else 0.0,
+                      queue_position=queue_position)
+
+    def _queued(self, place: int) -> None:
+        self._publish_start(queue_position=place)
+        log.info("download_queued", model=self.spec.id, place=place)
+
     async def _run_download(self, attempt: DownloadAttempt, request: DownloadRequest) -> None:
         try:
             if attempt.previous is not None:
@@ -87,8 +97,11 @@ class FileCommands(ActorCore):
                 lambda: held_marker(request.dest).unlink(missing_ok=True)
             )
             with attempt.scope:
-                await self._fetch(request, ProgressMeter(self.spec.id, self.progress,
-                                                            retries=self._settings.retries))
+                async with self._downloads.slot(self._queued):
+                    if self.progress.value.queue_position is not None:  # its turn now
+                        self._publish_start(queue_position=None)
+                    await self._fetch(request, ProgressMeter(self.spec.id, self.progress,
+                                                                retries=self._settings.retries))
         except DownloadError as exc:
             attempt.error = exc
         except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
