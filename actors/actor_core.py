@@ -42,6 +42,7 @@ class ActorSettings:
     stall_timeout: float = 30.0
     allow_http: bool = False
     allow_private: bool = False  # [download] allow_private
+    min_rate: float = 0.0  # [download] min_rate
     default_runtime: str = "auto"
     parallel: int = 2
     keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle

@@ -70,6 +70,7 @@ class FileCommands(ActorCore):
             stall_timeout=self._settings.stall_timeout,
             allow_http=self._settings.allow_http,
             allow_private=self._settings.allow_private,
+            min_rate=self._settings.min_rate,
             min_free=self._settings.min_free,
             # One rule for downloads and imports: the file must pass `inspect`.
             magic=GGUF_MAGIC,

@@ -159,6 +159,7 @@ class Registry:
             stall_timeout=config.download.stall_timeout,
             allow_http=config.download.allow_http,
             allow_private=config.download.allow_private,
+            min_rate=config.download.min_rate,
             default_runtime=config.runtime.default_runtime,
             parallel=config.runtime.parallel,
             keep_alive=parse_keep_alive(config.runtime.keep_alive),

@@ -31,6 +31,7 @@ from actors.download.errors import (
     OriginUnreachable,
     SizeMismatch,
     TooManyRedirects,
+    TooSlow,
     UrlRefused,
 )
 from actors.download.fetch import Download
@@ -60,6 +61,7 @@ __all__ = [
     "ProgressSink",
     "SizeMismatch",
     "TooManyRedirects",
+    "TooSlow",
     "UrlRefused",
     "backoff_delay",
     "download_file",

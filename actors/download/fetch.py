@@ -28,6 +28,7 @@ from actors.download.errors import (
     FileInvalid,
     OriginError,
     SizeMismatch,
+    TooSlow,
     Transient,
     UrlRefused,
     disk_error,
@@ -75,6 +76,7 @@ SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
 CHECK_EVERY = 0.2  # seconds between looks at the file's magic and the sidecar's due time
 CLEANUP_BOUND = 5.0  # seconds an attempt's end waits for its close_partial thread
 PIECES_PER_CONNECTION = 4
+OVERLAP = 4096  # bytes a resumed range re-fetches before its start, to compare (no sha256)
 
 
 @attrs.define
@@ -269,9 +271,10 @@ class Download:
         stopped writing when this returns, whatever ended it."""
         probe, pumper = self.probe, self.pumper
         assert probe is not None and pumper is not None
-        headers = {}
+        headers, overlap = {}, 0
         if probe.ranges and end is not None:
-            headers["Range"] = f"bytes={at.pos}-{end - 1}"
+            overlap = self._overlap(at.pos)
+            headers["Range"] = f"bytes={at.pos - overlap}-{end - 1}"
             validator = probe.etag if probe.etag and not probe.etag.startswith("W/") else (
                 probe.last_modified)
             if validator:
@@ -315,7 +318,8 @@ class Download:
                         stall_timeout=self.req.stall_timeout, moved=note,
                         total=probe.total, etag=probe.etag, ranged=probe.ranges,
                         cap=None if known is None else known + 1,
-                        min_free=self.req.min_free if known is None else 0)
+                        min_free=self.req.min_free if known is None else 0, overlap=overlap,
+                        min_rate=self.req.min_rate, rate_window=self.req.rate_window)
                 except PumpFailed as exc:
                     failure = self._pump_failure(exc)
                 finally:
@@ -326,6 +330,15 @@ class Download:
             raise failure
         await self._check_magic()
 
+    def _overlap(self, pos: int) -> int:
+        """Bytes before `pos` to fetch again and compare with the partial's (the pump does):
+        where a range continues bytes already held, without a sha256 to catch a file that
+        changed under the same validator, OVERLAP of them."""
+        if self.req.sha256 is not None or pos < OVERLAP:
+            return 0
+        held = any(s <= pos - OVERLAP and pos <= e for s, e in self.done)
+        return OVERLAP if held else 0
+
     def _pump_failure(self, exc: PumpFailed) -> DownloadError | ContentChanged | Transient:
         if exc.kind == "disk":
             return disk_error(OSError(exc.errno, exc.reason), self.req.dest)
@@ -333,6 +346,8 @@ class Download:
             return DiskFull(f"{exc.reason}; free some space and download again")
         if exc.kind == "size":  # more bytes than the known size: never resumed or retried
             return SizeMismatch(f"{exc.reason}; check the model's url and size")
+        if exc.kind == "slow":  # a drip: more of the same would not help
+            return TooSlow(f"{exc.reason}; the partial is kept: download again to resume")
         if exc.kind == "refused":  # the address rule (actors/addresses.py)
             return UrlRefused(f"refusing the download's address: {exc.reason}")
         if exc.kind == "died":
