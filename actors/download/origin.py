@@ -197,7 +197,10 @@ def _check_addresses(url: httpx.URL, addresses: list[str], *, private_ok: bool,
 def _peer(response: httpx.Response) -> str | None:
     """The address the response came from, when the transport tells (real sockets do)."""
     stream = response.extensions.get("network_stream")
-    where = None if stream is None else stream.get_extra_info("server_addr")
+    try:
+        where = None if stream is None else stream.get_extra_info("server_addr")
+    except OSError:  # the peer is already gone (it reset the connection)
+        return None
     return str(where[0]) if isinstance(where, tuple) and where else None
 
 
