@@ -3,6 +3,7 @@ answers reads with, moving its state, publishing its progress (actors/model.py r
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from actors.attempts import (
     WorkerExited,
 )
 from actors.disk import DISK_MARGIN, FreeSpace, free_bytes
+from actors.download_queue import DownloadQueue
 from actors.gguf import GGUFInfo, inspect_gguf
 from actors.keepalive import DEFAULT, Expired, KeepAlive, KeepAliveArg, parse_keep_alive
 from actors.load_checks import RememberedInspect, memory_need, read_facts
@@ -40,6 +42,8 @@ class ActorSettings:
     retries: int = 6
     stall_timeout: float = 30.0
     allow_http: bool = False
+    allow_private: bool = False  # [download] allow_private
+    min_rate: float = 0.0  # [download] min_rate
     default_runtime: str = "auto"
     parallel: int = 2
     keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle
@@ -65,6 +69,7 @@ class ActorCore:
         inspect: Callable[[Path], GGUFInfo] = inspect_gguf,
         progress: Broadcaster[m.Progress] | None = None,
         free_space: FreeSpace = free_bytes,
+        downloads: DownloadQueue | None = None,
     ) -> None:
         self.spec = spec
         self.state = State.ABSENT
@@ -79,6 +84,8 @@ class ActorCore:
         self._gate = gate
         self._inspect = RememberedInspect(inspect)
         self._free_space = free_space
+        # Shared by every model's actor ([download] max_active); alone: no limit.
+        self._downloads = downloads or DownloadQueue(sys.maxsize)
         self._send, self._inbox = trio.open_memory_channel[Message](64)
         self._nursery: trio.Nursery | None = None
         self._download: DownloadAttempt | None = None
@@ -104,7 +111,7 @@ class ActorCore:
             spec=self.spec,
             state=self.state,
             error=self.error,
-            partial_bytes=self._partial,
+            partial_bytes=self._partial_now(),
             load_seconds=self._load_seconds,
             facts=self._facts,
             worker_pid=None if self._worker is None else self._worker.pid,
@@ -120,6 +127,13 @@ class ActorCore:
             memory_estimate=self._memory_estimate(),
             **self._keep.view_fields(),
         )
+
+    def _partial_now(self) -> int:
+        """Bytes of the partial: while a download writes, what it wrote so far."""
+        now = self.progress.value
+        if self._download is not None and now.status == "IN-PROGRESS":
+            return max(now.bytes, 0)
+        return self._partial
 
     def _memory_estimate(self) -> int | None:
         """What the model takes loaded (its worker's real context and slots), or would."""

@@ -36,6 +36,7 @@ class Progress:
     eta_seconds: float | None = None
     error: str | None = None
     retrying: str | None = None  # modeld: "retrying (2/6): connection refused", while it waits
+    queue_position: int | None = None  # modeld: its place while it waits ([download] max_active)
 
     @property
     def terminal(self) -> bool:

@@ -60,8 +60,7 @@ class FileCommands(ActorCore):
         self.error = None
         self._move(Event.DOWNLOAD_START)
         log.info("download_started", model=self.spec.id, bytes=self._partial)
-        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
-                      percentage=self.progress.value.percentage if self._partial else 0.0)
+        self._publish_start(queue_position=None)
         request = DownloadRequest(
             url=self.spec.url,
             dest=self.dest,
@@ -71,12 +70,25 @@ class FileCommands(ActorCore):
             retries=self._settings.retries,
             stall_timeout=self._settings.stall_timeout,
             allow_http=self._settings.allow_http,
+            allow_private=self._settings.allow_private,
+            min_rate=self._settings.min_rate,
             min_free=self._settings.min_free,
             # One rule for downloads and imports: the file must pass `inspect`.
             magic=GGUF_MAGIC,
             verify=self._inspect,
         )
         self._nursery.start_soon(self._run_download, attempt, request)
+
+    def _publish_start(self, *, queue_position: int | None) -> None:
+        """INITIALIZED: the download is asked for; with its place while it waits in line
+        ([download] max_active)."""
+        self._publish(status="INITIALIZED", bytes=self._partial, total=self.spec.size,
+                      percentage=self.progress.value.percentage if self._partial else 0.0,
+                      queue_position=queue_position)
+
+    def _queued(self, place: int) -> None:
+        self._publish_start(queue_position=place)
+        log.info("download_queued", model=self.spec.id, place=place)
 
     async def _run_download(self, attempt: DownloadAttempt, request: DownloadRequest) -> None:
         try:
@@ -87,12 +99,15 @@ class FileCommands(ActorCore):
                 lambda: held_marker(request.dest).unlink(missing_ok=True)
             )
             with attempt.scope:
-                meter = ProgressMeter(self.spec.id, self.progress,
-                                      retries=self._settings.retries)
-                if not self.spec.parts:
-                    await self._fetch(request, meter)
-                else:
-                    await self._fetch_parts(request, meter)
+                async with self._downloads.slot(self._queued):
+                    if self.progress.value.queue_position is not None:  # its turn now
+                        self._publish_start(queue_position=None)
+                    meter = ProgressMeter(self.spec.id, self.progress,
+                                          retries=self._settings.retries)
+                    if not self.spec.parts:
+                        await self._fetch(request, meter)
+                    else:
+                        await self._fetch_parts(request, meter)
         except DownloadError as exc:
             attempt.error = exc
         except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash

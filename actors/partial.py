@@ -11,7 +11,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -150,7 +149,8 @@ def look_at_partial(dest: Path) -> tuple[Sidecar | None, int]:
 
 def open_partial(dest: Path, side: Sidecar, *, keep: bool) -> int:
     """Open (or create) the partial for a download of `side.total` bytes (None: unknown),
-    reserving the whole size and checking free space first, and write `side` as its sidecar.
+    reserving the whole size (the caller checked the free space: actors/disk.py), and write
+    `side` as its sidecar.
     Without `keep`, an old partial is removed first. Blocking; waits for the end of an earlier
     attempt's `close_partial` (the partial's lock). Raises OSError (ENOSPC: too little space)."""
     with partial_lock(dest):
@@ -158,14 +158,6 @@ def open_partial(dest: Path, side: Sidecar, *, keep: bool) -> int:
         if not keep:
             remove_partial(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if total is not None:
-            try:
-                have = part.lstat().st_blocks * 512  # a link is refused below, not measured
-            except FileNotFoundError:
-                have = 0
-            free = shutil.disk_usage(dest.parent).free
-            if free < total - have:
-                raise OSError(errno.ENOSPC, f"need {total - have} bytes, {free} free")
         fd = open_own(part)  # a link or a hard link planted there is refused
         try:
             if total is not None:

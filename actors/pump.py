@@ -30,7 +30,9 @@ class Cursor(Protocol):
 
 class PumpFailed(Exception):
     """A pump ended without its range: `kind` is `transient` (network; retry), `disk`
-    (`errno` tells which), `changed` or `origin` (the response head was refused, see
+    (`errno` tells which), `full`, `size`, `slow` (under min_rate), `refused` (the address
+    rule, actors/addresses.py),
+    `changed` or `origin` (the response head was refused, see
     actors.heads.Refused: `status`, `retry_after`) or `died` (the child process is gone: this
     attempt cannot go on)."""
 
@@ -86,7 +88,8 @@ class PumpProcess:
                     headers: dict[str, str], at: Cursor, end: int | None,
                     stall_timeout: float, moved: Callable[[], None], total: int | None,
                     etag: str | None, ranged: bool, cap: int | None = None,
-                    min_free: int = 0) -> None:
+                    min_free: int = 0, private_ok: bool = True, overlap: int = 0,
+                    min_rate: float = 0.0, rate_window: float = 30.0) -> None:
         """GET the file from `at.pos` to `end` (None: to the end of the body) into the file;
         `at.pos` follows what is written, and `moved()` is called whenever it moves. The
         response head must be exactly that range of a file of `total` bytes and ETag `etag`
@@ -105,7 +108,9 @@ class PumpProcess:
                               "headers": [[k, v] for k, v in headers.items()],
                               "start": at.pos, "end": end, "timeout": stall_timeout,
                               "total": total, "etag": etag, "ranged": ranged,
-                              "cap": cap, "min_free": min_free})
+                              "cap": cap, "min_free": min_free, "private_ok": private_ok,
+                              "overlap": overlap, "min_rate": min_rate,
+                              "rate_window": rate_window})
             sent = True
             frame = await job.receive.receive()
             ended = True

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import certifi
 import h11
 
+from actors.addresses import Blocked, connect
 from actors.frames import Frame
 from actors.heads import Refused, header_fields, judge_body
 from actors.writeback import WRITEBACK_EVERY, start_writeback
@@ -75,6 +76,14 @@ class BodyFetch:
         # sends more); without a known size, the free space the disk must keep (`min_free`).
         self.cap: int | None = None if msg.get("cap") is None else int(msg["cap"])
         self.min_free = int(msg.get("min_free") or 0)
+        # Bytes before `start` asked for again and compared with the partial's (a resume's
+        # fingerprint: the origin must still serve the same file, whatever its ETag says).
+        self.overlap = int(msg.get("overlap") or 0)
+        # Fewer than `min_rate` bytes a second over any `rate_window` seconds: the origin is
+        # dripping (a byte inside every stall timeout would otherwise hold it forever).
+        self.min_rate = float(msg.get("min_rate") or 0)
+        self.rate_window = float(msg.get("rate_window") or 30.0)
+        self.window_at, self.window_pos = time.monotonic(), self.pos
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()
         self.handed = self.pos  # bytes before this are handed to the disk
@@ -100,7 +109,9 @@ class BodyFetch:
         msg = self.msg
         host, port, timeout = str(msg["host"]), int(msg["port"]), float(msg["timeout"])
         try:
-            raw = socket.create_connection((host, port), timeout=timeout)
+            raw = connect(host, port, timeout, private_ok=bool(msg.get("private_ok", True)))
+        except Blocked as exc:
+            raise Failed("refused", exc.reason) from None
         except OSError as exc:
             raise Failed("transient",
                          f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
@@ -122,6 +133,10 @@ class BodyFetch:
             sock.sendall(conn.send(request) + conn.send(h11.EndOfMessage()))
             length = self._head(conn, sock)
             self._check_stop()
+            if self.overlap:
+                self._check_overlap(conn, sock)
+                if length is not None:
+                    length -= self.overlap
             if length is None:
                 self._body_by_events(conn, sock)
             else:
@@ -156,6 +171,45 @@ class BodyFetch:
                          f"down to {free} bytes free, and {self.min_free} are kept free "
                          "([storage] min_free)", errno.ENOSPC)
 
+    def _check_overlap(self, conn: h11.Connection, sock: socket.socket) -> None:
+        """The body's first `overlap` bytes are the partial's just before `pos`, or the file
+        changed (`changed`: start over). The bytes after them are written as usual."""
+        got = bytearray()
+        rest = memoryview(b"")
+        while len(got) < self.overlap:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                if not data:
+                    raise Failed("transient", "the origin closed the connection early")
+                conn.receive_data(data)
+            elif isinstance(event, h11.Data):
+                need = self.overlap - len(got)
+                got += event.data[:need]
+                rest = memoryview(event.data)[need:]
+            else:
+                raise Failed("transient", "the origin's answer ended early")
+        try:
+            held = os.pread(self.fd, self.overlap, self.pos - self.overlap)
+        except OSError as exc:
+            raise Failed("disk", exc.strerror or str(exc), exc.errno or 0) from None
+        if bytes(got) != held:
+            raise Failed("changed", f"the origin's bytes before byte {self.pos} are not the "
+                         "partial's (the file changed under the same ETag)")
+        limit = self._limit(self.end)
+        if rest:
+            self._write(rest if limit is None else rest[: limit - self.pos])
+
+    def _check_rate(self, now: float) -> None:
+        """Fail (`slow`) when a whole window brought fewer than `min_rate` bytes a second."""
+        if not self.min_rate or now - self.window_at < self.rate_window:
+            return
+        moved = self.pos - self.window_pos
+        if moved < self.min_rate * (now - self.window_at):
+            raise Failed("slow", f"the origin sent {moved} bytes in {now - self.window_at:.0f} "
+                         f"s, less than [download] min_rate ({self.min_rate:g} bytes/s)")
+        self.window_at, self.window_pos = now, self.pos
+
     def _check_stop(self) -> None:
         if self.stop.is_set():
             raise Stopped()
@@ -177,7 +231,8 @@ class BodyFetch:
         head = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
         msg = self.msg
         try:
-            judge_body(event.status_code, head, start=self.pos, total=msg.get("total"),
+            judge_body(event.status_code, head, start=self.pos - self.overlap,
+                       total=msg.get("total"),
                        etag=msg.get("etag"), ranged=bool(msg.get("ranged")))
         except Refused as refusal:
             raise Failed(refusal.kind, refusal.reason, status=refusal.status,
@@ -294,6 +349,7 @@ class BodyFetch:
             self._hand_over()
             self._check_free()
         now = time.monotonic()
+        self._check_rate(now)
         if now - self.reported >= REPORT_EVERY:
             self.reported = now
             self.moved(pos)

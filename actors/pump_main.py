@@ -13,14 +13,19 @@ from the page cache. The daemon decides which ranges to fetch, retries and recor
 Frames as in actors/frames.py.
 Parent -> child:
   pump {id, scheme, host, port, target, netloc, headers: [[k, v]...], start, end, timeout,
-        total, etag, ranged}   GET the file from byte `start` up to `end` (null: to its end)
+        total, etag, ranged, cap, min_free, private_ok, overlap, min_rate, rate_window}
+        GET the file from byte `start` up to `end` (null: to its end), never past `cap`;
+        connect only where actors/addresses.py allows (`private_ok`); the `overlap` bytes
+        before `start` are fetched too and must equal the file's; fail under `min_rate` bytes
+        a second over a `rate_window`
   stop {id}                    stop at once
   hash {upto} | hash_reset {}  extend (or restart) the running sha256 of bytes [0, hashed)
   digest {}
 Child -> parent:
   {id, pos}                    bytes [start, pos) are written (at most every 50 ms)
   {id, end, pos, reason, errno, status, retry_after, spliced, handed}   the last frame; `end`
-        is ok, stopped, transient, disk (errno), changed or origin (see actors.heads.Refused);
+        is ok, stopped, transient, disk (errno), full, size, slow, refused (the address rule),
+        changed or origin (see actors.heads.Refused);
         `spliced`: the body moved by splice(2); `handed`: bytes handed to the disk
   {hashed, errno?, reason?} | {digest, hashed}
 The child exits when its stdin closes (the parent is done or gone).

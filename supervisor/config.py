@@ -72,6 +72,12 @@ class DownloadConfig:
     connections: int = attrs.field(default=8, validator=_positive)
     retries: int = attrs.field(default=6, validator=_non_negative)
     stall_timeout: float = attrs.field(default=30.0, validator=_positive)
+    # Bytes a second a connection must average over 30 s (a drip fails: origin_too_slow); 0: off.
+    min_rate: float = attrs.field(default=1024.0, validator=_non_negative)
+    # Downloads that run at once; the rest wait in line (actors/download_queue.py).
+    max_active: int = attrs.field(default=4, validator=_positive)
+    # Let a public origin's redirect lead to a private or loopback address (actors/addresses.py).
+    allow_private: bool = False
 
 
 def _runtime_choice(_inst: object, attr: attrs.Attribute[Any], value: str | None) -> None:

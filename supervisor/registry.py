@@ -18,6 +18,7 @@ import trio
 
 from actors import messages as m
 from actors.download import download_file
+from actors.download_queue import DownloadQueue
 from actors.embedding import EmbeddingJob
 from actors.errors import Conflict, ModelError, ModelNotFound, Unavailable
 from actors.generation import GenerationStream
@@ -157,12 +158,15 @@ class Registry:
             retries=config.download.retries,
             stall_timeout=config.download.stall_timeout,
             allow_http=config.download.allow_http,
+            allow_private=config.download.allow_private,
+            min_rate=config.download.min_rate,
             default_runtime=config.runtime.default_runtime,
             parallel=config.runtime.parallel,
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
             min_free=config.storage.min_free,
         )
         self._fetch = fetch
+        self.downloads = DownloadQueue(config.download.max_active)
         # Chat templates render here, off the event loop (for /v1/chat and the load check).
         self.renderer = ChatRenderer()
         self._spawn = spawn or _worker_spawner(config, self.renderer)
@@ -201,6 +205,7 @@ class Registry:
             spawn=self._spawn,
             gate=self.gate,
             progress=progress,
+            downloads=self.downloads,
         )
 
     async def _start_all(self, specs: list[ModelSpec]) -> None:

@@ -84,6 +84,8 @@ def progress_line(progress: Json) -> str:
     if status in ("FAILED", "CANCELED"):
         why = progress.get("error")
         parts.append(status.lower() + (f": {why}" if why else ""))
+    elif progress.get("queuePosition"):
+        parts.append(f"queued ({progress['queuePosition']} in line)")
     elif progress.get("retrying"):
         parts.append(str(progress["retrying"]))
     elif status == "IN-PROGRESS":

@@ -131,6 +131,7 @@ class ProgressOut:
     eta_seconds: float | None = None
     error: str | None = None
     retrying: str | None = None
+    queue_position: int | None = None
 
 
 # --- incoming shapes --------------------------------------------------------------------
@@ -360,6 +361,7 @@ def progress_json(progress: Progress) -> dict[str, Any]:
         eta_seconds=progress.eta_seconds,
         error=progress.error,
         retrying=progress.retrying,
+        queue_position=progress.queue_position,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     result["percentage"] = progress.percentage

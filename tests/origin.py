@@ -56,6 +56,9 @@ class Faults:
     redirect_status: int = 302
     headers: list[tuple[str, str]] = attrs.Factory(list)  # sent with `status`
     unsized: bool = False  # no Content-Length (chunked), no ranges: the size is not told
+    # A probe (`Range: bytes=0-0`) is answered 200 with this Content-Length and no ranges (the
+    # connection then closes); every other GET as `unsized`: a size told, then not kept.
+    probe_size: int | None = None
 
 
 @attrs.define
@@ -213,11 +216,16 @@ class Origin:
             await _send_simple(conn, stream, f.status, extra)
             return True
 
+        if f.probe_size is not None and headers.get("range") == "bytes=0-0":
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                ("Content-Length", str(f.probe_size)), ("ETag", res.etag)])))
+            return False
         size = res.size
         start, end, status = 0, size, 200
         wanted = headers.get("range")
         if_range = headers.get("if-range")
-        if wanted is not None and not f.ignore_range and not f.unsized and if_range in (
+        unsized = f.unsized or f.probe_size is not None
+        if wanted is not None and not f.ignore_range and not unsized and if_range in (
                 None, res.etag, res.last_modified):
             rng = parse_range(wanted, size)
             if rng is None:
@@ -233,7 +241,7 @@ class Origin:
         ]
         if status == 206:
             out.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
-        if f.unsized:
+        if unsized:
             out = [(k, v) for k, v in out if k not in ("Content-Length", "Accept-Ranges")]
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=out)))
         if method == "HEAD":

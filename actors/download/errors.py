@@ -52,6 +52,13 @@ class UrlRefused(DownloadError):
     code = "url_refused"
 
 
+class TooSlow(DownloadError):
+    """The origin sent less than [download] min_rate over a whole window (a drip that the stall
+    timeout alone would wait on forever)."""
+
+    code = "origin_too_slow"
+
+
 class TooManyRedirects(DownloadError):
     code = "too_many_redirects"
 

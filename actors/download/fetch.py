@@ -19,6 +19,7 @@ import attrs
 import httpx
 import trio
 
+from actors.disk import allocated_bytes, check_room
 from actors.download.errors import (
     ChecksumMismatch,
     ContentChanged,
@@ -27,20 +28,28 @@ from actors.download.errors import (
     FileInvalid,
     OriginError,
     SizeMismatch,
+    TooSlow,
     Transient,
+    UrlRefused,
     disk_error,
     plain,
 )
 from actors.download.hashing import FrontHash
 from actors.download.origin import (
+    INTERNAL,
     Probe,
+    Resolve,
     from_refusal,
     give_up_message,
+    muted,
+    port_of,
     probe_once,
     redact,
+    resolve_host,
     retrying,
 )
 from actors.download.request import DownloadRequest, ProgressSink
+from actors.errors import InsufficientStorage
 from actors.gguf import GGUFInvalid, check_magic
 from actors.heads import Refused
 from actors.partial import (
@@ -67,6 +76,7 @@ SIDECAR_EVERY = 1.0  # seconds between sidecar writes while bytes flow
 CHECK_EVERY = 0.2  # seconds between looks at the file's magic and the sidecar's due time
 CLEANUP_BOUND = 5.0  # seconds an attempt's end waits for its close_partial thread
 PIECES_PER_CONNECTION = 4
+OVERLAP = 4096  # bytes a resumed range re-fetches before its start, to compare (no sha256)
 
 
 @attrs.define
@@ -82,6 +92,7 @@ class Download:
     clock: Callable[[], float]
     url: httpx.URL
     rng: random.Random = attrs.Factory(random.Random)
+    resolve: Resolve = resolve_host
     # per attempt
     probe: Probe | None = None
     fd: int = -1
@@ -113,13 +124,16 @@ class Download:
         req, dest = self.req, self.req.dest
         probe = self.probe = await self._retrying(self._probe_once, progress=None)
         if req.size is not None and probe.total is not None and probe.total != req.size:
-            raise SizeMismatch(f"the origin serves {probe.total} bytes, the catalog expects "
+            serves = "another size" if probe.internal else f"{probe.total} bytes"
+            raise SizeMismatch(f"the origin serves {serves}, the catalog expects "
                                f"{req.size}; check the model's url and size")
         side, size = await trio.to_thread.run_sync(look_at_partial, dest)
         why_not = _why_not_resumable(side, size, req.url, probe)
         self.done = list(side.done) if why_not is None and side is not None else []
         if why_not is not None and size > 0:
             self.sink.reset(why_not)
+        if probe.total is not None:  # known now: refused before any byte when it cannot fit
+            await trio.to_thread.run_sync(self._check_room, probe.total, why_not is None)
         start = self._sidecar()
         try:
             self.fd = await trio.to_thread.run_sync(
@@ -146,6 +160,25 @@ class Download:
         finally:
             await self._close_partial(discard=discard)
 
+    def _check_room(self, total: int, keep: bool) -> None:
+        """Room for the `total`-byte file (less what a kept partial holds) with [storage]
+        min_free to spare, or DiskFull. Blocking."""
+        dest = self.req.dest
+        have = allocated_bytes(partial_path(dest)) if keep else 0
+        try:
+            check_room(dest.parent, max(0, total - have), "the download", self.req.min_free)
+        except InsufficientStorage as exc:
+            raise DiskFull(str(exc)) from None
+        except OSError as exc:
+            raise disk_error(exc, dest) from exc
+
+    @property
+    def known_size(self) -> int | None:
+        """The file's size as the catalog or the origin's probe tells it (None: unknown)."""
+        if self.req.size is not None:
+            return self.req.size
+        return None if self.probe is None else self.probe.total
+
     def _sidecar(self) -> Sidecar:
         probe = self.probe
         assert probe is not None
@@ -154,7 +187,8 @@ class Download:
 
     async def _probe_once(self) -> Probe:
         return await probe_once(self.client, self.url, allow_http=self.req.allow_http,
-                                stall_timeout=self.req.stall_timeout)
+                                stall_timeout=self.req.stall_timeout,
+                                allow_private=self.req.allow_private, resolve=self.resolve)
 
     async def _retrying(self, once: Callable[[], Awaitable[T]],
                         progress: Callable[[], int] | None) -> T:
@@ -191,8 +225,9 @@ class Download:
         probe = self.probe
         assert probe is not None
         if probe.total is None or not probe.ranges:
+            # To the body's end: the pump stops one byte past a known size (`cap`).
             self.done = []
-            pieces: list[tuple[int, int | None]] = [(0, probe.total)]
+            pieces: list[tuple[int, int | None]] = [(0, None)]
             workers = 1
         else:
             gaps = missing(self.done, probe.total)
@@ -236,9 +271,10 @@ class Download:
         stopped writing when this returns, whatever ended it."""
         probe, pumper = self.probe, self.pumper
         assert probe is not None and pumper is not None
-        headers = {}
+        headers, overlap = {}, 0
         if probe.ranges and end is not None:
-            headers["Range"] = f"bytes={at.pos}-{end - 1}"
+            overlap = self._overlap(at.pos)
+            headers["Range"] = f"bytes={at.pos - overlap}-{end - 1}"
             validator = probe.etag if probe.etag and not probe.etag.startswith("W/") else (
                 probe.last_modified)
             if validator:
@@ -269,21 +305,21 @@ class Download:
                 failure = exc  # raised below, not as an exception group
                 nursery.cancel_scope.cancel()
 
-        url = probe.url
+        url, known = probe.url, self.known_size
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_checking)
                 try:
                     await pumper.fetch(
                         scheme=url.scheme, host=url.host,
-                        port=url.port or (443 if url.scheme == "https" else 80),
+                        port=port_of(url), private_ok=probe.private_ok,
                         target=url.raw_path.decode("ascii"),
                         netloc=url.netloc.decode("ascii"), headers=headers, at=at, end=end,
                         stall_timeout=self.req.stall_timeout, moved=note,
                         total=probe.total, etag=probe.etag, ranged=probe.ranges,
-                        cap=None if self.req.size is None else self.req.size + 1,
-                        min_free=self.req.min_free if self.req.size is None and probe.total is None
-                        else 0)
+                        cap=None if known is None else known + 1,
+                        min_free=self.req.min_free if known is None else 0, overlap=overlap,
+                        min_rate=self.req.min_rate, rate_window=self.req.rate_window)
                 except PumpFailed as exc:
                     failure = self._pump_failure(exc)
                 finally:
@@ -294,6 +330,15 @@ class Download:
             raise failure
         await self._check_magic()
 
+    def _overlap(self, pos: int) -> int:
+        """Bytes before `pos` to fetch again and compare with the partial's (the pump does):
+        where a range continues bytes already held, without a sha256 to catch a file that
+        changed under the same validator, OVERLAP of them."""
+        if self.req.sha256 is not None or pos < OVERLAP:
+            return 0
+        held = any(s <= pos - OVERLAP and pos <= e for s, e in self.done)
+        return OVERLAP if held else 0
+
     def _pump_failure(self, exc: PumpFailed) -> DownloadError | ContentChanged | Transient:
         if exc.kind == "disk":
             return disk_error(OSError(exc.errno, exc.reason), self.req.dest)
@@ -301,12 +346,18 @@ class Download:
             return DiskFull(f"{exc.reason}; free some space and download again")
         if exc.kind == "size":  # more bytes than the known size: never resumed or retried
             return SizeMismatch(f"{exc.reason}; check the model's url and size")
+        if exc.kind == "slow":  # a drip: more of the same would not help
+            return TooSlow(f"{exc.reason}; the partial is kept: download again to resume")
+        if exc.kind == "refused":  # the address rule (actors/addresses.py)
+            return UrlRefused(f"refusing the download's address: {exc.reason}")
         if exc.kind == "died":
             return DownloadError(f"{exc.reason}; the partial is kept: download again to resume")
+        internal = self.probe is not None and self.probe.internal
         if exc.kind in ("changed", "origin"):
-            return from_refusal(Refused(exc.kind, exc.reason, status=exc.status), self.url)
-        return Transient(plain(exc.reason) or exc.reason, retry_after=exc.retry_after,
-                         status=exc.status)
+            refused = Refused(exc.kind, exc.reason, status=exc.status)
+            return from_refusal(muted(refused) if internal else refused, self.url)
+        reason = INTERNAL if internal and exc.status else plain(exc.reason) or exc.reason
+        return Transient(reason, retry_after=exc.retry_after, status=exc.status)
 
     def _record(self, pos: int, end: int) -> None:
         if self.probe is not None and self.probe.ranges:
@@ -366,9 +417,10 @@ class Download:
             size = await trio.to_thread.run_sync(lambda: os.fstat(fd).st_size)
         except OSError as exc:
             raise disk_error(exc, dest) from exc
-        if req.size is not None and size != req.size:  # an origin that did not say its size
+        known = self.known_size
+        if known is not None and size != known:  # an origin whose body did not fit its size
             await trio.to_thread.run_sync(remove_partial, dest)
-            raise SizeMismatch(f"downloaded {size} bytes, expected {req.size}; check the model's "
+            raise SizeMismatch(f"downloaded {size} bytes, expected {known}; check the model's "
                                "url and size")
         if req.sha256 is not None:
             assert hasher is not None

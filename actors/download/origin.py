@@ -5,14 +5,18 @@ fetches them (actors/pump.py)."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import attrs
 import httpx
+import trio
 
+from actors.addresses import PUBLIC, first_refusal, kind
 from actors.download.errors import (
     ContentChanged,
     DownloadError,
@@ -33,6 +37,11 @@ BACKOFF_CAP = 30.0
 CONNECT_TIMEOUT = 10.0
 
 
+# What a host name resolves to (its addresses as strings; [] when it does not resolve, which
+# the connection attempt then reports).
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
 @attrs.frozen
 class Probe:
     url: httpx.URL  # after redirects
@@ -40,6 +49,35 @@ class Probe:
     ranges: bool
     etag: str | None
     last_modified: str | None
+    # May the bytes' connections reach a private or loopback address (actors/addresses.py)?
+    private_ok: bool = True
+    # Reached by a redirect at an address that is not public: what it answers (statuses,
+    # sizes, headers) is never repeated in an error.
+    internal: bool = False
+
+
+INTERNAL = ("answered with an error; what it said is not shown, since a redirect led to an "
+            "internal address")
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+async def addresses_of(url: httpx.URL, resolve: Resolve) -> list[str]:
+    """The addresses `url`'s host stands for: itself when it is one, else resolved."""
+    try:
+        return [str(ipaddress.ip_address(url.host))]
+    except ValueError:
+        return await resolve(url.host, port_of(url))
+
+
+def port_of(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -100,25 +138,44 @@ def timeout(stall_timeout: float) -> httpx.Timeout:
 
 
 async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: bool,
-                     stall_timeout: float) -> Probe:
-    """One probe of the file at `url`. Raises Transient (retry), DownloadError."""
+                     stall_timeout: float, allow_private: bool = False,
+                     resolve: Resolve = resolve_host) -> Probe:
+    """One probe of the file at `url`. Every hop's host is checked (actors/addresses.py)
+    before it is connected to, and the address connected to after. Raises Transient (retry),
+    DownloadError."""
     original = url
+    origin = await addresses_of(url, resolve)
+    # A private origin (a mirror on the local network) may redirect to private addresses.
+    private_origin = bool(origin) and all(kind(a) != PUBLIC for a in origin)
     try:
-        for _ in range(MAX_REDIRECTS + 1):
+        for hop in range(MAX_REDIRECTS + 1):
+            # The user's own URL may name a private host; a public origin's redirect may not.
+            private_ok = allow_private or private_origin or hop == 0
+            addresses = await addresses_of(url, resolve)
+            _check_addresses(url, addresses, private_ok=private_ok, redirected=hop > 0)
+            # Another server than the user's (another host or port), at an internal address.
+            elsewhere = (url.host, port_of(url)) != (original.host, port_of(original))
+            internal = elsewhere and any(kind(a) != PUBLIC for a in addresses)
             request = client.build_request(
                 "GET", url, headers={"Accept-Encoding": "identity", "Range": "bytes=0-0"},
                 timeout=timeout(stall_timeout))
             response = await client.send(request, stream=True, follow_redirects=False)
             try:  # the body is never read
+                peer = _peer(response)
+                if peer is not None:  # the address really connected to (a name may rebind)
+                    _check_addresses(url, [peer], private_ok=private_ok, redirected=hop > 0)
+                    internal = internal or (elsewhere and kind(peer) != PUBLIC)
                 status, headers = response.status_code, response.headers
                 if status in (301, 302, 303, 307, 308) and "location" in headers:
                     url = check_url(headers["location"], allow_http=allow_http, previous=url)
                     continue
                 try:
                     judge_status(status, header_fields(headers.multi_items()))
-                except Refused as refusal:
-                    raise from_refusal(refusal, original) from None
-                return _probe_answer(url, status, headers)
+                except Refused as refused:
+                    raise from_refusal(muted(refused) if internal else refused,
+                                       original) from None
+                return attrs.evolve(_probe_answer(url, status, headers), private_ok=private_ok,
+                                    internal=internal)
             finally:
                 await response.aclose()
         raise TooManyRedirects(f"{redact(original)} redirects more than {MAX_REDIRECTS} "
@@ -127,6 +184,29 @@ async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: b
         raise Transient(f"no data for {stall_timeout:g} s ({type(exc).__name__})") from None
     except httpx.TransportError as exc:
         raise Transient(describe(exc, "connection failed")) from None
+
+
+def _check_addresses(url: httpx.URL, addresses: list[str], *, private_ok: bool,
+                     redirected: bool) -> None:
+    why = first_refusal(url.host, addresses, private_ok=private_ok)
+    if why is not None:
+        what = "a redirect target" if redirected else "the download URL"
+        raise UrlRefused(f"refusing {what}: {why}")
+
+
+def _peer(response: httpx.Response) -> str | None:
+    """The address the response came from, when the transport tells (real sockets do)."""
+    stream = response.extensions.get("network_stream")
+    try:
+        where = None if stream is None else stream.get_extra_info("server_addr")
+    except OSError:  # the peer is already gone (it reset the connection)
+        return None
+    return str(where[0]) if isinstance(where, tuple) and where else None
+
+
+def muted(refused: Refused) -> Refused:
+    """A refusal that repeats nothing of what an internal address answered."""
+    return Refused(refused.kind, INTERNAL, status=refused.status, retry_after=refused.retry_after)
 
 
 def _probe_answer(url: httpx.URL, status: int, headers: httpx.Headers) -> Probe:

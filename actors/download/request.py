@@ -19,7 +19,13 @@ class DownloadRequest:
     connections: int = 8
     retries: int = 6
     stall_timeout: float = 30.0
+    # A connection that brings fewer bytes a second than this over `rate_window` seconds fails
+    # the download (`origin_too_slow`; [download] min_rate; 0: no minimum).
+    min_rate: float = 0.0
+    rate_window: float = 30.0
     allow_http: bool = False
+    # Redirects from a public origin to private or loopback addresses ([download] allow_private).
+    allow_private: bool = False
     min_segment: int = 8 * 1024 * 1024  # below this size one stream is used
     # Bytes of free space a download of unknown size leaves on the disk ([storage] min_free);
     # a known size is checked (and reserved) before the first byte instead.

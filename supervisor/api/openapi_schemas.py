@@ -267,6 +267,9 @@ def schemas() -> dict[str, Schema]:
                 "retrying": {"type": "string", "description": "modeld: while a failed "
                              "connection waits to be retried, e.g. \"retrying (2/6): "
                              "connection refused\""},
+                "queuePosition": {"type": "integer", "minimum": 1, "description": "modeld: "
+                                  "with INITIALIZED, its place in line while [download] "
+                                  "max_active downloads run (1: next)"},
             },
             ["status", "percentage", "model", "bytes"],
         ),

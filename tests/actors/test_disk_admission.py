@@ -83,3 +83,12 @@ async def test_a_resumed_download_needs_only_what_is_left(
     async with running(store, gguf, len(gguf), free) as rig:
         view = await rig.view(lambda r: m.StartDownload(reply=r))
         assert State.DOWNLOADING == view.state
+
+
+async def test_a_running_download_reports_what_it_wrote(
+        autojump_clock: trio.abc.Clock, store: Store, gguf: bytes) -> None:
+    """partialBytes is what is on disk while the download runs, not what it started from."""
+    async with running(store, gguf, len(gguf), [10**12]) as rig:
+        assert 0 == (await rig.view(lambda r: m.StartDownload(reply=r))).partial_bytes
+        await rig.fetch.started.wait()
+        assert rig.fetch.half == (await rig.view()).partial_bytes

@@ -649,3 +649,18 @@ async def test_malformed_redirect_location_fails_cleanly(
         with pytest.raises(DownloadError):  # a download failure, never a crash
             await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), Sink(),
                                 client=client)
+
+
+async def test_a_size_the_probe_told_caps_the_body(tmp_path: Path) -> None:
+    """No catalog size, but the origin's probe told one; the body then comes unsized and far
+    longer: the pump stops one byte past the told size (size_mismatch), nothing published."""
+    data = payload(1 * MiB, seed=3)
+    with trio.fail_after(10):
+        async with open_origin() as origin:
+            origin.add("/m", data + b"\0" * (32 * MiB))
+            origin.faults("/m").probe_size = len(data)
+            with pytest.raises(SizeMismatch) as err:
+                await download_file(request(origin, "/m", tmp_path / "m", retries=0), Sink())
+    assert f"known size of {len(data)} bytes" in str(err.value)
+    assert [] == listdir(tmp_path)
+    assert origin.bytes_sent < 16 * MiB

@@ -330,10 +330,18 @@ async def test_faults_are_retried_and_4xx_fails_at_once(make_daemon: DaemonFacto
             origin.faults("/r.gguf").reset_requests = 2
             origin.add("/gone.gguf", data)
             origin.faults("/gone.gguf").status = 404
+            # A redirect to a link-local address (cloud metadata's): refused, never connected.
+            origin.redirect("/meta.gguf", "http://169.254.0.1:9/latest/meta-data/")
             daemon = await started(make_daemon([entry(origin, "/r.gguf", data),
-                                                entry(origin, "/gone.gguf", data)]))
+                                                entry(origin, "/gone.gguf", data),
+                                                entry(origin, "/meta.gguf", data)]))
+            await sdk_call(daemon, "model_specific_model_download", "meta")
             await sdk_call(daemon, "model_specific_model_download", "r")
             await sdk_call(daemon, "model_specific_model_download", "gone")
+            messages, _ = await watch(daemon, "meta")
+            assert "FAILED" == messages[-1]["status"]
+            assert "link-local" in messages[-1]["error"], messages[-1]
+            assert "url_refused" == daemon.wait_for("download_failed", model="meta")["code"]
             messages, _ = await watch(daemon, "r")
             assert "COMPLETED" == messages[-1]["status"]
             assert data == (daemon.storage / "models" / "r.gguf").read_bytes()
@@ -443,3 +451,48 @@ async def test_an_unsized_download_stops_at_min_free(make_daemon: DaemonFactory,
             # says what is on disk.
             assert [] == list((daemon.storage / "models").glob("nosize.gguf.partial*"))
             assert 0 == (await snapshot(daemon, "nosize"))["partialBytes"]
+
+
+async def progress_of(daemon: Daemon, model_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        r = await client.get(f"{daemon.url}/model/{model_id}/download/progress")
+    assert 200 == r.status_code, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+async def test_downloads_beyond_max_active_wait_in_line(make_daemon: DaemonFactory) -> None:
+    """[download] max_active = 1: the next downloads wait in the order asked for, INITIALIZED
+    with their place; a cancel of a waiting one is at once and moves the line up; when the
+    running one ends, the next starts."""
+    slow, small = payload(8 * MiB, seed=11), payload(1 * MiB, seed=12)
+    with trio.fail_after(60):
+        async with open_origin() as origin:
+            origin.add("/run.gguf", slow)
+            origin.faults("/run.gguf").throttle = 512 * 1024
+            origin.add("/q1.gguf", small)
+            origin.add("/q2.gguf", small)
+            daemon = await started(make_daemon(
+                [entry(origin, "/run.gguf", slow), entry(origin, "/q1.gguf", small),
+                 entry(origin, "/q2.gguf", small)], download={"max_active": 1}))
+            for model_id in ("run", "q1", "q2"):
+                await sdk_call(daemon, "model_specific_model_download", model_id)
+            await wait_for_partial(daemon, "run", 256 * 1024)
+            assert [("INITIALIZED", 1), ("INITIALIZED", 2)] == [
+                (p["status"], p.get("queuePosition"))
+                for p in [await progress_of(daemon, "q1"), await progress_of(daemon, "q2")]]
+            assert (await snapshot(daemon, "q1"))["downloading"]
+            before = time.monotonic()
+            await sdk_call(daemon, "model_specific_model_download_cancel", "q1")
+            assert time.monotonic() - before < 1
+            assert "CANCELED" == (await progress_of(daemon, "q1"))["status"]
+            assert 1 == (await progress_of(daemon, "q2"))["queuePosition"]
+            assert [] == origin.seen("/q1.gguf") == origin.seen("/q2.gguf")
+            await sdk_call(daemon, "model_specific_model_download_cancel", "run")
+            messages, _code = await watch(daemon, "q2")
+            assert "COMPLETED" == messages[-1]["status"]
+            assert "queuePosition" not in messages[-1]
+            assert small == (daemon.storage / "models" / "q2.gguf").read_bytes()
+            assert [2, 1] == [line["place"] for line in daemon.events("download_queued")
+                              if line["model"] == "q2"]
+            assert 0 == await trio.to_thread.run_sync(daemon.stop)
