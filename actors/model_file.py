@@ -74,6 +74,7 @@ class FileCommands(ActorCore):
             # One rule for downloads and imports: the file must pass `inspect`.
             magic=GGUF_MAGIC,
             verify=self._inspect,
+            headers=self._settings.headers_for(self.spec.url),
         )
         self._nursery.start_soon(self._run_download, attempt, request)
 

@@ -33,6 +33,7 @@ from actors.worker import GenerateParams, open_worker
 from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
 from supervisor.gate import LruGate
+from supervisor.hub import HubAccess
 from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
@@ -144,8 +145,11 @@ class Registry:
         *,
         fetch: Fetcher = download_file,
         spawn: Spawner | None = None,
+        hub: HubAccess | None = None,
     ) -> None:
         self.config = config
+        # The Hub and modeld's token for it (supervisor/hub.py): resolution and downloads.
+        self.hub = hub or HubAccess(endpoint=config.hub.endpoint)
         self.store = store
         self._nursery = nursery
         self._entries: dict[str, _Entry] = {}
@@ -161,6 +165,7 @@ class Registry:
             parallel=config.runtime.parallel,
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
             min_free=config.storage.min_free,
+            headers_for=self.hub.headers_for,
         )
         self._fetch = fetch
         # Chat templates render here, off the event loop (for /v1/chat and the load check).
@@ -372,6 +377,7 @@ async def serve_registry(
     fetch: Fetcher = download_file,
     spawn: Spawner | None = None,
     store: Store | None = None,
+    hub: HubAccess | None = None,
     task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start one actor per model (catalog, then custom records); run until cancelled.
@@ -382,7 +388,7 @@ async def serve_registry(
         store = await trio.to_thread.run_sync(functools.partial(Store.open, path))
     records = await trio.to_thread.run_sync(store.load_records)
     async with trio.open_nursery() as nursery:
-        registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn)
+        registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn, hub=hub)
         specs = [spec_from_catalog(entry) for entry in config.models]
         # Catalog models with a Hub source: the commit and file of their first download.
         specs = await trio.to_thread.run_sync(apply_pins, store.root, specs)

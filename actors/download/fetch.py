@@ -154,7 +154,8 @@ class Download:
 
     async def _probe_once(self) -> Probe:
         return await probe_once(self.client, self.url, allow_http=self.req.allow_http,
-                                stall_timeout=self.req.stall_timeout)
+                                stall_timeout=self.req.stall_timeout,
+                                own_headers=self.req.headers)
 
     async def _retrying(self, once: Callable[[], Awaitable[T]],
                         progress: Callable[[], int] | None) -> T:
@@ -236,7 +237,8 @@ class Download:
         stopped writing when this returns, whatever ended it."""
         probe, pumper = self.probe, self.pumper
         assert probe is not None and pumper is not None
-        headers = {}
+        # The request's own headers only where the probe still sent them (its origin).
+        headers = dict(self.req.headers) if probe.credentialed else {}
         if probe.ranges and end is not None:
             headers["Range"] = f"bytes={at.pos}-{end - 1}"
             validator = probe.etag if probe.etag and not probe.etag.startswith("W/") else (

@@ -40,6 +40,8 @@ class Probe:
     ranges: bool
     etag: str | None
     last_modified: str | None
+    # Whether the request's own headers still go to `url` (no redirect left the origin).
+    credentialed: bool = False
 
 
 def backoff_delay(attempt: int, rng: random.Random) -> float:
@@ -50,6 +52,11 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
 def redact(url: httpx.URL | str) -> str:
     u = httpx.URL(url) if isinstance(url, str) else url
     return str(u.copy_with(username=None, password=None, query=None))
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    """The one rule for credentials: the same scheme, host and port."""
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> httpx.URL:
@@ -100,25 +107,32 @@ def timeout(stall_timeout: float) -> httpx.Timeout:
 
 
 async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: bool,
-                     stall_timeout: float) -> Probe:
-    """One probe of the file at `url`. Raises Transient (retry), DownloadError."""
+                     stall_timeout: float,
+                     own_headers: tuple[tuple[str, str], ...] = ()) -> Probe:
+    """One probe of the file at `url`, with `own_headers` while no redirect left its origin.
+    Raises Transient (retry), DownloadError."""
     original = url
+    extra = dict(own_headers)
     try:
         for _ in range(MAX_REDIRECTS + 1):
             request = client.build_request(
-                "GET", url, headers={"Accept-Encoding": "identity", "Range": "bytes=0-0"},
+                "GET", url,
+                headers={**extra, "Accept-Encoding": "identity", "Range": "bytes=0-0"},
                 timeout=timeout(stall_timeout))
             response = await client.send(request, stream=True, follow_redirects=False)
             try:  # the body is never read
                 status, headers = response.status_code, response.headers
                 if status in (301, 302, 303, 307, 308) and "location" in headers:
                     url = check_url(headers["location"], allow_http=allow_http, previous=url)
+                    if not same_origin(url, original):
+                        extra = {}  # dropped for good: never sent past another origin
                     continue
                 try:
                     judge_status(status, header_fields(headers.multi_items()))
                 except Refused as refusal:
                     raise from_refusal(refusal, original) from None
-                return _probe_answer(url, status, headers)
+                return attrs.evolve(_probe_answer(url, status, headers),
+                                    credentialed=bool(extra))
             finally:
                 await response.aclose()
         raise TooManyRedirects(f"{redact(original)} redirects more than {MAX_REDIRECTS} "

@@ -74,7 +74,7 @@ async def create_from_source(registry: Registry, config: Config, body: ModelBody
             return view
     spec = spec_from_create(attrs.evolve(body, name=body.name or "hub", source=None), "new",
                             allow_http=config.download.allow_http)
-    resolved = await resolve(ref, config.hub.endpoint)
+    resolved = await resolve(ref, registry.hub.endpoint, registry.hub.token)
     if body.sha256 is not None and body.sha256 != resolved.sha256:
         raise InvalidInput(f"$.sha256: the Hub's {resolved.file} at {resolved.commit} has "
                            f"sha256 {resolved.sha256}, not {body.sha256}",
@@ -97,7 +97,7 @@ async def pin_catalog_source(registry: Registry, config: Config, model_id: str) 
     if spec.source is None or spec.url is not None or view.state is not State.ABSENT:
         return
     ref = parse_source(spec.source, f"the catalog's source of {model_id}")
-    resolved = await resolve(ref, config.hub.endpoint)
+    resolved = await resolve(ref, registry.hub.endpoint, registry.hub.token)
 
     def pin(current: ModelSpec) -> ModelSpec:
         return current if current.url is not None else pinned(current, resolved)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from tests.hub import FakeHub, open_fake_hub
 FIRST = gguf_of_size(300_000, seed=1)
 SECOND = gguf_of_size(310_000, seed=2)
 Q8 = gguf_of_size(200_000, seed=3)
+TOKEN = "hf_" + "T0kenForTheFakeHub" * 2
 
 
 @pytest.fixture
@@ -53,6 +55,22 @@ async def test_resolution_through_hfapi(hub: FakeHub) -> None:
         with pytest.raises(InvalidInput) as revision:
             await resolve(HubRef("user/repo", revision="v9"), hub.endpoint)
         assert "hub_not_found" == revision.value.code
+        # A gated repository: its metadata is public, its files need a token with access.
+        hub.gated["user/gated"] = TOKEN
+        hub.publish("user/gated", {"g.Q4_K_M.gguf": FIRST})
+        for token, todo in ((None, "set [hub] token_file"), ("hf_wrong" * 4, "has no access")):
+            with pytest.raises(InvalidInput) as gated:
+                await resolve(HubRef("user/gated"), hub.endpoint, token)
+            assert ("hub_repo_gated", True, True, True) == (
+                gated.value.code, "user/gated" in str(gated.value), todo in str(gated.value),
+                f"{hub.endpoint}/user/gated" in str(gated.value)), str(gated.value)
+            assert token is None or token not in str(gated.value)
+        allowed = await resolve(HubRef("user/gated"), hub.endpoint, TOKEN)
+        assert "g.Q4_K_M.gguf" == allowed.file
+        # The token went with the metadata requests that had it, and nowhere else.
+        assert [f"Bearer {'hf_wrong' * 4}"] * 2 + [f"Bearer {TOKEN}"] * 2 == (
+            hub.seen_authorization(hub.api))
+        assert not hub.cdn.requests
         offline = f"http://127.0.0.1:{closed_port()}"
         with pytest.raises(Unavailable, match=offline) as down:
             await resolve(HubRef("user/repo"), offline)
@@ -154,3 +172,39 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
     assert first == httpx.get(f"{offline.url}/model/{model_id}").json()["revision"]
     unreachable = httpx.post(f"{offline.url}/models/create", json={"source": "hf.co/user/new"})
     assert (503, "hub_unreachable") == (unreachable.status_code, unreachable.json()["error"])
+
+
+def test_gated_repo_token_goes_to_the_hub_only(make_daemon: DaemonFactory, hub: FakeHub,
+                                               tmp_path: Path) -> None:
+    hub.gated["user/gated"] = TOKEN
+    hub.gated["user/other"] = "hf_" + "SomebodyElsesToken" * 2
+    commit = hub.publish("user/gated", {"g.Q4_K_M.gguf": FIRST})
+    hub.publish("user/other", {"o.Q4_K_M.gguf": FIRST})
+    token_file = tmp_path / "hub-token"
+    token_file.write_text(TOKEN + "\n")
+    daemon = make_daemon([], hub={"endpoint": hub.endpoint, "token_file": str(token_file)})
+    daemon.start()
+    url, answers = daemon.url, []
+
+    pulled = modeld(url, "pull", "hf.co/user/gated")
+    answers += [pulled.stdout, pulled.stderr]
+    assert 0 == pulled.returncode, pulled.stderr
+    assert FIRST == (daemon.storage / "models" / "hf-user-gated-q4_k_m.gguf").read_bytes()
+    # The Hub's host got the token (metadata, access check, the file's resolve request); the
+    # CDN it redirects to never did.
+    resolve_path = f"/user/gated/resolve/{commit}/g.Q4_K_M.gguf"
+    assert [f"Bearer {TOKEN}"] == [v for r in hub.api.seen(resolve_path) for k, v in r.headers
+                                   if k == "authorization"]
+    assert hub.cdn.requests and [] == hub.seen_authorization(hub.cdn)
+
+    # A gated repository the token's account may not read: a 400 naming it and what to do.
+    refused = httpx.post(f"{url}/models/create", json={"source": "hf.co/user/other"})
+    answers.append(refused.text)
+    assert (400, "hub_repo_gated") == (refused.status_code, refused.json()["error"])
+    assert "user/other" in refused.json()["message"]
+    assert "accept the licence" in refused.json()["message"]
+    for path in ("/models", "/model/hf-user-gated-q4_k_m", "/status"):
+        answers.append(httpx.get(f"{url}{path}").text)
+    assert 0 == daemon.stop()
+    assert not [a for a in answers if TOKEN in a]
+    assert not [line for line in daemon.raw_lines if TOKEN in line]
