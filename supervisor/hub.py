@@ -21,8 +21,8 @@ import structlog
 import trio
 
 from actors.errors import InvalidInput, Unavailable
-from actors.spec import SHA256_PATTERN
-from supervisor.hub_refs import ChoiceError, HubRef, choose_file
+from actors.spec import SHA256_PATTERN, ModelSpec
+from supervisor.hub_refs import ChoiceError, HubRef, choose_file, quant_tag
 
 log = structlog.get_logger("modeld.hub")
 
@@ -81,6 +81,15 @@ class Resolved:
     size: int
     sha256: str
     url: str
+
+
+def pinned(spec: ModelSpec, resolved: Resolved) -> ModelSpec:
+    """`spec` pinned to one commit's file: downloads come from it, verified by its sha256."""
+    return attrs.evolve(
+        spec, url=resolved.url, sha256=resolved.sha256, size=resolved.size,
+        source=resolved.source, revision=resolved.commit, file=resolved.file,
+        quantization=spec.quantization or quant_tag(resolved.file),
+    )
 
 
 def resolve_url(endpoint: str, repo: str, commit: str, file: str) -> str:

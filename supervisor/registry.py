@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +34,7 @@ from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
 from supervisor.gate import LruGate
 from supervisor.hub import HubAccess
+from supervisor.hub_updates import HubUpdates
 from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
@@ -150,6 +151,7 @@ class Registry:
         self.config = config
         # The Hub and modeld's token for it (supervisor/hub.py): resolution and downloads.
         self.hub = hub or HubAccess(endpoint=config.hub.endpoint)
+        self.updates = HubUpdates(self)  # updates of source-backed models, updateAvailable
         self.store = store
         self._nursery = nursery
         self._entries: dict[str, _Entry] = {}
@@ -171,6 +173,11 @@ class Registry:
         # Chat templates render here, off the event loop (for /v1/chat and the load check).
         self.renderer = ChatRenderer()
         self._spawn = spawn or _worker_spawner(config, self.renderer)
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run `fn(*args)` in the registry's nursery: work on behalf of models that outlives
+        a request (a Hub update's download), ended with the registry."""
+        self._nursery.start_soon(fn, *args)
 
     def ids(self) -> list[str]:
         return list(self._entries)
@@ -401,6 +408,7 @@ async def serve_registry(
         log.info("registry_starting", models=len(specs))
         await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
+        nursery.start_soon(registry.updates.watch)
         task_status.started(registry)
         try:
             await trio.sleep_forever()

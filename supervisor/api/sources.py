@@ -19,7 +19,7 @@ from actors.errors import InvalidInput
 from actors.spec import ModelSpec
 from actors.state import State
 from supervisor.config import Config
-from supervisor.hub import Resolved, resolve
+from supervisor.hub import pinned, resolve
 from supervisor.hub_refs import BadReference, HubRef, model_id_for, parse_reference, quant_tag
 from supervisor.pins import canonical_source, write_pin
 from supervisor.registry import Registry
@@ -33,15 +33,6 @@ def parse_source(text: str, where: str = "$.source") -> HubRef:
         return parse_reference(text)
     except BadReference as exc:
         raise InvalidInput(f"{where}: {exc}", code="invalid_reference") from None
-
-
-def pinned(spec: ModelSpec, resolved: Resolved) -> ModelSpec:
-    """`spec` pinned to one commit's file: downloads come from it, verified by its sha256."""
-    return attrs.evolve(
-        spec, url=resolved.url, sha256=resolved.sha256, size=resolved.size,
-        source=resolved.source, revision=resolved.commit, file=resolved.file,
-        quantization=spec.quantization or quant_tag(resolved.file),
-    )
 
 
 def _same_reference(ref: HubRef, file: str) -> Callable[[ModelSpec], bool]:

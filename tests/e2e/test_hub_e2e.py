@@ -4,9 +4,12 @@ HfApi for the metadata, a real daemon and the real `modeld` command line for the
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -109,7 +112,7 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
 
     # The branch moves on: the record stays pinned, whichever form names the same file.
     second = hub.publish("user/repo", {"m.Q4_K_M.gguf": SECOND, "m.Q8_0.gguf": Q8})
-    again = modeld(url, "pull", "hf.co/user/repo:Q4_K_M")
+    again = modeld(url, "pull", model_id)  # by id: no update (by reference: see below)
     assert 0 == again.returncode, again.stderr
     assert f"{model_id} already downloaded" in again.stdout
     default = httpx.post(f"{url}/models/create", json={"source": "hf.co/user/repo"}).json()
@@ -166,9 +169,10 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
     cat_model = httpx.get(f"{offline.url}/model/cat-hub").json()
     assert (True, second, "hf.co/user/repo:Q8_0") == (
         cat_model["downloaded"], cat_model["revision"], cat_model["source"])
-    again = modeld(offline.url, "pull", "hf.co/user/repo:q4_k_m")
+    again = modeld(offline.url, "pull", "hf.co/user/repo:q4_k_m")  # no update check offline
     assert 0 == again.returncode, again.stderr
     assert f"{model_id} already downloaded" in again.stdout
+    assert "could not check" in again.stderr and offline.url not in again.stderr
     assert first == httpx.get(f"{offline.url}/model/{model_id}").json()["revision"]
     unreachable = httpx.post(f"{offline.url}/models/create", json={"source": "hf.co/user/new"})
     assert (503, "hub_unreachable") == (unreachable.status_code, unreachable.json()["error"])
@@ -208,3 +212,73 @@ def test_gated_repo_token_goes_to_the_hub_only(make_daemon: DaemonFactory, hub: 
     assert 0 == daemon.stop()
     assert not [a for a in answers if TOKEN in a]
     assert not [line for line in daemon.raw_lines if TOKEN in line]
+
+
+def test_updates(make_daemon: DaemonFactory, hub: FakeHub) -> None:
+    first = hub.publish("user/up", {"u.Q4_K_M.gguf": FIRST, "u.Q8_0.gguf": Q8})
+    catalog = [{"id": "cat-up", "name": "Catalog Up", "source": "hf.co/user/up:Q8_0"}]
+    daemon = make_daemon(catalog, hub={"endpoint": hub.endpoint, "update_check": "1s"}).start()
+    url, models, model_id = daemon.url, daemon.storage / "models", "hf-user-up-q4_k_m"
+    assert 0 == modeld(url, "pull", "hf.co/user/up").returncode
+    assert 200 == httpx.post(f"{url}/model/cat-up/download").status_code
+    daemon.wait_for("download_completed", model="cat-up")
+
+    def model(which: str = model_id) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{url}/model/{which}").json()
+        return body
+
+    def cdn_files() -> int:
+        return len([r for r in hub.cdn.requests if r.range != "bytes=0-0"])
+
+    # The same file: nothing downloaded, the answer says so.
+    before = cdn_files()
+    same = modeld(url, "pull", "hf.co/user/up")
+    assert 0 == same.returncode, same.stderr
+    assert f"{model_id} is up to date (u.Q4_K_M.gguf at {first[:12]})" in same.stdout
+    assert before == cdn_files()
+
+    # The branch moves: the Q4_K_M file changes, the Q8_0 file does not. The background check
+    # (every second here) shows it, without any request asking.
+    second = hub.publish("user/up", {"u.Q4_K_M.gguf": SECOND, "u.Q8_0.gguf": Q8})
+    deadline = time.monotonic() + 10
+    while model().get("updateAvailable") is not True:
+        assert time.monotonic() < deadline, model()
+        time.sleep(0.1)
+    assert (False, first) == (model("cat-up")["updateAvailable"], model("cat-up")["revision"])
+    # The catalog model's file is the same at the new commit: the pin moves, nothing else.
+    moved = httpx.post(f"{url}/model/cat-up/download", json={"update": True}).json()
+    assert ("up to date", second, True) == (moved["update"], moved["revision"],
+                                            moved["downloaded"])
+    assert second == json.loads((daemon.storage / "pins" / "cat-up.json").read_text())[
+        "revision"]
+    assert before == cdn_files()
+
+    # A new file: downloaded beside the old one, verified, then published with its pin.
+    updated = modeld(url, "pull", "hf.co/user/up")
+    assert 0 == updated.returncode, updated.stderr
+    assert f"{model_id} updated" in updated.stdout, updated.stdout
+    assert SECOND == (models / f"{model_id}.gguf").read_bytes()
+    now = model()
+    assert (second, hashlib.sha256(SECOND).hexdigest(), False, "downloaded") == (
+        now["revision"], now["sha256"], now["updateAvailable"], now["state"])
+    assert not list((daemon.storage / "updates").iterdir())
+    record = json.loads((daemon.storage / "custom" / f"{model_id}.json").read_text())
+    assert second == record["revision"]
+
+    # A new file that fails its check: the old file and pin stay.
+    hub.publish("user/up", {"u.Q4_K_M.gguf": FIRST}, lfs_sha256={"u.Q4_K_M.gguf": "0" * 64})
+    bad = httpx.post(f"{url}/model/{model_id}/download", json={"update": True}).json()
+    assert ("updating", "downloaded", second) == (bad["update"], bad["state"], bad["revision"])
+    failed = daemon.wait_for("hub_update_failed", model=model_id)
+    assert "sha256" in failed["reason"]
+    assert SECOND == (models / f"{model_id}.gguf").read_bytes()
+    assert (second, "downloaded") == (model()["revision"], model()["state"])
+
+    # Only source-backed models update; `update` is a boolean.
+    plain = httpx.post(f"{url}/models/create", json={"name": "plain",
+                                                     "url": hub.cdn.url("/x.gguf")}).json()
+    refused = httpx.post(f"{url}/model/{plain['id']}/download", json={"update": True})
+    assert (400, "no_source") == (refused.status_code, refused.json()["error"])
+    wrong = httpx.post(f"{url}/model/{model_id}/download", json={"update": "yes"})
+    assert (400, "invalid_body") == (wrong.status_code, wrong.json()["error"])
+    assert 0 == daemon.stop()
