@@ -108,6 +108,7 @@ class ModelOut:
     memory_estimate: int | None = None  # bytes it takes loaded, estimated from its header
     # A source-backed model whose reference now names another file (supervisor/hub_updates.py)
     update_available: bool | None = None
+    update: str | None = None  # in the answer of a download with update: true
 
 
 @attrs.frozen
@@ -287,7 +288,8 @@ def resident_bytes(pid: int | None) -> int | None:
 
 
 def model_json(view: ModelView, *, evicted: list[str] | None = None,
-               update_available: bool | None = None) -> dict[str, Any]:
+               update_available: bool | None = None,
+               update: str | None = None) -> dict[str, Any]:
     spec, facts = view.spec, view.facts
     f = flags(view.state)
     context = (view.context_length or (facts.context_length if facts else None)
@@ -338,6 +340,7 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None,
         else iso_utc(dt.datetime.fromtimestamp(view.expires_at, dt.UTC)),
         memory_estimate=view.memory_estimate,
         update_available=update_available,
+        update=update,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.

@@ -221,7 +221,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         if update_asked(await refuse_body()):  # modeld: re-resolve the model's Hub source
             with answer_within(RESOLVE_WAIT):
                 view, outcome = await registry.updates.update(check_model_id(model))
-            return json_reply({**render(view), "update": outcome})
+            return json_reply(render(view, update=outcome))
         with answer_within(RESOLVE_WAIT):  # a catalog model's source is resolved first
             await pin_catalog_source(registry, config, check_model_id(model))
         return await call(model, lambda r: m.StartDownload(reply=r))

@@ -58,3 +58,37 @@ def test_hub_config_keys_and_hf_endpoint(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "0" == parse_config({"hub": {"update_check": "0"}}).hub.update_check
     with pytest.raises(ConfigError, match="update_check"):
         parse_config({"hub": {"update_check": "-1"}})
+
+
+async def test_a_redirect_to_another_origin_drops_the_headers_for_good() -> None:
+    """The probe follows redirects by hand: its own headers go to the url's origin and stop
+    at the first hop elsewhere, even when a later hop comes back (the one rule)."""
+    import httpx
+    import trio
+
+    from actors.download.origin import probe_once
+    from tests.origin import Origin, open_origin
+
+    header = (("Authorization", f"Bearer {TOKEN}"),)
+    with trio.fail_after(10):
+        async with open_origin() as hub, open_origin() as cdn:
+            hub.add("/direct", b"x" * 100)
+            hub.redirect("/same", "/direct")
+            hub.redirect("/away", cdn.url("/back"))
+            cdn.redirect("/back", hub.url("/direct"))
+            async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+                kept = await probe_once(client, httpx.URL(hub.url("/same")), allow_http=True,
+                                        stall_timeout=5, own_headers=header)
+                dropped = await probe_once(client, httpx.URL(hub.url("/away")),
+                                           allow_http=True, stall_timeout=5,
+                                           own_headers=header)
+
+            def auth(origin: Origin, path: str) -> list[str | None]:
+                return [dict(r.headers).get("authorization") for r in origin.seen(path)]
+
+    assert (True, False) == (kept.credentialed, dropped.credentialed)
+    bearer = f"Bearer {TOKEN}"
+    assert [bearer] == auth(hub, "/same")
+    assert [bearer] == auth(hub, "/away")
+    assert [None] == auth(cdn, "/back")
+    assert [bearer, None] == auth(hub, "/direct")  # came back: still without it
