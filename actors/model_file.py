@@ -147,10 +147,15 @@ class FileCommands(ActorCore):
 
     async def _handle_import(self, temp: Path, sha256: str,
                              update: ModelSpec | None = None) -> m.ModelView:
-        # An update (a newer file of the model's source) may replace the file of a loaded model.
-        allowed = (State.ABSENT, State.DOWNLOADED) + ((State.LOADED,) if update else ())
+        # An update (a newer file of the model's source) replaces the file of a downloaded or
+        # loaded model; one deleted meanwhile stays deleted.
+        allowed = (State.DOWNLOADED, State.LOADED) if update else (State.ABSENT,
+                                                                     State.DOWNLOADED)
         expected = update or self.spec
         try:
+            if update and self.state is State.ABSENT:
+                raise Conflict("the model's file was deleted while its update downloaded; "
+                               "nothing was published", code="not_downloaded")
             if self.state not in allowed:
                 raise Conflict(
                     f"cannot replace the file while the model is {self.state.value}",

@@ -367,6 +367,7 @@ class Registry:
 
     async def delete(self, model_id: str) -> None:
         """Unload, cancel, remove files; for custom models also the record and the actor."""
+        self.updates.cancel(model_id)
         async with self._lock:
             await self.call(model_id, lambda r: m.Delete(reply=r))
             if model_id in self._catalog_ids:
