@@ -48,6 +48,9 @@ class ActorSettings:
     parallel: int = 2
     keep_alive: float = 900.0  # seconds a model loaded on first use stays loaded when idle
     min_free: int = DISK_MARGIN  # bytes of disk a download leaves free ([storage] min_free)
+    # Extra headers for a download from this url (a Hub token for the Hub's own host: see
+    # supervisor/hub.py HubAccess.headers_for); the download drops them past a redirect.
+    headers_for: Callable[[str], tuple[tuple[str, str], ...]] = lambda _url: ()
 
 
 Message = (m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited

@@ -130,11 +130,15 @@ class UpdateSpec(Command):
 
 @attrs.frozen(kw_only=True)
 class ImportFile(Command):
-    """Publish an already-written temp file (in the storage dir) as this model's file."""
+    """Publish an already-written temp file (in the storage dir) as this model's file. With
+    `spec` (an update from the model's Hub source: the file verified against spec.sha256), the
+    model takes that spec with the file, in one step, and stays in its state: a loaded model
+    goes on with the old file, and loads the new one next time."""
 
     operation = "publishing the uploaded file"
     temp: Path
     sha256: str  # of the file's bytes, taken as they arrived
+    spec: ModelSpec | None = None
 
 
 @attrs.frozen(kw_only=True)

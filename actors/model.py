@@ -189,7 +189,7 @@ class ModelActor(FileCommands):
             log.info("model_updated", model=self.spec.id)
             return self.view()
         if isinstance(cmd, m.ImportFile):
-            return await self._handle_import(cmd.temp, cmd.sha256)
+            return await self._handle_import(cmd.temp, cmd.sha256, cmd.spec)
         if isinstance(cmd, m.Delete):
             return await self._handle_delete()
         raise InvalidInput(f"unknown command {type(cmd).__name__}")

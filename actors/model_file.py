@@ -23,6 +23,7 @@ from actors.load_checks import facts_from
 from actors.partial import held_marker, remove_partial
 from actors.progress import ProgressMeter
 from actors.safe_files import touch_new
+from actors.spec import ModelSpec
 from actors.state import Event, State
 
 log = structlog.get_logger("modeld.actor")
@@ -76,6 +77,7 @@ class FileCommands(ActorCore):
             # One rule for downloads and imports: the file must pass `inspect`.
             magic=GGUF_MAGIC,
             verify=self._inspect,
+            headers=self._settings.headers_for(self.spec.url),
         )
         self._nursery.start_soon(self._run_download, attempt, request)
 
@@ -177,17 +179,26 @@ class FileCommands(ActorCore):
 
     # -- files -----------------------------------------------------------------------------
 
-    async def _handle_import(self, temp: Path, sha256: str) -> m.ModelView:
+    async def _handle_import(self, temp: Path, sha256: str,
+                             update: ModelSpec | None = None) -> m.ModelView:
+        # An update (a newer file of the model's source) replaces the file of a downloaded or
+        # loaded model; one deleted meanwhile stays deleted.
+        allowed = (State.DOWNLOADED, State.LOADED) if update else (State.ABSENT,
+                                                                     State.DOWNLOADED)
+        expected = update or self.spec
         try:
-            if self.spec.parts:
+            if expected.parts:
                 raise Conflict("this model is a split GGUF set; download it (an upload is one "
                                "file)", code="split_import_unsupported")
-            if self.state not in (State.ABSENT, State.DOWNLOADED):
+            if update and self.state is State.ABSENT:
+                raise Conflict("the model's file was deleted while its update downloaded; "
+                               "nothing was published", code="not_downloaded")
+            if self.state not in allowed:
                 raise Conflict(
                     f"cannot replace the file while the model is {self.state.value}",
                     code="conflict",
                 )
-            if self.spec.url and self.spec.sha256 not in (None, sha256):
+            if expected.url and expected.sha256 not in (None, sha256):
                 # Its url's file, verified by that sha256; a model without a url takes any.
                 raise InvalidInput(
                     f"the file's sha256 is {sha256}; this model downloads from its url a "
@@ -214,8 +225,12 @@ class FileCommands(ActorCore):
         self._facts = facts_from(info)
         self._partial = 0
         self.error = None
-        self._move(Event.FILE_IMPORTED)
-        await self._remember_sha256(sha256)
+        if self.state is not State.LOADED:
+            self._move(Event.FILE_IMPORTED)
+        if update is not None:
+            await self._adopt(attrs.evolve(update, id=self.spec.id))
+        else:
+            await self._remember_sha256(sha256)
         self._publish(status="COMPLETED", percentage=100.0, bytes=info.file_size,
                       total=info.file_size)
         log.info("model_imported", model=self.spec.id, bytes=info.file_size)
@@ -223,15 +238,18 @@ class FileCommands(ActorCore):
 
     async def _remember_sha256(self, sha256: str) -> None:
         """Record the imported file's sha256 (clients find a file imported before by it)."""
-        if not self.spec.custom or self.spec.sha256 == sha256:
-            return
-        spec = attrs.evolve(self.spec, sha256=sha256)
-        try:
-            await trio.to_thread.run_sync(self._store.write_record, spec)
-        except OSError as exc:  # the file is published all the same; only the hash is lost
-            log.warning("record_not_written", model=self.spec.id,
-                        reason=exc.strerror or str(exc))
-            return
+        if self.spec.custom and self.spec.sha256 != sha256:
+            await self._adopt(attrs.evolve(self.spec, sha256=sha256))
+
+    async def _adopt(self, spec: ModelSpec) -> None:
+        """Take `spec` for the published file, and record it (a custom model's record; a
+        catalog model's spec is the config's, and its pin the caller's business)."""
+        if spec.custom:
+            try:
+                await trio.to_thread.run_sync(self._store.write_record, spec)
+            except OSError as exc:  # the file is published all the same; the record is old
+                log.warning("record_not_written", model=self.spec.id,
+                            reason=exc.strerror or str(exc))
         self.spec = spec
 
     def _publish_import(self, temp: Path) -> None:

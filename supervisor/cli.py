@@ -412,8 +412,9 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     from supervisor import client, views
     from supervisor.hub_refs import looks_like_reference
 
+    update = False  # a reference to a downloaded model: re-resolved, updated if it moved
     if looks_like_reference(args.id):
-        args.id = _model_for_reference(endpoint, args.id, out)
+        args.id, update = _model_for_reference(endpoint, args.id, out)
     view: client.PullView
     if out.json:
         view = views.JsonPullView(out.line)
@@ -427,10 +428,18 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     elif sys.stdin.isatty():
         interrupt = "ask"
     try:
-        outcome = trio.run(
-            lambda: client.run_pull(endpoint, args.id, view, interrupt=interrupt,
-                                    ask=views.ask_on_terminal(args.id))
-        )
+        try:
+            outcome = trio.run(
+                lambda: client.run_pull(endpoint, args.id, view, interrupt=interrupt,
+                                        ask=views.ask_on_terminal(args.id), update=update))
+        except client.ApiError as exc:
+            if not (update and exc.status == 503):
+                raise
+            # The Hub cannot be reached: the downloaded model is what there is (offline).
+            out.error(f"could not check {args.id} for an update: {exc}")
+            outcome = trio.run(
+                lambda: client.run_pull(endpoint, args.id, view, interrupt=interrupt,
+                                        ask=views.ask_on_terminal(args.id)))
     finally:
         view.close()
     if outcome.prompt_open:  # the download ended first: the answer is no longer needed
@@ -442,7 +451,14 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
             size = views.format_bytes(progress.get("total") or progress.get("bytes") or (
                 known.get("value") if isinstance(known, dict) else None))
             already = "already " if outcome.model.get("downloaded") else ""
-            out.line(f"{model_id} {already}downloaded ({size})")
+            updated = outcome.model.get("update")
+            if updated == "up to date":
+                revision = str(outcome.model.get("revision") or "")[:12]
+                out.line(f"{model_id} is up to date ({outcome.model.get('file')} at {revision})")
+            elif updated == "updating":
+                out.line(f"{model_id} updated ({size})")
+            else:
+                out.line(f"{model_id} {already}downloaded ({size})")
         return EXIT_OK
     if outcome.error is not None:
         raise outcome.error
@@ -470,8 +486,9 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     return EXIT_ERROR
 
 
-def _model_for_reference(endpoint: Endpoint, reference: str, out: Out) -> str:
-    """The id of the model `reference` names, created (resolved and pinned) if needed."""
+def _model_for_reference(endpoint: Endpoint, reference: str, out: Out) -> tuple[str, bool]:
+    """The id of the model `reference` names, created (resolved and pinned) if needed, and
+    whether it was downloaded already (then a pull updates it)."""
     from supervisor.client import SLOW, Api, ClientError, model_of
 
     with Api(endpoint) as api:
@@ -483,7 +500,7 @@ def _model_for_reference(endpoint: Endpoint, reference: str, out: Out) -> str:
     if not out.json:
         revision = str(model.get("revision") or "")[:12]
         out.line(f"{reference}: {model_id} ({model.get('file')} at {revision})")
-    return model_id
+    return model_id, model.get("downloaded") is True
 
 
 COMMANDS: dict[str, Callable[[Api, argparse.Namespace, Out], int]] = {

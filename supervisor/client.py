@@ -333,13 +333,15 @@ async def run_pull(
     *,
     interrupt: Interrupt,
     ask: Callable[[], bool] | None = None,
+    update: bool = False,
 ) -> PullOutcome:
     """Start (or join) the download of `model_id` and follow it to its end.
 
     On SIGINT: `cancel` cancels the download in the daemon; `leave` leaves it running; `ask`
     calls `ask()` in a thread (True: cancel) while the download goes on; a second SIGINT or
     the end of the download answers for the user. Raises ClientError when the daemon cannot
-    be asked at all; errors after the download started are in the outcome.
+    be asked at all; errors after the download started are in the outcome. With `update`, the
+    model's Hub source is re-resolved first (the answer's `update` says what came of it).
     """
     import trio  # only `pull` needs it: the other commands start faster without
 
@@ -350,15 +352,15 @@ async def run_pull(
             base_url=endpoint.url, headers=endpoint.headers(), timeout=QUICK, trust_env=False
         ) as http:
 
-            async def post(suffix: str) -> Json:
+            async def post(suffix: str, body: Json | None = None) -> Json:
                 try:
-                    response = await http.post(path + suffix)
+                    response = await http.post(path + suffix, json=body)
                 except httpx.HTTPError as exc:
                     raise _transport_error(endpoint, exc) from None
                 return model_of(checked(response))
 
             # Even when the file is already here, the stream answers: COMPLETED, then a close.
-            outcome.model = await post("/download")
+            outcome.model = await post("/download", {"update": True} if update else None)
 
             async def follow(done: trio.CancelScope) -> None:
                 try:

@@ -15,7 +15,7 @@ import cattrs.v
 from cattrs.gen import make_dict_structure_fn
 
 from actors.disk import DISK_MARGIN
-from actors.keepalive import parse_keep_alive
+from actors.keepalive import FOREVER, parse_keep_alive
 from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, check_url, is_valid_id
 from supervisor.enums import FOUNDATIONS, USAGES
@@ -128,9 +128,25 @@ class RuntimeConfig:
         return max(1, self.thread_count() // self.max_loaded)
 
 
+def _is_check_interval(value: object) -> bool:
+    try:
+        return parse_keep_alive(value) != FOREVER
+    except ValueError:
+        return False
+
+
+_check_interval = _rule(_is_check_interval, 'must be a duration such as "1h" or "0" (never)')
+
+
 @attrs.frozen
 class HubConfig:
+    # Unset: HF_ENDPOINT, else https://huggingface.co (see parse_config).
     endpoint: str = "https://huggingface.co"
+    # A file holding a Hub access token (gated and private repositories); unset: HF_TOKEN.
+    token_file: str = ""
+    # How often downloaded Hub models are checked for a newer file of their reference
+    # ("updateAvailable"), in the background; "0": never.
+    update_check: str = attrs.field(default="1h", validator=_check_interval)
 
 
 @attrs.frozen
@@ -277,6 +293,11 @@ def _config_errors(exc: cattrs.BaseValidationError) -> list[str]:
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Structure a TOML document into a Config; ConfigError names every bad key path."""
+    hub = data.get("hub")
+    if os.environ.get("HF_ENDPOINT") and (not isinstance(hub, dict) or "endpoint" not in hub):
+        # As huggingface_hub does; the config's own key wins.
+        data = {**data, "hub": {**(hub if isinstance(hub, dict) else {}),
+                                "endpoint": os.environ["HF_ENDPOINT"]}}
     try:
         config = _converter.structure(data, Config)
     except cattrs.BaseValidationError as exc:

@@ -26,6 +26,7 @@ from supervisor.api.app import create_asgi, read_token
 from supervisor.api.ops import Phase, Readiness
 from supervisor.config import Config
 from supervisor.http_limits import cap_connections, connection_limit
+from supervisor.hub import load_access
 from supervisor.logs import hide_secret, observe_events
 from supervisor.metrics import Metrics
 from supervisor.registry import Registry, serve_registry
@@ -131,6 +132,12 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
         raise StartupError(f"cannot read the token file: {exc}") from None
     if token is not None:
         hide_secret(token)
+    try:
+        hub = load_access(config.hub.endpoint, config.hub.token_file)
+    except (OSError, ValueError) as exc:  # the message names the file, never the token
+        raise StartupError(f"cannot read the Hub token: {exc}") from None
+    if hub.token is not None:
+        hide_secret(hub.token)
     stop = trio.Event()
     hc = hypercorn_config(config)
     cap_connections(connection_limit(config.server.max_connections))
@@ -149,7 +156,8 @@ async def _serve(config: Config, announce: Callable[[str], None] | None) -> None
         with starting:
             store = await _open_store(config)
             registry = await root.start(
-                lambda task_status: serve_registry(config, store=store, task_status=task_status))
+                lambda task_status: serve_registry(config, store=store, hub=hub,
+                                                  task_status=task_status))
         if registry is None or stop.is_set():
             root.cancel_scope.cancel()
             log.info("stopped", during="startup")

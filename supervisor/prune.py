@@ -2,9 +2,10 @@
 
 Owned: each known model's files in `models/` (its file, partial, sidecar, held marker, import
 leftovers: `Store.delete_model_files` removes exactly these; a split model's parts, each with
-the same), its record in `custom/` and its pin
-in `pins/`. Stray: files of models that are gone (a partial of a model whose record was removed by
-hand, a pin of a deleted model), and temp files (`.<name>.<random>.tmp` or `.import`) untouched for
+the same), its record in `custom/`, its pin in `pins/` and a Hub update's download in
+`updates/` (supervisor/hub_updates.py). Stray: files of models that are gone (a partial of a
+model whose record was removed by hand, a pin of a deleted model), and temp files
+(`.<name>.<random>.tmp` or `.import`) untouched for
 an hour, which no running write can still own (an upload that stalls is ended sooner).
 Unreadable records in `custom/` are not strays: the log names them, and the operator decides.
 """
@@ -23,7 +24,7 @@ from actors.spec import SPLIT_SUFFIX
 from actors.store import OWNED_SUFFIXES
 
 TEMP_AGE_SECONDS = 3600.0
-_SUBDIRS = ("models", "pins")
+_SUBDIRS = ("models", "pins", "updates")
 
 
 @attrs.frozen

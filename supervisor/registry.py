@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +34,8 @@ from actors.worker import GenerateParams, open_worker
 from supervisor.chat_renderer import ChatRenderer, check_template_for_llama_cpp
 from supervisor.config import CatalogEntry, Config
 from supervisor.gate import LruGate
+from supervisor.hub import HubAccess
+from supervisor.hub_updates import HubUpdates
 from supervisor.pins import apply_pins
 from supervisor.wire import slug_id
 
@@ -145,8 +147,12 @@ class Registry:
         *,
         fetch: Fetcher = download_file,
         spawn: Spawner | None = None,
+        hub: HubAccess | None = None,
     ) -> None:
         self.config = config
+        # The Hub and modeld's token for it (supervisor/hub.py): resolution and downloads.
+        self.hub = hub or HubAccess(endpoint=config.hub.endpoint)
+        self.updates = HubUpdates(self)  # updates of source-backed models, updateAvailable
         self.store = store
         self._nursery = nursery
         self._entries: dict[str, _Entry] = {}
@@ -164,12 +170,18 @@ class Registry:
             parallel=config.runtime.parallel,
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
             min_free=config.storage.min_free,
+            headers_for=self.hub.headers_for,
         )
         self._fetch = fetch
         self.downloads = DownloadQueue(config.download.max_active)
         # Chat templates render here, off the event loop (for /v1/chat and the load check).
         self.renderer = ChatRenderer()
         self._spawn = spawn or _worker_spawner(config, self.renderer)
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run `fn(*args)` in the registry's nursery: work on behalf of models that outlives
+        a request (a Hub update's download), ended with the registry."""
+        self._nursery.start_soon(fn, *args)
 
     def ids(self) -> list[str]:
         return list(self._entries)
@@ -360,6 +372,7 @@ class Registry:
 
     async def delete(self, model_id: str) -> None:
         """Unload, cancel, remove files; for custom models also the record and the actor."""
+        self.updates.cancel(model_id)
         async with self._lock:
             await self.call(model_id, lambda r: m.Delete(reply=r))
             if model_id in self._catalog_ids:
@@ -377,6 +390,7 @@ async def serve_registry(
     fetch: Fetcher = download_file,
     spawn: Spawner | None = None,
     store: Store | None = None,
+    hub: HubAccess | None = None,
     task_status: trio.TaskStatus[Registry] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start one actor per model (catalog, then custom records); run until cancelled.
@@ -387,7 +401,7 @@ async def serve_registry(
         store = await trio.to_thread.run_sync(functools.partial(Store.open, path))
     records = await trio.to_thread.run_sync(store.load_records)
     async with trio.open_nursery() as nursery:
-        registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn)
+        registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn, hub=hub)
         specs = [spec_from_catalog(entry) for entry in config.models]
         # Catalog models with a Hub source: the commit and file of their first download.
         specs = await trio.to_thread.run_sync(apply_pins, store.root, specs)
@@ -400,6 +414,7 @@ async def serve_registry(
         log.info("registry_starting", models=len(specs))
         await registry._start_all(specs)
         log.info("registry_started", models=len(registry._entries), storage=str(store.root))
+        nursery.start_soon(registry.updates.watch)
         task_status.started(registry)
         try:
             await trio.sleep_forever()

@@ -107,6 +107,9 @@ class ModelOut:
     keep_alive: str | None = None  # the model's own keep-alive, when it has one
     expires_at: str | None = None  # when it is unloaded if it stays idle (ISO 8601)
     memory_estimate: int | None = None  # bytes it takes loaded, estimated from its header
+    # A source-backed model whose reference now names another file (supervisor/hub_updates.py)
+    update_available: bool | None = None
+    update: str | None = None  # in the answer of a download with update: true
 
 
 @attrs.frozen
@@ -287,7 +290,9 @@ def resident_bytes(pid: int | None) -> int | None:
         return None
 
 
-def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str, Any]:
+def model_json(view: ModelView, *, evicted: list[str] | None = None,
+               update_available: bool | None = None,
+               update: str | None = None) -> dict[str, Any]:
     spec, facts = view.spec, view.facts
     f = flags(view.state)
     context = (view.context_length or (facts.context_length if facts else None)
@@ -338,6 +343,8 @@ def model_json(view: ModelView, *, evicted: list[str] | None = None) -> dict[str
         expires_at=None if view.expires_at is None
         else iso_utc(dt.datetime.fromtimestamp(view.expires_at, dt.UTC)),
         memory_estimate=view.memory_estimate,
+        update_available=update_available,
+        update=update,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     # These are always sent, even when they equal their defaults.

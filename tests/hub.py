@@ -9,6 +9,11 @@ default answer) at it; older commits stay served.
 
     with open_fake_hub() as hub:
         commit = hub.publish("user/repo", {"m.Q4_K_M.gguf": data})
+
+A gated repository (`gated={repo: token}`) answers its metadata to anyone (with `"gated":
+"manual"`), as the Hub does, but `auth-check` and its files answer 401 GatedRepo
+unless the request carries `Authorization: Bearer {token}`. Every request's
+headers are recorded (`Seen.headers`), on the Hub's host and on the CDN.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class FakeHub:
     api: Origin
     cdn: Origin
     commits: int = 0
+    gated: dict[str, str] = attrs.Factory(dict)  # repo -> the token that may read it
 
     @property
     def endpoint(self) -> str:
@@ -53,13 +59,16 @@ class FakeHub:
                 "lfs": {"sha256": sha256, "size": len(data), "pointerSize": 135},
             })
             self.cdn.add(f"/repos/{repo}/{commit}/{name}", data)
-            self.api.redirect(f"/{repo}/resolve/{commit}/{quote(name)}",
-                              self.cdn.url(f"/repos/{repo}/{commit}/{name}"))
+            resolve = f"/{repo}/resolve/{commit}/{quote(name)}"
+            self.api.redirect(resolve, self.cdn.url(f"/repos/{repo}/{commit}/{name}"))
+            if repo in self.gated:
+                self._gate(resolve, repo)
         user = repo.split("/", 1)[0]
         doc = {
             "_id": hashlib.sha1(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
             "author": user, "sha": commit, "lastModified": "2026-01-02T03:04:05.000Z",
-            "private": False, "disabled": False, "gated": False, "downloads": 0, "likes": 0,
+            "private": False, "disabled": False,
+            "gated": "manual" if repo in self.gated else False, "downloads": 0, "likes": 0,
             "library_name": "gguf", "tags": ["gguf"], "siblings": siblings,
             "createdAt": "2026-01-01T00:00:00.000Z", "spaces": [],
             "usedStorage": sum(len(d) for d in files.values()),
@@ -69,7 +78,22 @@ class FakeHub:
         self.api.add(f"/api/models/{repo}/revision/{quote(branch, safe='')}", body)
         if branch == "main":
             self.api.add(f"/api/models/{repo}", body)
+        if repo in self.gated:
+            self.api.add(f"/api/models/{repo}/auth-check", b"{}")
+            self._gate(f"/api/models/{repo}/auth-check", repo)
         return commit
+
+    def seen_authorization(self, origin: Origin) -> list[str]:
+        """The Authorization headers `origin` received, in order."""
+        return [v for r in origin.requests for k, v in r.headers if k == "authorization"]
+
+    def _gate(self, path: str, repo: str) -> None:
+        faults = self.api.resources[path].faults
+        faults.status = 401
+        faults.spare = ("authorization", f"Bearer {self.gated[repo]}")
+        faults.headers = [("X-Error-Code", "GatedRepo"), (
+            "X-Error-Message", f"Access to model {repo} is restricted. You must have access "
+            "to it and be authenticated to access it. Please log in.")]
 
     def missing(self, repo: str) -> None:
         """Answer for `repo` as the Hub does for a repository that does not exist (or that an

@@ -55,6 +55,8 @@ class Faults:
     redirect_to: str | None = None  # a path on this origin or an absolute URL (any scheme)
     redirect_status: int = 302
     headers: list[tuple[str, str]] = attrs.Factory(list)  # sent with `status`
+    # (header, value): a request that carries it is spared `status` (a gated file's token)
+    spare: tuple[str, str] | None = None
     unsized: bool = False  # no Content-Length (chunked), no ranges: the size is not told
     # A probe (`Range: bytes=0-0`) is answered 200 with this Content-Length and no ranges (the
     # connection then closes); every other GET as `unsized`: a size told, then not kept.
@@ -84,6 +86,7 @@ class Seen:
     if_range: str | None
     connection: int
     at: float  # time.monotonic()
+    headers: tuple[tuple[str, str], ...] = ()  # every header, names lower-case
 
 
 def _etag_of(data: bytes | Path) -> str:
@@ -194,7 +197,7 @@ class Origin:
         method = req.method.decode()
         self.requests.append(
             Seen(method, path, headers.get("range"), headers.get("if-range"), conn_id,
-                 time.monotonic())
+                 time.monotonic(), tuple(headers.items()))
         )
         res = self.resources.get(path)
         if res is None:
@@ -206,14 +209,15 @@ class Origin:
         def applies(k: int | None) -> bool:
             return k is None or res.hits <= k
 
-        if f.redirect_to is not None:
-            to = f.redirect_to if "://" in f.redirect_to else self.url(f.redirect_to)
-            await _send_simple(conn, stream, f.redirect_status, [("Location", to)])
-            return True
-        if f.status is not None and applies(f.status_requests):
+        spared = f.spare is not None and headers.get(f.spare[0]) == f.spare[1]
+        if f.status is not None and applies(f.status_requests) and not spared:
             extra = [("Retry-After", f.retry_after)] if f.retry_after is not None else []
             extra += f.headers
             await _send_simple(conn, stream, f.status, extra)
+            return True
+        if f.redirect_to is not None:
+            to = f.redirect_to if "://" in f.redirect_to else self.url(f.redirect_to)
+            await _send_simple(conn, stream, f.redirect_status, [("Location", to)])
             return True
 
         if f.probe_size is not None and headers.get("range") == "bytes=0-0":

@@ -188,7 +188,8 @@ class Download:
     async def _probe_once(self) -> Probe:
         return await probe_once(self.client, self.url, allow_http=self.req.allow_http,
                                 stall_timeout=self.req.stall_timeout,
-                                allow_private=self.req.allow_private, resolve=self.resolve)
+                                allow_private=self.req.allow_private, resolve=self.resolve,
+                                own_headers=self.req.headers)
 
     async def _retrying(self, once: Callable[[], Awaitable[T]],
                         progress: Callable[[], int] | None) -> T:
@@ -271,7 +272,9 @@ class Download:
         stopped writing when this returns, whatever ended it."""
         probe, pumper = self.probe, self.pumper
         assert probe is not None and pumper is not None
-        headers, overlap = {}, 0
+        # The request's own headers only where the probe still sent them (its origin).
+        headers = dict(self.req.headers) if probe.credentialed else {}
+        overlap = 0
         if probe.ranges and end is not None:
             overlap = self._overlap(at.pos)
             headers["Range"] = f"bytes={at.pos - overlap}-{end - 1}"

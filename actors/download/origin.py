@@ -54,6 +54,8 @@ class Probe:
     # Reached by a redirect at an address that is not public: what it answers (statuses,
     # sizes, headers) is never repeated in an error.
     internal: bool = False
+    # Whether the request's own headers still go to `url` (no redirect left the origin).
+    credentialed: bool = False
 
 
 INTERNAL = ("answered with an error; what it said is not shown, since a redirect led to an "
@@ -88,6 +90,11 @@ def backoff_delay(attempt: int, rng: random.Random) -> float:
 def redact(url: httpx.URL | str) -> str:
     u = httpx.URL(url) if isinstance(url, str) else url
     return str(u.copy_with(username=None, password=None, query=None))
+
+
+def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    """The one rule for credentials: the same scheme, host and port."""
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def check_url(raw: str, *, allow_http: bool, previous: httpx.URL | None) -> httpx.URL:
@@ -139,11 +146,13 @@ def timeout(stall_timeout: float) -> httpx.Timeout:
 
 async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: bool,
                      stall_timeout: float, allow_private: bool = False,
-                     resolve: Resolve = resolve_host) -> Probe:
-    """One probe of the file at `url`. Every hop's host is checked (actors/addresses.py)
-    before it is connected to, and the address connected to after. Raises Transient (retry),
-    DownloadError."""
+                     resolve: Resolve = resolve_host,
+                     own_headers: tuple[tuple[str, str], ...] = ()) -> Probe:
+    """One probe of the file at `url`, with `own_headers` while no redirect left its
+    origin. Every hop's host is checked (actors/addresses.py) before it is connected to,
+    and the address connected to after. Raises Transient (retry), DownloadError."""
     original = url
+    extra = dict(own_headers)
     origin = await addresses_of(url, resolve)
     # A private origin (a mirror on the local network) may redirect to private addresses.
     private_origin = bool(origin) and all(kind(a) != PUBLIC for a in origin)
@@ -157,7 +166,8 @@ async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: b
             elsewhere = (url.host, port_of(url)) != (original.host, port_of(original))
             internal = elsewhere and any(kind(a) != PUBLIC for a in addresses)
             request = client.build_request(
-                "GET", url, headers={"Accept-Encoding": "identity", "Range": "bytes=0-0"},
+                "GET", url,
+                headers={**extra, "Accept-Encoding": "identity", "Range": "bytes=0-0"},
                 timeout=timeout(stall_timeout))
             response = await client.send(request, stream=True, follow_redirects=False)
             try:  # the body is never read
@@ -168,6 +178,8 @@ async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: b
                 status, headers = response.status_code, response.headers
                 if status in (301, 302, 303, 307, 308) and "location" in headers:
                     url = check_url(headers["location"], allow_http=allow_http, previous=url)
+                    if not same_origin(url, original):
+                        extra = {}  # dropped for good: never sent past another origin
                     continue
                 try:
                     judge_status(status, header_fields(headers.multi_items()))
@@ -175,7 +187,8 @@ async def probe_once(client: httpx.AsyncClient, url: httpx.URL, *, allow_http: b
                     raise from_refusal(muted(refused) if internal else refused,
                                        original) from None
                 return attrs.evolve(_probe_answer(url, status, headers), private_ok=private_ok,
-                                    internal=internal)
+                                    internal=internal,
+                                    credentialed=bool(extra))
             finally:
                 await response.aclose()
         raise TooManyRedirects(f"{redact(original)} redirects more than {MAX_REDIRECTS} "

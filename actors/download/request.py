@@ -35,6 +35,10 @@ class DownloadRequest:
     # Checks the complete file before it is published; blocking (run in a thread). Raises
     # GGUFInvalid for a file modeld cannot run (the rule `import` applies: actors.gguf).
     verify: Callable[[Path], object] | None = None
+    # Extra request headers (a Hub token): sent only to the origin (scheme, host and port) of
+    # `url`. A redirect to another origin drops them for the rest of the chain, so a CDN that
+    # the origin redirects to never sees them (actors/download/origin.py: same_origin).
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
 
 
 class ProgressSink(Protocol):

@@ -180,6 +180,14 @@ async def refuse_body() -> Any:
     return None
 
 
+def update_asked(body: Any) -> bool:
+    """A download's body may ask for an update (modeld extra: `{"update": true}`)."""
+    value = body.get("update", False) if isinstance(body, dict) else False
+    if not isinstance(value, bool):
+        raise InvalidInput("update: expected true or false", code="invalid_body")
+    return value
+
+
 def load_keep_alive(body: Any) -> float:
     """An explicit load keeps the model until it is unloaded, unless its body gives a
     `keepAlive` (modeld extra: "5m", "0", "-1")."""
@@ -196,18 +204,24 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
                     feed: ProgressFeed) -> None:
     load_wait = config.runtime.load_wait + config.runtime.load_timeout + 30
 
+    def render(view: m.ModelView, **extra: Any) -> dict[str, Any]:
+        return model_json(view, update_available=registry.updates.available(view.spec), **extra)
+
     async def call(model: str, make: Any, *, wait: float = 30.0) -> Response:
         with answer_within(wait):
             view = await registry.call(check_model_id(model), make)
-        return json_reply(model_json(view))
+        return json_reply(render(view))
 
     @app.get("/model/<model>")
     async def snapshot(model: str) -> Response:
-        return json_reply(model_json(registry.view(check_model_id(model))))
+        return json_reply(render(registry.view(check_model_id(model))))
 
     @app.post("/model/<model>/download")
     async def download(model: str) -> Response:
-        await refuse_body()
+        if update_asked(await refuse_body()):  # modeld: re-resolve the model's Hub source
+            with answer_within(RESOLVE_WAIT):
+                view, outcome = await registry.updates.update(check_model_id(model))
+            return json_reply(render(view, update=outcome))
         with answer_within(RESOLVE_WAIT):  # a catalog model's source is resolved first
             await pin_catalog_source(registry, config, check_model_id(model))
         return await call(model, lambda r: m.StartDownload(reply=r))
@@ -215,6 +229,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.post("/model/<model>/download/cancel")
     async def cancel(model: str) -> Response:
         await refuse_body()
+        registry.updates.cancel(check_model_id(model))  # a Hub update's download too
         return await call(model, lambda r: m.CancelDownload(reply=r))
 
     @app.get("/model/<model>/download/progress")
@@ -243,7 +258,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             view = await registry.call(model_id, lambda r: m.Load(reply=r,
                                                                   keep_alive=keep_alive))
         # modeld extra: the models [runtime] max_loaded unloaded to make room
-        return json_reply(model_json(view, evicted=registry.gate.take_evicted(model_id)))
+        return json_reply(render(view, evicted=registry.gate.take_evicted(model_id)))
 
     @app.post("/model/<model>/unload")
     async def unload(model: str) -> Response:
@@ -313,18 +328,18 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
     @app.get("/models")
     async def models() -> Response:
         views = registry.views()
-        return json_reply({"iterable": [model_json(v) for v in views]})
+        return json_reply({"iterable": [render(v) for v in views]})
 
     @app.post("/models/create")
     async def create() -> Response:
         body = parse_model_body(await read_json_body())
         if body.source is not None:  # a Hub reference: resolved and pinned first
             with answer_within(RESOLVE_WAIT):
-                return json_reply(model_json(await create_from_source(registry, config, body)))
+                return json_reply(render(await create_from_source(registry, config, body)))
         spec = spec_from_create(body, "new", allow_http=config.download.allow_http)
         with answer_within(30), disk_errors_reported():  # its record: 507 on a full disk
             view = await registry.create(spec)
-        return json_reply(model_json(view))
+        return json_reply(render(view))
 
     @app.post("/models/<model>/delete")
     async def delete(model: str) -> Response:

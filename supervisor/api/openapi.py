@@ -154,11 +154,14 @@ def build_document() -> dict[str, Any]:
             "post": _op(
                 "model_specific_model_download", "Start the download (or join the running one)",
                 _responses(200, "Model", *COMMAND, 409, 507), tags=model_tag,
+                body=_json_body("DownloadOptions"), body_required=False,
                 description="Returns at once with downloading: true, or downloaded: true when "
                 "the file is already there. 409 when the model has no url. A catalog model "
                 "with a source is resolved on the Hub first (400, 503 when it cannot be); 507 "
                 "insufficient_storage, before any byte, when its known size does not fit on "
-                "the storage filesystem (with a 64 MiB margin).",
+                "the storage filesystem (with a 64 MiB margin). With {\"update\": true} "
+                "(modeld), a source-backed model's reference is resolved again and the answer's "
+                "update says what came of it (400 no_source for a model without a source).",
             ),
         },
         "/model/{model}/download/cancel": {

@@ -100,6 +100,14 @@ def schemas() -> dict[str, Schema]:
         "memoryEstimate": {"type": "integer", "minimum": 0,
                            "description": "modeld: bytes it takes loaded (weights, KV cache, "
                            "compute buffers, its worker), estimated from its GGUF header"},
+        "updateAvailable": {"type": "boolean",
+                            "description": "modeld: the source's reference now names another "
+                            "file than the pinned one (checked in the background, [hub] "
+                            "update_check); absent until checked"},
+        "update": {"type": "string", "enum": ["up to date", "updating", "downloading"],
+                   "description": "modeld, in the answer of a download with update: true: "
+                   "nothing to download; a newer file is downloading beside the old one; "
+                   "the model had no file, so the newest is downloading"},
     }
     model_required = [
         "id", "name", "version", "cloud", "created", "type", "usage", "downloaded",
@@ -205,6 +213,12 @@ def schemas() -> dict[str, Schema]:
             "type": ["string", "number"], "maxLength": 64,
             "description": "modeld: how long the model stays loaded when idle (\"5m\"; "
             "\"-1\": until unloaded, the default of an explicit load)"}},
+            "description": "optional; other keys are ignored"},
+        "DownloadOptions": {"type": "object", "properties": {"update": {
+            "type": "boolean",
+            "description": "modeld: re-resolve the model's Hub source first; a newer file is "
+            "downloaded beside the old one (which stays loadable) and published when "
+            "verified"}},
             "description": "optional; other keys are ignored"},
         "PruneInput": _obj({"dryRun": {"type": "boolean", "description": "list only"}}),
         "Prune": _obj({

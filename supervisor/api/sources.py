@@ -19,7 +19,7 @@ from actors.errors import InvalidInput
 from actors.spec import ModelSpec
 from actors.state import State
 from supervisor.config import Config
-from supervisor.hub import Resolved, resolve
+from supervisor.hub import pinned, resolve
 from supervisor.hub_refs import BadReference, HubRef, model_id_for, parse_reference, quant_tag
 from supervisor.pins import canonical_source, write_pin
 from supervisor.registry import Registry
@@ -33,15 +33,6 @@ def parse_source(text: str, where: str = "$.source") -> HubRef:
         return parse_reference(text)
     except BadReference as exc:
         raise InvalidInput(f"{where}: {exc}", code="invalid_reference") from None
-
-
-def pinned(spec: ModelSpec, resolved: Resolved) -> ModelSpec:
-    """`spec` pinned to one commit's file: downloads come from it, verified by its sha256."""
-    return attrs.evolve(
-        spec, url=resolved.url, sha256=resolved.sha256, size=resolved.size,
-        source=resolved.source, revision=resolved.commit, file=resolved.file,
-        parts=resolved.parts, quantization=spec.quantization or quant_tag(resolved.file),
-    )
 
 
 def _same_reference(ref: HubRef, file: str) -> Callable[[ModelSpec], bool]:
@@ -74,7 +65,7 @@ async def create_from_source(registry: Registry, config: Config, body: ModelBody
             return view
     spec = spec_from_create(attrs.evolve(body, name=body.name or "hub", source=None), "new",
                             allow_http=config.download.allow_http)
-    resolved = await resolve(ref, config.hub.endpoint)
+    resolved = await resolve(ref, registry.hub.endpoint, registry.hub.token)
     if body.sha256 is not None and body.sha256 != resolved.sha256:
         raise InvalidInput(f"$.sha256: the Hub's {resolved.file} at {resolved.commit} has "
                            f"sha256 {resolved.sha256}, not {body.sha256}",
@@ -97,7 +88,7 @@ async def pin_catalog_source(registry: Registry, config: Config, model_id: str) 
     if spec.source is None or spec.url is not None or view.state is not State.ABSENT:
         return
     ref = parse_source(spec.source, f"the catalog's source of {model_id}")
-    resolved = await resolve(ref, config.hub.endpoint)
+    resolved = await resolve(ref, registry.hub.endpoint, registry.hub.token)
 
     def pin(current: ModelSpec) -> ModelSpec:
         return current if current.url is not None else pinned(current, resolved)

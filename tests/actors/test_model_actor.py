@@ -7,6 +7,7 @@ clock never races a real thread and every test is deterministic.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -711,3 +712,36 @@ async def test_commands_left_in_the_mailbox_are_answered_when_the_actor_stops(
         assert isinstance(await first.receive(), m.ModelView)
         with pytest.raises(trio.EndOfChannel):  # closed, not left waiting
             await second.receive()
+
+
+async def test_an_update_replaces_the_file_of_a_loaded_model(autojump_clock: trio.abc.Clock,
+                                                             start: Start, store: Store,
+                                                             tmp_path: Path) -> None:
+    """ImportFile with a spec (a Hub update): published over the old file with its new pin in
+    one step; a loaded model stays loaded (on the old file) and its worker is kept."""
+    from tests.gguf_factory import write_tiny_llama
+
+    old = write_tiny_llama(tmp_path / "old.gguf", seed=1).read_bytes()
+    new = write_tiny_llama(tmp_path / "new.gguf", seed=2).read_bytes()
+    assert old != new
+    published(store, old)
+    pin = spec(custom=True, source="hf.co/u/r", revision="a" * 40, file="m.gguf",
+               sha256=hashlib.sha256(old).hexdigest())
+    store.write_record(pin)
+    async with start(pin) as rig:
+        await rig.view(lambda r: m.Load(reply=r))
+        update = attrs.evolve(pin, revision="b" * 40, url=URL + "?b",
+                              sha256=hashlib.sha256(new).hexdigest())
+        temp = store.root / "new.tmp"
+
+        def ask(sha256: str) -> Callable[[trio.MemorySendChannel[m.Reply]], m.Command]:
+            temp.write_bytes(new)
+            return lambda r: m.ImportFile(reply=r, temp=temp, sha256=sha256, spec=update)
+
+        refused = await rig.ask(ask("0" * 64))  # not the bytes the update names
+        assert isinstance(refused, InvalidInput) and "checksum_mismatch" == refused.code
+        assert (old, False) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())
+        view = await rig.view(ask(update.sha256 or ""))
+        assert (State.LOADED, update, 1) == (view.state, view.spec, len(rig.spawn.specs))
+        assert (new, False) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())
+        assert "b" * 40 == store.load_records()[0].revision

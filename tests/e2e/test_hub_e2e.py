@@ -4,8 +4,12 @@ HfApi for the metadata, a real daemon and the real `modeld` command line for the
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +26,7 @@ from tests.hub import FakeHub, open_fake_hub
 FIRST = gguf_of_size(300_000, seed=1)
 SECOND = gguf_of_size(310_000, seed=2)
 Q8 = gguf_of_size(200_000, seed=3)
+TOKEN = "hf_" + "T0kenForTheFakeHub" * 2
 
 
 @pytest.fixture
@@ -53,6 +58,22 @@ async def test_resolution_through_hfapi(hub: FakeHub) -> None:
         with pytest.raises(InvalidInput) as revision:
             await resolve(HubRef("user/repo", revision="v9"), hub.endpoint)
         assert "hub_not_found" == revision.value.code
+        # A gated repository: its metadata is public, its files need a token with access.
+        hub.gated["user/gated"] = TOKEN
+        hub.publish("user/gated", {"g.Q4_K_M.gguf": FIRST})
+        for token, todo in ((None, "set [hub] token_file"), ("hf_wrong" * 4, "has no access")):
+            with pytest.raises(InvalidInput) as gated:
+                await resolve(HubRef("user/gated"), hub.endpoint, token)
+            assert ("hub_repo_gated", True, True, True) == (
+                gated.value.code, "user/gated" in str(gated.value), todo in str(gated.value),
+                f"{hub.endpoint}/user/gated" in str(gated.value)), str(gated.value)
+            assert token is None or token not in str(gated.value)
+        allowed = await resolve(HubRef("user/gated"), hub.endpoint, TOKEN)
+        assert "g.Q4_K_M.gguf" == allowed.file
+        # The token went with the metadata requests that had it, and nowhere else.
+        assert [f"Bearer {'hf_wrong' * 4}"] * 2 + [f"Bearer {TOKEN}"] * 2 == (
+            hub.seen_authorization(hub.api))
+        assert not hub.cdn.requests
         offline = f"http://127.0.0.1:{closed_port()}"
         with pytest.raises(Unavailable, match=offline) as down:
             await resolve(HubRef("user/repo"), offline)
@@ -91,7 +112,7 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
 
     # The branch moves on: the record stays pinned, whichever form names the same file.
     second = hub.publish("user/repo", {"m.Q4_K_M.gguf": SECOND, "m.Q8_0.gguf": Q8})
-    again = modeld(url, "pull", "hf.co/user/repo:Q4_K_M")
+    again = modeld(url, "pull", model_id)  # by id: no update (by reference: see below)
     assert 0 == again.returncode, again.stderr
     assert f"{model_id} already downloaded" in again.stdout
     default = httpx.post(f"{url}/models/create", json={"source": "hf.co/user/repo"}).json()
@@ -148,9 +169,116 @@ def test_pull_create_verify_pin(make_daemon: DaemonFactory, hub: FakeHub) -> Non
     cat_model = httpx.get(f"{offline.url}/model/cat-hub").json()
     assert (True, second, "hf.co/user/repo:Q8_0") == (
         cat_model["downloaded"], cat_model["revision"], cat_model["source"])
-    again = modeld(offline.url, "pull", "hf.co/user/repo:q4_k_m")
+    again = modeld(offline.url, "pull", "hf.co/user/repo:q4_k_m")  # no update check offline
     assert 0 == again.returncode, again.stderr
     assert f"{model_id} already downloaded" in again.stdout
+    assert "could not check" in again.stderr and offline.url not in again.stderr
     assert first == httpx.get(f"{offline.url}/model/{model_id}").json()["revision"]
     unreachable = httpx.post(f"{offline.url}/models/create", json={"source": "hf.co/user/new"})
     assert (503, "hub_unreachable") == (unreachable.status_code, unreachable.json()["error"])
+
+
+def test_gated_repo_token_goes_to_the_hub_only(make_daemon: DaemonFactory, hub: FakeHub,
+                                               tmp_path: Path) -> None:
+    hub.gated["user/gated"] = TOKEN
+    hub.gated["user/other"] = "hf_" + "SomebodyElsesToken" * 2
+    commit = hub.publish("user/gated", {"g.Q4_K_M.gguf": FIRST})
+    hub.publish("user/other", {"o.Q4_K_M.gguf": FIRST})
+    token_file = tmp_path / "hub-token"
+    token_file.write_text(TOKEN + "\n")
+    daemon = make_daemon([], hub={"endpoint": hub.endpoint, "token_file": str(token_file)})
+    daemon.start()
+    url, answers = daemon.url, []
+
+    pulled = modeld(url, "pull", "hf.co/user/gated")
+    answers += [pulled.stdout, pulled.stderr]
+    assert 0 == pulled.returncode, pulled.stderr
+    assert FIRST == (daemon.storage / "models" / "hf-user-gated-q4_k_m.gguf").read_bytes()
+    # The Hub's host got the token (metadata, access check, the file's resolve request); the
+    # CDN it redirects to never did.
+    resolve_path = f"/user/gated/resolve/{commit}/g.Q4_K_M.gguf"
+    assert [f"Bearer {TOKEN}"] == [v for r in hub.api.seen(resolve_path) for k, v in r.headers
+                                   if k == "authorization"]
+    assert hub.cdn.requests and [] == hub.seen_authorization(hub.cdn)
+
+    # A gated repository the token's account may not read: a 400 naming it and what to do.
+    refused = httpx.post(f"{url}/models/create", json={"source": "hf.co/user/other"})
+    answers.append(refused.text)
+    assert (400, "hub_repo_gated") == (refused.status_code, refused.json()["error"])
+    assert "user/other" in refused.json()["message"]
+    assert "accept the licence" in refused.json()["message"]
+    for path in ("/models", "/model/hf-user-gated-q4_k_m", "/status"):
+        answers.append(httpx.get(f"{url}{path}").text)
+    assert 0 == daemon.stop()
+    assert not [a for a in answers if TOKEN in a]
+    assert not [line for line in daemon.raw_lines if TOKEN in line]
+
+
+def test_updates(make_daemon: DaemonFactory, hub: FakeHub) -> None:
+    first = hub.publish("user/up", {"u.Q4_K_M.gguf": FIRST, "u.Q8_0.gguf": Q8})
+    catalog = [{"id": "cat-up", "name": "Catalog Up", "source": "hf.co/user/up:Q8_0"}]
+    daemon = make_daemon(catalog, hub={"endpoint": hub.endpoint, "update_check": "1s"}).start()
+    url, models, model_id = daemon.url, daemon.storage / "models", "hf-user-up-q4_k_m"
+    assert 0 == modeld(url, "pull", "hf.co/user/up").returncode
+    assert 200 == httpx.post(f"{url}/model/cat-up/download").status_code
+    daemon.wait_for("download_completed", model="cat-up")
+
+    def model(which: str = model_id) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{url}/model/{which}").json()
+        return body
+
+    def cdn_files() -> int:
+        return len([r for r in hub.cdn.requests if r.range != "bytes=0-0"])
+
+    # The same file: nothing downloaded, the answer says so.
+    before = cdn_files()
+    same = modeld(url, "pull", "hf.co/user/up")
+    assert 0 == same.returncode, same.stderr
+    assert f"{model_id} is up to date (u.Q4_K_M.gguf at {first[:12]})" in same.stdout
+    assert before == cdn_files()
+
+    # The branch moves: the Q4_K_M file changes, the Q8_0 file does not. The background check
+    # (every second here) shows it, without any request asking.
+    second = hub.publish("user/up", {"u.Q4_K_M.gguf": SECOND, "u.Q8_0.gguf": Q8})
+    deadline = time.monotonic() + 10
+    while model().get("updateAvailable") is not True:
+        assert time.monotonic() < deadline, model()
+        time.sleep(0.1)
+    assert (False, first) == (model("cat-up")["updateAvailable"], model("cat-up")["revision"])
+    # The catalog model's file is the same at the new commit: the pin moves, nothing else.
+    moved = httpx.post(f"{url}/model/cat-up/download", json={"update": True}).json()
+    assert ("up to date", second, True) == (moved["update"], moved["revision"],
+                                            moved["downloaded"])
+    assert second == json.loads((daemon.storage / "pins" / "cat-up.json").read_text())[
+        "revision"]
+    assert before == cdn_files()
+
+    # A new file: downloaded beside the old one, verified, then published with its pin.
+    updated = modeld(url, "pull", "hf.co/user/up")
+    assert 0 == updated.returncode, updated.stderr
+    assert f"{model_id} updated" in updated.stdout, updated.stdout
+    assert SECOND == (models / f"{model_id}.gguf").read_bytes()
+    now = model()
+    assert (second, hashlib.sha256(SECOND).hexdigest(), False, "downloaded") == (
+        now["revision"], now["sha256"], now["updateAvailable"], now["state"])
+    assert not list((daemon.storage / "updates").iterdir())
+    record = json.loads((daemon.storage / "custom" / f"{model_id}.json").read_text())
+    assert second == record["revision"]
+
+    # A new file that fails its check: the old file and pin stay.
+    hub.publish("user/up", {"u.Q4_K_M.gguf": FIRST}, lfs_sha256={"u.Q4_K_M.gguf": "0" * 64})
+    bad = httpx.post(f"{url}/model/{model_id}/download", json={"update": True}).json()
+    assert ("updating", "downloaded", second) == (bad["update"], bad["state"], bad["revision"])
+    failed = daemon.wait_for("hub_update_failed", model=model_id)
+    assert "sha256" in failed["reason"]
+    assert SECOND == (models / f"{model_id}.gguf").read_bytes()
+    assert (second, "downloaded") == (model()["revision"], model()["state"])
+
+    # Only source-backed models update; `update` is a boolean.
+    plain = httpx.post(f"{url}/models/create", json={"name": "plain",
+                                                     "url": hub.cdn.url("/x.gguf")}).json()
+    refused = httpx.post(f"{url}/model/{plain['id']}/download", json={"update": True})
+    assert (400, "no_source") == (refused.status_code, refused.json()["error"])
+    wrong = httpx.post(f"{url}/model/{model_id}/download", json={"update": "yes"})
+    assert (400, "invalid_body") == (wrong.status_code, wrong.json()["error"])
+    assert 0 == daemon.stop()

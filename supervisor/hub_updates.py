@@ -1,0 +1,232 @@
+"""Updates of models backed by a Hub reference (`source`), and the check behind
+`updateAvailable`.
+
+An update re-resolves the model's reference (supervisor/hub.py). The same file (same sha256):
+nothing is downloaded ("up to date"; a newer commit holding that file becomes the pin). A new
+file: it is downloaded beside the old one, to `<storage>/updates/<id>.gguf`, through the same
+resumable, verified download as any other (its progress on the model's progress stream), and
+then the actor publishes it over the old file and takes the new pin in one step
+(`ImportFile(spec=...)`); a catalog model's pin file is written after that. Until then the old
+file stays the model's, loadable, and the model stays in its state.
+
+The check runs in the background, every `[hub] update_check` (the first a minute after start,
+or sooner for a shorter interval), only for downloaded models whose reference can move (not a
+commit), one request per reference; never with `HF_HUB_OFFLINE` set. A failed check is logged
+once (until a check succeeds again) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from actors import messages as m
+from actors.download import DownloadError, DownloadRequest, download_file
+from actors.errors import Conflict, InvalidInput, ModelError
+from actors.gguf import GGUF_MAGIC
+from actors.keepalive import parse_keep_alive
+from actors.progress import ProgressMeter
+from actors.spec import ModelSpec
+from actors.state import State, flags
+from supervisor.hub import COMMIT, Resolved, pinned, resolve
+from supervisor.hub_refs import BadReference, HubRef, parse_reference
+from supervisor.pins import write_pin
+
+if TYPE_CHECKING:
+    from supervisor.registry import Registry
+
+log = structlog.get_logger("modeld.hub")
+
+FIRST_CHECK = 60.0  # seconds after start-up before the first background check (at most)
+CHECK_WAIT = 60.0  # seconds one background check of one reference may take
+PUBLISH_TRIES = 120  # a loading or unloading model is waited for, a second at a time
+UP_TO_DATE, UPDATING, DOWNLOADING = "up to date", "updating", "downloading"
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _reference(spec: ModelSpec) -> HubRef | None:
+    try:
+        return parse_reference(spec.source or "")
+    except BadReference:
+        return None
+
+
+class HubUpdates:
+    """The updates of one registry's source-backed models (one at a time per model)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._heads: dict[str, Resolved] = {}  # a reference (canonical) -> its file now
+        self._running: dict[str, trio.CancelScope] = {}
+        self._check_failing = False
+
+    # -- what GET shows
+
+    def available(self, spec: ModelSpec) -> bool | None:
+        """Whether the reference now names another file than the pinned one (None: not
+        known, or not a source-backed model)."""
+        ref = _reference(spec) if spec.source and spec.revision else None
+        head = None if ref is None else self._heads.get(ref.canonical())
+        if head is None:
+            return None
+        return (head.sha256, head.file) != (spec.sha256, spec.file)
+
+    # -- an update asked for
+
+    async def update(self, model_id: str) -> tuple[m.ModelView, str]:
+        """Re-resolve the model's source: ("up to date" | "updating" | "downloading").
+        Raises InvalidInput (no source; the Hub's 4xx), Unavailable (the Hub cannot be
+        reached); the caller bounds the wait."""
+        registry = self._registry
+        view = registry.view(model_id)
+        spec = view.spec
+        ref = _reference(spec)
+        if spec.source is None or ref is None:
+            raise InvalidInput(f"{model_id} has no Hub source to update from; `update` is for "
+                               "models made from an hf.co/... reference", code="no_source")
+        if model_id in self._running:
+            return view, UPDATING
+        if view.state is State.DOWNLOADING:
+            return view, DOWNLOADING
+        resolved = await resolve(ref, registry.hub.endpoint, registry.hub.token)
+        self._heads[ref.canonical()] = resolved
+        if view.state is State.ABSENT:  # nothing to keep: pinned to the newest, downloaded
+            await self._repin(model_id, resolved, same_file=False)
+            return await registry.call(model_id, lambda r: m.StartDownload(reply=r)), DOWNLOADING
+        if (resolved.sha256, resolved.file) == (spec.sha256, spec.file):
+            if resolved.commit != spec.revision:  # the same bytes at a newer commit
+                view = await self._repin(model_id, resolved, same_file=True)
+            return view, UP_TO_DATE
+        if model_id in self._running:  # another update started while the Hub answered
+            return registry.view(model_id), UPDATING
+        if spec.parts or resolved.parts:
+            raise Conflict(f"{model_id} is a split GGUF set and a newer file of its reference "
+                           "exists; modeld updates single files only: delete the model and "
+                           "pull the reference again", code="split_update_unsupported")
+        scope = self._running[model_id] = trio.CancelScope()
+        registry.broadcaster(model_id).publish(m.Progress(
+            model=model_id, status="INITIALIZED", total=resolved.size))
+        log.info("hub_update_started", model=model_id, revision=resolved.commit,
+                 file=resolved.file, bytes=resolved.size)
+        registry.start_soon(self._download, model_id, pinned(spec, resolved), scope)
+        return registry.view(model_id), UPDATING
+
+    def cancel(self, model_id: str) -> bool:
+        """Cancel a running update (its partial is kept for the next one)."""
+        scope = self._running.get(model_id)
+        if scope is not None:
+            scope.cancel()
+        return scope is not None
+
+    async def _repin(self, model_id: str, resolved: Resolved, *, same_file: bool) -> m.ModelView:
+        def change(current: ModelSpec) -> ModelSpec:
+            if same_file and (current.sha256, current.file) != (resolved.sha256, resolved.file):
+                return current  # changed meanwhile
+            return pinned(current, resolved)
+
+        view = await self._registry.call(model_id, lambda r: m.UpdateSpec(reply=r, change=change))
+        await self._keep_pin(view.spec)
+        return view
+
+    async def _keep_pin(self, spec: ModelSpec) -> None:
+        if not spec.custom:  # a catalog model's pin lives in pins/<id>.json
+            await trio.to_thread.run_sync(write_pin, self._registry.store.root, spec)
+
+    async def _download(self, model_id: str, spec: ModelSpec, scope: trio.CancelScope) -> None:
+        registry = self._registry
+        config = registry.config
+        out = registry.broadcaster(model_id)
+        dest = registry.store.root / "updates" / f"{model_id}.gguf"
+        assert spec.url is not None and spec.sha256 is not None
+        request = DownloadRequest(
+            url=spec.url, dest=dest, sha256=spec.sha256, size=spec.size,
+            connections=config.download.connections, retries=config.download.retries,
+            stall_timeout=config.download.stall_timeout, allow_http=config.download.allow_http,
+            min_free=config.storage.min_free, magic=GGUF_MAGIC,
+            headers=registry.hub.headers_for(spec.url))
+        try:
+            with scope:
+                await trio.to_thread.run_sync(_make_dir, dest.parent)
+                await download_file(request, ProgressMeter(model_id, out,
+                                                           retries=config.download.retries))
+                view = await self._publish(model_id, dest, spec)
+                await self._keep_pin(view.spec)
+            if scope.cancelled_caught:
+                out.publish(m.Progress(model=model_id, status="CANCELED"))
+                log.info("hub_update_cancelled", model=model_id)
+                return
+            out.publish(m.Progress(model=model_id, status="COMPLETED", percentage=100.0,
+                                   bytes=spec.size or 0, total=spec.size))
+            log.info("hub_updated", model=model_id, revision=spec.revision, file=spec.file)
+        except (DownloadError, ModelError, OSError) as exc:
+            reason = f"the update to {spec.file} at {spec.revision} failed: {exc}"
+            out.publish(m.Progress(model=model_id, status="FAILED", error=reason))
+            log.error("hub_update_failed", model=model_id, reason=reason,
+                      code=getattr(exc, "code", "update_failed"))
+        finally:
+            del self._running[model_id]
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: dest.unlink(missing_ok=True))
+
+    async def _publish(self, model_id: str, dest: Path, spec: ModelSpec) -> m.ModelView:
+        """The actor publishes the verified file and takes its pin in one step; a model in
+        the middle of a load or unload is waited for."""
+        assert spec.sha256 is not None
+        sha256 = spec.sha256
+        for _ in range(PUBLISH_TRIES):
+            try:
+                return await self._registry.call(model_id, lambda r: m.ImportFile(
+                    reply=r, temp=dest, sha256=sha256, spec=spec))
+            except Conflict as exc:
+                if exc.code != "conflict":
+                    raise
+            await trio.sleep(1.0)
+        raise Conflict(f"{model_id} stayed busy loading or unloading; the update was not "
+                       "published", code="conflict")
+
+    # -- the background check
+
+    async def watch(self) -> None:
+        """Check every `[hub] update_check`, until cancelled."""
+        interval = parse_keep_alive(self._registry.config.hub.update_check)
+        if interval <= 0 or offline():
+            return
+        await trio.sleep(min(interval, FIRST_CHECK))
+        while True:
+            await self.check()
+            await trio.sleep(interval)
+
+    async def check(self) -> None:
+        """One round: each movable reference of a downloaded model, resolved once."""
+        registry, done = self._registry, set()
+        for view in registry.views():
+            spec = view.spec
+            ref = _reference(spec) if spec.source and spec.revision else None
+            if (ref is None or not flags(view.state).downloaded
+                    or (ref.revision is not None and COMMIT.fullmatch(ref.revision))
+                    or ref.canonical() in done):
+                continue
+            done.add(ref.canonical())
+            try:
+                with trio.fail_after(CHECK_WAIT):
+                    head = await resolve(ref, registry.hub.endpoint, registry.hub.token)
+            except (ModelError, trio.TooSlowError) as exc:
+                if not self._check_failing:
+                    log.info("hub_check_failed", source=ref.canonical(),
+                             reason=str(exc) or "the Hub did not answer in time")
+                self._check_failing = True
+                continue
+            self._check_failing = False
+            self._heads[ref.canonical()] = head
+
+
+def _make_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, exist_ok=True)
