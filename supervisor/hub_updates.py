@@ -30,7 +30,7 @@ from actors.errors import Conflict, InvalidInput, ModelError
 from actors.gguf import GGUF_MAGIC
 from actors.keepalive import parse_keep_alive
 from actors.progress import ProgressMeter
-from actors.spec import ModelSpec
+from actors.spec import ModelSpec, SplitPart
 from actors.state import State, flags
 from supervisor.hub import COMMIT, Resolved, pinned, resolve
 from supervisor.hub_refs import BadReference, HubRef, parse_reference
@@ -101,7 +101,7 @@ class HubUpdates:
         if view.state is State.ABSENT:  # nothing to keep: pinned to the newest, downloaded
             await self._repin(model_id, resolved, same_file=False)
             return await registry.call(model_id, lambda r: m.StartDownload(reply=r)), DOWNLOADING
-        if (resolved.sha256, resolved.file) == (spec.sha256, spec.file):
+        if _same_bytes(spec, resolved):
             if resolved.commit != spec.revision:  # the same bytes at a newer commit
                 view = await self._repin(model_id, resolved, same_file=True)
             return view, UP_TO_DATE
@@ -128,7 +128,7 @@ class HubUpdates:
 
     async def _repin(self, model_id: str, resolved: Resolved, *, same_file: bool) -> m.ModelView:
         def change(current: ModelSpec) -> ModelSpec:
-            if same_file and (current.sha256, current.file) != (resolved.sha256, resolved.file):
+            if same_file and not _same_bytes(current, resolved):
                 return current  # changed meanwhile
             return pinned(current, resolved)
 
@@ -230,3 +230,11 @@ class HubUpdates:
 
 def _make_dir(path: Path) -> None:
     path.mkdir(mode=0o700, exist_ok=True)
+
+
+def _same_bytes(spec: ModelSpec, resolved: Resolved) -> bool:
+    """Whether `resolved` names the files `spec` is pinned to (every part of a split set)."""
+    def files(parts: tuple[SplitPart, ...]) -> list[tuple[str, str]]:
+        return [(p.file, p.sha256) for p in parts]
+    return ((spec.sha256, spec.file) == (resolved.sha256, resolved.file)
+            and files(spec.parts) == files(resolved.parts))

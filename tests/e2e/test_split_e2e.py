@@ -100,6 +100,15 @@ def test_split_model_pull_load_refuse_delete(make_daemon: DaemonFactory, tmp_pat
         assert (True, names[0]) == (again["downloaded"], again["file"])
         assert fetched == len(hub.cdn.requests)
 
+        # A newer set at the reference: modeld updates single files only, so it says so and
+        # the set stays as it was.
+        other = split_gguf(write_tiny_llama(tmp_path / "other.gguf", seed=6), 3)
+        hub.publish("user/split", {**split_files("tiny-Q8_0", other), "tiny.Q4_0.gguf": parts[0]})
+        update = httpx.post(f"{url}/model/{MODEL}/download", json={"update": True}, timeout=60)
+        assert (409, "split_update_unsupported") == (update.status_code, update.json()["error"])
+        assert parts == [p.read_bytes() for p in paths]
+        assert commit == httpx.get(f"{url}/model/{MODEL}").json()["revision"]
+
         # Deleted: every part goes, nothing of the model is left.
         assert 204 == httpx.post(f"{url}/models/{MODEL}/delete", timeout=60).status_code
         assert [] == [p.name for p in models.iterdir() if p.name.startswith(MODEL)]
