@@ -370,6 +370,22 @@ class Registry:
             log.info("model_created", model=model_id)
         return self.view(model_id)
 
+    async def forget_cut_import(self, model_id: str) -> None:
+        """An upload cut off before its whole file came: a custom model with no url, no Hub
+        source and no file is useless, and goes (as after a crash mid-upload: the Store's
+        start-up sweep)."""
+        if not self.knows(model_id):
+            return
+        view = self.view(model_id)
+        spec = view.spec
+        if not spec.custom or spec.url or spec.source or view.state is not State.ABSENT:
+            return
+        try:
+            await self.delete(model_id)
+        except ModelError:
+            return
+        log.warning("import_interrupted", model=model_id)
+
     async def delete(self, model_id: str) -> None:
         """Unload, cancel, remove files; for custom models also the record and the actor."""
         self.updates.cancel(model_id)

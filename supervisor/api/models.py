@@ -310,6 +310,12 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             try:
                 with disk_errors_reported():
                     sha256 = await _receive_file(temp)
+            except trio.Cancelled:
+                # The client left before its whole file came (hypercorn cancels the handler):
+                # a model with neither a url nor a file is useless, and goes.
+                with contextlib.suppress(RuntimeError):  # the registry is ending too
+                    registry.start_soon(registry.forget_cut_import, model_id)
+                raise
             except InvalidInput as exc:
                 # Refused before the whole body came: the connection cannot be reused (the
                 # rest of the body is still on its way), so it is closed after the answer
@@ -478,8 +484,8 @@ async def _receive_file(temp: Path) -> str:
 
 
 def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error inside `group` (the receiving or the writing side failed), else the
-    group itself."""
+    """The one error inside `group` (the receiving or the writing side failed), or its
+    Cancelled when only cancellation is inside, else the group itself."""
     leaves: list[BaseException] = []
     pending: list[BaseException] = [group]
     while pending:
@@ -488,4 +494,6 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending.extend(exc.exceptions)
         else:
             leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else group
+    if len(leaves) == 1 or all(isinstance(exc, trio.Cancelled) for exc in leaves):
+        return leaves[0]  # cancelled from outside (the client left): both sides were
+    return group

@@ -4,6 +4,7 @@ watches that GET /models stays quick while the daemon deals with the hostile inp
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -120,6 +121,27 @@ def test_a_refused_import_leaves_no_model(daemon: Daemon, tmp_path: Path) -> Non
     assert records == set((daemon.storage / "custom").glob("*.json"))
 
 
+def test_an_import_whose_client_leaves_mid_body_leaves_no_model(daemon: Daemon,
+                                                                 tmp_path: Path) -> None:
+    # The CLI killed (SIGKILL: no cleanup of its own) while its file is on its way.
+    path = write_tiny_llama(tmp_path / "cut.gguf")
+    body = path.read_bytes()
+    model_id = create(daemon, "cut import")
+    kept = create(daemon, "kept", url="https://example.com/kept.gguf")  # has a url: stays
+    port = int(daemon.url.rsplit(":", 1)[1])
+    for target in (model_id, kept):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall((f"PUT /model/{target}/file HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          "Content-Type: application/octet-stream\r\n"
+                          f"Content-Length: {len(body) + 10 * MB}\r\n\r\n").encode() + body)
+    daemon.wait_for("import_interrupted", model=model_id)
+    assert 410 == httpx.get(f"{daemon.url}/model/{model_id}").status_code  # gone
+    assert not (daemon.storage / "custom" / f"{model_id}.json").exists()
+    assert not [p for p in (daemon.storage / "models").iterdir() if model_id in p.name]
+    assert not httpx.get(f"{daemon.url}/model/{kept}").json()["downloaded"]
+    assert [model_id] == [line["model"] for line in daemon.events("import_interrupted")]
+
+
 def test_hostile_template_refuses_a_llama_cpp_load_in_time(daemon: Daemon,
                                                            tmp_path: Path) -> None:
     # llama.cpp renders the file's template already at load: modeld tries it first
@@ -151,4 +173,6 @@ def test_import_of_a_special_or_changing_file_fails_cleanly(daemon: Daemon,
     with Api(Endpoint(daemon.url)) as api, pytest.raises(ClientError,
                                                          match="changed while it was uploaded"):
         api.upload(model_id, path, on_chunk=grow)
-    assert not httpx.get(f"{daemon.url}/model/{model_id}").json()["downloaded"]
+    # The client stopped sending: the model, made only to take this file, is gone.
+    daemon.wait_for("import_interrupted", model=model_id)
+    assert 410 == httpx.get(f"{daemon.url}/model/{model_id}").status_code
