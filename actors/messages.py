@@ -37,6 +37,7 @@ class Progress:
     error: str | None = None
     retrying: str | None = None  # modeld: "retrying (2/6): connection refused", while it waits
     queue_position: int | None = None  # modeld: its place while it waits ([download] max_active)
+    connections: int | None = None  # modeld: connections moving its bytes now
 
     @property
     def terminal(self) -> bool:

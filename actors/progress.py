@@ -95,7 +95,7 @@ class ProgressMeter:
         self._floor = 0.0
         self._done = 0
 
-    def update(self, done: int, total: int | None) -> None:
+    def update(self, done: int, total: int | None, *, connections: int | None = None) -> None:
         self._done = done
         now = trio.current_time()
         if self._rate_bytes is None:
@@ -124,6 +124,7 @@ class ProgressMeter:
                 total=total,
                 bytes_per_second=None if self._rate is None else round(self._rate, 1),
                 eta_seconds=eta,
+                connections=connections,
             )
         )
 

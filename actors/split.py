@@ -124,8 +124,8 @@ class SetProgress:
         self._before = before
         self._total = total
 
-    def update(self, done: int, total: int | None) -> None:
-        self._sink.update(self._before + done, self._total)
+    def update(self, done: int, total: int | None, *, connections: int | None = None) -> None:
+        self._sink.update(self._before + done, self._total, connections=connections)
 
     def reset(self, reason: str) -> None:
         self._sink.reset(reason)

@@ -105,7 +105,9 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Out) -> int:
                                        "percentage": d.get("percentage"),
                                        "bytesPerSecond": d.get("rate"),
                                        "etaSeconds": d.get("eta"),
-                                       "retrying": d.get("retrying")}))
+                                       "retrying": d.get("retrying"),
+                                       "queuePosition": d.get("queuePosition"),
+                                       "connections": d.get("connections")}))
     return EXIT_OK
 
 

@@ -119,6 +119,10 @@ class HubUpdates:
         registry.start_soon(self._download, model_id, pinned(spec, resolved), scope)
         return registry.view(model_id), UPDATING
 
+    def running(self, model_id: str) -> bool:
+        """Whether an update of `model_id` is resolving its file or downloading it."""
+        return model_id in self._running
+
     def cancel(self, model_id: str) -> bool:
         """Cancel a running update (its partial is kept for the next one)."""
         scope = self._running.get(model_id)

@@ -50,6 +50,8 @@ def download_json(progress: m.Progress) -> dict[str, Any]:
         "rate": progress.bytes_per_second,
         "eta": progress.eta_seconds,
         "retrying": progress.retrying,
+        "connections": progress.connections,
+        "queuePosition": progress.queue_position,
     }
 
 
@@ -69,8 +71,9 @@ async def status_json(registry: Registry, started: float) -> dict[str, Any]:
     disk = await trio.to_thread.run_sync(shutil.disk_usage, registry.store.root)
     memory = psutil.virtual_memory()
     loaded = [v for v in views if v.state in (State.LOADING, State.LOADED, State.UNLOADING)]
+    # Running and waiting downloads, a Hub update's (of a downloaded model) too.
     downloads = [registry.broadcaster(v.spec.id).value for v in views
-                 if v.state is State.DOWNLOADING]
+                 if v.state is State.DOWNLOADING or registry.updates.running(v.spec.id)]
     return {
         "version": __version__,
         "uptimeSeconds": round(time.monotonic() - started, 3),

@@ -92,6 +92,9 @@ def progress_line(progress: Json) -> str:
         rate = progress.get("bytesPerSecond")
         parts.append(f"{format_bytes(rate)}/s" if rate else "-/s")
         parts.append(f"ETA {format_duration(progress.get('etaSeconds'))}")
+        if progress.get("connections"):
+            n = int(progress["connections"])
+            parts.append(f"{n} connection{'s' if n != 1 else ''}")
     else:
         parts.append(status.lower())
     return "  ".join(parts)

@@ -135,6 +135,7 @@ class ProgressOut:
     error: str | None = None
     retrying: str | None = None
     queue_position: int | None = None
+    connections: int | None = None
 
 
 # --- incoming shapes --------------------------------------------------------------------
@@ -369,6 +370,7 @@ def progress_json(progress: Progress) -> dict[str, Any]:
         error=progress.error,
         retrying=progress.retrying,
         queue_position=progress.queue_position,
+        connections=progress.connections,
     )
     result: dict[str, Any] = _converter.unstructure(out)
     result["percentage"] = progress.percentage

@@ -101,6 +101,7 @@ class Download:
     syncing: bool = False
     failure: BaseException | None = None
     wrote: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) after every write
+    connections: int = 0  # ranges being fetched right now (each its own connection)
     fetching: bool = False
     pumper: PumpProcess | None = None
     magic_checked: bool = False
@@ -309,6 +310,7 @@ class Download:
                 nursery.cancel_scope.cancel()
 
         url, known = probe.url, self.known_size
+        self.connections += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_checking)
@@ -328,6 +330,7 @@ class Download:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            self.connections -= 1
             note()  # synchronous: this runs when cancelled too
         if failure is not None:
             raise failure
@@ -369,7 +372,8 @@ class Download:
             self.done[:] = [(0, end)]
         self.wrote.set()
         self.wrote = trio.Event()
-        self.sink.update(covered(self.done), self.probe.total if self.probe else None)
+        self.sink.update(covered(self.done), self.probe.total if self.probe else None,
+                         connections=self.connections)
 
     async def _check_magic(self) -> None:
         """Once the file's first bytes are in: FileInvalid unless they are `req.magic`, so that

@@ -44,8 +44,8 @@ class DownloadRequest:
 class ProgressSink(Protocol):
     """Where a download reports; throttling is the sink's business (actors.progress)."""
 
-    def update(self, done: int, total: int | None) -> None:
-        """Called often; must be cheap."""
+    def update(self, done: int, total: int | None, *, connections: int | None = None) -> None:
+        """Called often; must be cheap. `connections`: how many are moving bytes now."""
 
     def reset(self, reason: str) -> None:
         """What was downloaded is dropped and the download starts over; `reason` says why."""

@@ -284,6 +284,9 @@ def schemas() -> dict[str, Schema]:
                 "queuePosition": {"type": "integer", "minimum": 1, "description": "modeld: "
                                   "with INITIALIZED, its place in line while [download] "
                                   "max_active downloads run (1: next)"},
+                "connections": {"type": "integer", "minimum": 0, "description": "modeld: "
+                                "with IN-PROGRESS, the connections moving its bytes now (up "
+                                "to [download] connections)"},
             },
             ["status", "percentage", "model", "bytes"],
         ),

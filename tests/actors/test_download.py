@@ -49,7 +49,7 @@ class Sink:
     def resets(self) -> int:
         return len(self.reasons)
 
-    def update(self, done: int, total: int | None) -> None:
+    def update(self, done: int, total: int | None, *, connections: int | None = None) -> None:
         self.updates += 1
         self.done, self.total = done, total
 

@@ -194,6 +194,15 @@ def test_status_and_the_ps_and_status_commands(ops: Ops) -> None:
         [slow] = [d for d in status["downloads"] if d["id"] == "slow"]
         assert 8_000_000 == slow["total"]
         assert 0 <= slow["bytes"] < slow["total"]
+        assert slow["queuePosition"] is None  # it runs: nothing waits in line before it
+        deadline = time.monotonic() + 30
+        while not slow["connections"]:  # how many move its bytes, once they move
+            assert time.monotonic() < deadline, slow
+            time.sleep(0.05)
+            [slow] = [d for d in ops.client.get("/status").json()["downloads"]
+                      if d["id"] == "slow"]
+        assert 1 <= slow["connections"] <= 8  # [download] connections
+        assert 0 < slow["bytes"] < slow["total"]
         assert len(ops.tiny) <= status["storage"]["usedBytes"]
         assert 0 < status["storage"]["freeBytes"]
         assert 0 < status["memory"]["availableBytes"]

@@ -24,3 +24,20 @@ def test_retries_show_as_they_happen() -> None:
     view.update({"model": "m", "status": "INITIALIZED", "percentage": 0, "bytes": 0,
                  "retrying": "retrying (1/6): name not resolved"})
     assert lines[-1].endswith("retrying (1/6): name not resolved")
+
+
+def test_a_running_download_says_how_many_connections_move_it_and_a_waiting_one_its_place(
+) -> None:
+    lines: list[str] = []
+    view = PlainPullView(lines.append)
+    view.update({"model": "m", "status": "INITIALIZED", "percentage": 0, "bytes": 0,
+                 "queuePosition": 2})
+    assert lines[-1].endswith("queued (2 in line)")
+    view.update({"model": "m", "status": "IN-PROGRESS", "percentage": 10.0, "bytes": 1_000_000,
+                 "total": 10_000_000, "bytesPerSecond": 1e6, "etaSeconds": 9,
+                 "connections": 8})
+    assert lines[-1].endswith("1.0 MB/s  ETA 9s  8 connections"), lines[-1]
+    view.update({"model": "m", "status": "IN-PROGRESS", "percentage": 20.0, "bytes": 2_000_000,
+                 "total": 10_000_000, "bytesPerSecond": 1e6, "etaSeconds": 8,
+                 "connections": 1})
+    assert lines[-1].endswith("ETA 8s  1 connection"), lines[-1]
