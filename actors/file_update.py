@@ -14,14 +14,18 @@ the old files the new ones do not replace (another part count, a single file bec
 are removed, and the journal last. Before the journal: nothing at the final names changed,
 the old files and record stand. After it: start-up (`finish_interrupted`, before any record is
 read or any model looks at its files) does the rest again, each step idempotent: a new file
-still in `updates/` is renamed, one already renamed is at its final name. A set whose final
-names are the same in both versions is therefore never judged by `split.published` in the
-middle (old and new parts mixed), and one whose names differ has both sets whole at once, the
-record naming one of them. Everything here is blocking.
+still in `updates/` is renamed, one already renamed is at its final name (the same file: the
+journal holds each new file's device and inode, which a rename keeps). A set whose final names
+are the same in both versions is therefore never judged by `split.published` in the middle (old
+and new parts mixed), and one whose names differ has both sets whole at once, the record naming
+one of them. A publish that cannot finish (a new file gone, an unreadable journal) leaves no
+first part at the final names: nothing looks downloaded, and the next download fetches the
+set the record names, keeping the parts whose sha256 match. Everything here is blocking.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -84,22 +88,32 @@ def publish(store: Store, old: ModelSpec, new: ModelSpec, keep: Keep) -> None:
     """Make the verified new files of `new` in `updates/` the model's, with `keep(new)`, over
     the files of `old`. Raises UpdateLost (nothing changed) when a new file is missing, OSError
     from the steps after the journal (start-up finishes them)."""
+    files = []
     for path, size in zip(staged_paths(store, new), _sizes(new), strict=True):
-        if not _is_regular(path) or (size is not None and path.stat().st_size != size):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode) or size not in (None, st.st_size):
             raise UpdateLost(f"the update's file {path.name} is missing or incomplete")
+        files.append((st.st_dev, st.st_ino))
     journal = {"spec": json.loads(record_to_json(new)),
-               "old": [p.name for p in final_paths(store, old)]}
+               "old": [p.name for p in final_paths(store, old)], "files": files}
     write_atomic(journal_path(store, new.id), json.dumps(journal, sort_keys=True).encode())
-    _finish(store, new, journal["old"], keep)
+    _finish(store, new, journal["old"], files, keep)
 
 
-def _finish(store: Store, new: ModelSpec, old_names: list[str], keep: Keep) -> None:
+def _finish(store: Store, new: ModelSpec, old_names: list[str],
+            files: list[tuple[int, int]], keep: Keep) -> None:
+    """The steps after the journal; each may have been done before. A new file no longer in
+    `updates/` must be at its final name: the same file (device and inode: a rename keeps
+    them), not an old one of the same name."""
     staged, final = staged_paths(store, new), final_paths(store, new)
-    order = list(zip(staged, final, strict=True))
-    for source, dest in order[1:] + order[:1]:  # the first part, which makes the set, last
+    order = list(zip(staged, final, files, strict=True))
+    for source, dest, identity in order[1:] + order[:1]:  # the first part, the set's, last
         if _is_regular(source):
             os.replace(source, dest)
-        elif not _is_regular(dest):
+        elif not _is_regular(dest) or _identity(dest) != tuple(identity):
             raise UpdateLost(f"the update's file {source.name} is gone")
     fsync_dir(final[0].parent)
     keep(new)
@@ -115,6 +129,11 @@ def _finish(store: Store, new: ModelSpec, old_names: list[str], keep: Keep) -> N
     fsync_dir(models)
     journal_path(store, new.id).unlink(missing_ok=True)
     fsync_dir(updates_dir(store))
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
 
 
 def _own_names(model_id: str) -> re.Pattern[str]:
@@ -133,15 +152,23 @@ def finish_interrupted(store: Store, keep: Keep) -> list[str]:
             data = json.loads(read_own(path))
             new = record_from_json(json.dumps(data["spec"]).encode())
             old = [str(name) for name in data["old"]]
+            files = [(int(dev), int(ino)) for dev, ino in data["files"]]
             if path != journal_path(store, new.id) or not all(
                     _own_names(new.id).fullmatch(name) for name in old):
                 raise ValueError("names that are not the model's")
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            log.error("update_journal_unreadable", path=str(path), reason=str(exc))
+            # Not one modeld wrote (it writes them whole): which files are whose is unknown,
+            # so no first file of the model it names stays, and its files are downloaded again.
+            log.error("hub_update_lost", model=path.stem, reason=f"unreadable journal: {exc}")
+            models = store.root / "models"
+            for first in [*models.glob(f"{glob.escape(path.stem)}.gguf"),
+                          *models.glob(f"{glob.escape(path.stem)}-00001-of-*.gguf")]:
+                first.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             continue
         try:
-            _finish(store, new, old, keep)
-        except OSError as exc:  # UpdateLost, or a disk that refuses the record
+            _finish(store, new, old, files, keep)
+        except (OSError, ValueError) as exc:  # UpdateLost, or a disk that refuses the record
             log.error("hub_update_lost", model=new.id, reason=str(exc))
             _give_up(store, new, old, keep, path)
             continue
