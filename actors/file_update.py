@@ -189,6 +189,23 @@ def _give_up(store: Store, new: ModelSpec, old: list[str], keep: Keep, journal: 
     journal.unlink(missing_ok=True)
 
 
+def clear_others(store: Store, spec: ModelSpec) -> None:
+    """Before an update to `spec` downloads: remove what an earlier, cancelled update of the
+    model left in `updates/` under other names (another part count, one file instead of a
+    set); what has this update's names is kept, checked again by its sha256."""
+    ours = {p.name for p in staged_paths(store, spec)}
+    own = _own_names(spec.id)
+    try:
+        entries = list(os.scandir(updates_dir(store)))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        base = next((entry.name.removesuffix(sfx) for sfx in OWNED_SUFFIXES[1:]
+                     if entry.name.endswith(sfx)), entry.name)
+        if own.fullmatch(base) and base not in ours:
+            Path(entry.path).unlink(missing_ok=True)
+
+
 def discard(store: Store, spec: ModelSpec) -> None:
     """Remove what an update to `spec` left in `updates/`: its files, partials and sidecars."""
     for path in staged_paths(store, spec):

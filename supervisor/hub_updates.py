@@ -10,8 +10,9 @@ the same download as any other (its progress on the model's progress stream), an
 actor publishes it over the old files with the new record or pin in one step
 (`ImportFile(spec=...)`, actors/file_update.py: a crash leaves the old files or the new ones).
 Until then the old files stay the model's, loadable, and the model stays in its state. A
-cancelled or failed update keeps what it downloaded for the next one; a deleted model's update
-leaves nothing.
+cancelled update, or one whose download failed, keeps what it downloaded for the next one (which
+first clears what has other names: file_update.clear_others); one whose publish was refused, or
+whose model was deleted, leaves nothing.
 
 The check runs in the background, every `[hub] update_check` (the first a minute after start,
 or sooner for a shorter interval), only for downloaded models whose reference can move (not a
@@ -156,7 +157,12 @@ class HubUpdates:
         try:
             with scope:
                 await self._fetch(model_id, spec)
-                await self._publish(model_id, spec)  # with the new record or pin
+                try:
+                    await self._publish(model_id, spec)  # with the new record or pin
+                except ModelError as exc:
+                    if exc.code != "conflict":  # refused (a bad file, the model deleted)
+                        self._discard.add(model_id)
+                    raise
             if scope.cancelled_caught:
                 out.publish(m.Progress(model=model_id, status="CANCELED"))
                 log.info("hub_update_cancelled", model=model_id)
@@ -171,7 +177,7 @@ class HubUpdates:
                       code=getattr(exc, "code", "update_failed"))
         finally:
             del self._running[model_id]
-            if model_id in self._discard:  # deleted: nothing of the update stays
+            if model_id in self._discard:  # deleted or refused: nothing of the update stays
                 self._discard.discard(model_id)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(file_update.discard, registry.store, spec)
@@ -191,6 +197,7 @@ class HubUpdates:
             min_free=config.storage.min_free, magic=GGUF_MAGIC,
             headers=registry.hub.headers_for(spec.url))
         await trio.to_thread.run_sync(_make_dir, dest.parent)
+        await trio.to_thread.run_sync(file_update.clear_others, store, spec)
         meter = ProgressMeter(model_id, registry.broadcaster(model_id),
                               retries=config.download.retries)
         if not spec.parts:

@@ -173,3 +173,17 @@ async def test_the_registry_finishes_a_publish_before_its_models_start(
         view = registry.view(MODEL_ID)
     assert (NEW, State.DOWNLOADED) == (view.spec.revision, view.state)
     assert (NEW, True, version(NEW, 3)[1]) == judged(store)[:3]
+
+
+def test_an_update_clears_what_an_earlier_one_left_under_other_names(tmp_path: Path) -> None:
+    store, _, new = setup(tmp_path, 3, 2)  # the update to 2 parts: its parts are in updates/
+    updates = store.root / "updates"
+    left = ["hf-up-00003-of-00003.gguf", "hf-up-00001-of-00003.gguf.partial",
+            "hf-up-00001-of-00003.gguf.partial.json", "hf-up.gguf.partial", "hf-upper.gguf"]
+    for name in left:
+        (updates / name).write_bytes(b"x")
+    (updates / "hf-up-00002-of-00002.gguf.partial").write_bytes(b"x")
+    file_update.clear_others(store, new)
+    assert ["hf-up-00001-of-00002.gguf", "hf-up-00002-of-00002.gguf",
+            "hf-up-00002-of-00002.gguf.partial", "hf-upper.gguf"] == sorted(
+        p.name for p in updates.iterdir())
