@@ -78,13 +78,13 @@ class HubUpdates:
     # -- what GET shows
 
     def available(self, spec: ModelSpec) -> bool | None:
-        """Whether the reference now names another file than the pinned one (None: not
-        known, or not a source-backed model)."""
+        """Whether the reference now names another file than the pinned one (for a split set,
+        any part another) (None: not known, or not a source-backed model)."""
         ref = _reference(spec) if spec.source and spec.revision else None
         head = None if ref is None else self._heads.get(ref.canonical())
         if head is None:
             return None
-        return (head.sha256, head.file) != (spec.sha256, spec.file)
+        return not _same_bytes(spec, head)
 
     # -- an update asked for
 
