@@ -1,8 +1,9 @@
 """A split GGUF model (llama.cpp's `name-00001-of-00003.gguf`) end to end: pulled from the fake
 Hub (tests/hub.py) by the real command line into a real daemon, every part verified, one
 progress over the set, published only whole, loaded by llama.cpp from its first part and
-generating, refused by ctransformers, found whole after a restart, and deleted with all its
-parts."""
+generating, refused by ctransformers, found whole after a restart, updated to a newer set
+(downloaded beside it, the old set loadable until the new one is published with its revision),
+and deleted with all its parts while another update downloads (nothing of it left)."""
 
 from __future__ import annotations
 
