@@ -301,35 +301,40 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             raise Conflict("only custom models take an uploaded file", code="not_custom")
         if media_type(request.headers.get("content-type")) != OCTET_STREAM:
             raise UnsupportedMediaType("send the file as Content-Type: application/octet-stream")
-        if request.content_length is not None:  # refused before any byte when it cannot fit
-            free = await trio.to_thread.run_sync(free_bytes, registry.store.root)
-            check_fits(request.content_length, free, "the upload", config.storage.min_free)
-        with disk_errors_reported():
-            temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
+        received = False  # the whole body: from then on the actor decides
         try:
+            if request.content_length is not None:  # refused before any byte if it cannot fit
+                free = await trio.to_thread.run_sync(free_bytes, registry.store.root)
+                check_fits(request.content_length, free, "the upload", config.storage.min_free)
+            with disk_errors_reported():
+                temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
             try:
-                with disk_errors_reported():
-                    sha256 = await _receive_file(temp)
-            except trio.Cancelled:
-                # The client left before its whole file came (hypercorn cancels the handler):
-                # a model with neither a url nor a file is useless, and goes.
+                try:
+                    with disk_errors_reported():
+                        sha256 = await _receive_file(temp)
+                except InvalidInput as exc:
+                    # Refused before the whole body came: the connection cannot be reused (the
+                    # rest of the body is still on its way), so it is closed after the answer
+                    # instead of left waiting for a client that waits for us.
+                    response = error_response(exc.code, str(exc), 400)
+                    response.headers["Connection"] = "close"
+                    return response
+                received = True
+                return await call(model_id,
+                                  lambda r: m.ImportFile(reply=r, temp=temp, sha256=sha256),
+                                  wait=load_wait)
+            finally:
+                # The actor takes the file (publishing or deleting it); if the command never
+                # reached it (model deleted meanwhile, timeout, disconnect), it goes here.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+        except trio.Cancelled:
+            # The client left before its whole file came (hypercorn cancels the handler, at
+            # any await up to here): a model with neither a url nor a file is useless, and goes.
+            if not received:
                 with contextlib.suppress(RuntimeError):  # the registry is ending too
                     registry.start_soon(registry.forget_cut_import, model_id)
-                raise
-            except InvalidInput as exc:
-                # Refused before the whole body came: the connection cannot be reused (the
-                # rest of the body is still on its way), so it is closed after the answer
-                # instead of left waiting for a client that waits for us.
-                response = error_response(exc.code, str(exc), 400)
-                response.headers["Connection"] = "close"
-                return response
-            return await call(model_id, lambda r: m.ImportFile(reply=r, temp=temp, sha256=sha256),
-                              wait=load_wait)
-        finally:
-            # The actor takes the file (publishing or deleting it); if the command never
-            # reached it (model deleted meanwhile, timeout, disconnect), it is removed here.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            raise
 
     @app.get("/models")
     async def models() -> Response:
