@@ -51,6 +51,9 @@ class ActorSettings:
     # Extra headers for a download from this url (a Hub token for the Hub's own host: see
     # supervisor/hub.py HubAccess.headers_for); the download drops them past a redirect.
     headers_for: Callable[[str], tuple[tuple[str, str], ...]] = lambda _url: ()
+    # Writes a catalog model's pin (supervisor/pins.py; blocking): a Hub update publishes its
+    # files and the new pin in one step (actors/file_update.py).
+    write_pin: Callable[[ModelSpec], None] = lambda _spec: None
 
 
 Message = (m.Command | m.Generate | m.Embed | DownloadEnded | LoadEnded | WorkerExited

@@ -132,9 +132,11 @@ class UpdateSpec(Command):
 @attrs.frozen(kw_only=True)
 class ImportFile(Command):
     """Publish an already-written temp file (in the storage dir) as this model's file. With
-    `spec` (an update from the model's Hub source: the file verified against spec.sha256), the
-    model takes that spec with the file, in one step, and stays in its state: a loaded model
-    goes on with the old file, and loads the new one next time."""
+    `spec` (an update from the model's Hub source): `temp` is the update's first file in
+    `updates/` (actors/file_update.py staged_paths: a split set's other parts beside it), each
+    verified against its sha256; the model takes that spec with the files, in one step, and
+    stays in its state: a loaded model goes on with the old files, and loads the new ones next
+    time."""
 
     operation = "publishing the uploaded file"
     temp: Path

@@ -11,14 +11,14 @@ import attrs
 import structlog
 import trio
 
+from actors import file_update, split
 from actors import messages as m
-from actors import split
 from actors.actor_core import ActorCore
 from actors.attempts import DownloadAttempt, DownloadEnded
 from actors.disk import check_fits
 from actors.download import DiskFull, DownloadError, DownloadRequest
 from actors.errors import Conflict, InvalidInput, OperationFailed
-from actors.gguf import GGUF_MAGIC, GGUFInvalid
+from actors.gguf import GGUF_MAGIC, GGUFInfo, GGUFInvalid
 from actors.load_checks import facts_from
 from actors.partial import held_marker, remove_partial
 from actors.progress import ProgressMeter
@@ -181,24 +181,18 @@ class FileCommands(ActorCore):
 
     async def _handle_import(self, temp: Path, sha256: str,
                              update: ModelSpec | None = None) -> m.ModelView:
-        # An update (a newer file of the model's source) replaces the file of a downloaded or
-        # loaded model; one deleted meanwhile stays deleted.
-        allowed = (State.DOWNLOADED, State.LOADED) if update else (State.ABSENT,
-                                                                     State.DOWNLOADED)
-        expected = update or self.spec
+        if update is not None:
+            return await self._handle_update(temp, sha256, attrs.evolve(update, id=self.spec.id))
         try:
-            if expected.parts:
+            if self.spec.parts:
                 raise Conflict("this model is a split GGUF set; download it (an upload is one "
                                "file)", code="split_import_unsupported")
-            if update and self.state is State.ABSENT:
-                raise Conflict("the model's file was deleted while its update downloaded; "
-                               "nothing was published", code="not_downloaded")
-            if self.state not in allowed:
+            if self.state not in (State.ABSENT, State.DOWNLOADED):
                 raise Conflict(
                     f"cannot replace the file while the model is {self.state.value}",
                     code="conflict",
                 )
-            if expected.url and expected.sha256 not in (None, sha256):
+            if self.spec.url and self.spec.sha256 not in (None, sha256):
                 # Its url's file, verified by that sha256; a model without a url takes any.
                 raise InvalidInput(
                     f"the file's sha256 is {sha256}; this model downloads from its url a "
@@ -206,13 +200,9 @@ class FileCommands(ActorCore):
                     "model's url and sha256",
                     code="checksum_mismatch",
                 )
+            info = await self._checked(temp)
             try:
-                info = await trio.to_thread.run_sync(self._inspect, temp)
                 await trio.to_thread.run_sync(self._publish_import, temp)
-            except GGUFInvalid as exc:
-                raise InvalidInput(
-                    f"the file is not a loadable GGUF file: {exc}", code="model_file_invalid"
-                ) from None
             except OSError as exc:  # e.g. the upload was abandoned and its file removed
                 raise OperationFailed(
                     f"the uploaded file could not be published: {exc.strerror or exc}",
@@ -223,18 +213,75 @@ class FileCommands(ActorCore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
         self._facts = facts_from(info)
-        self._partial = 0
-        self.error = None
-        if self.state is not State.LOADED:
-            self._move(Event.FILE_IMPORTED)
-        if update is not None:
-            await self._adopt(attrs.evolve(update, id=self.spec.id))
-        else:
-            await self._remember_sha256(sha256)
+        self._published()
+        await self._remember_sha256(sha256)
         self._publish(status="COMPLETED", percentage=100.0, bytes=info.file_size,
                       total=info.file_size)
         log.info("model_imported", model=self.spec.id, bytes=info.file_size)
         return self.view()
+
+    async def _handle_update(self, temp: Path, sha256: str, update: ModelSpec) -> m.ModelView:
+        """A Hub update (supervisor/hub_updates.py): its file or split set, verified in
+        `updates/`, replaces the files of a downloaded or loaded model together with the new
+        record or pin (actors/file_update.py); a loaded model goes on with the old files, which
+        it holds open. One deleted meanwhile stays deleted."""
+        if self.state is State.ABSENT:
+            raise Conflict("the model's files were deleted while its update downloaded; "
+                           "nothing was published", code="not_downloaded")
+        if self.state not in (State.DOWNLOADED, State.LOADED):
+            raise Conflict(f"cannot replace the files while the model is {self.state.value}",
+                           code="conflict")
+        if (temp, sha256) != (file_update.staged_paths(self._store, update)[0], update.sha256):
+            raise InvalidInput(f"{temp.name} with sha256 {sha256} is not the first file of the "
+                               "update, verified", code="checksum_mismatch")
+        info = await self._checked(temp)
+        try:
+            await trio.to_thread.run_sync(file_update.publish, self._store, self.spec, update,
+                                          self._keep_spec)
+        except file_update.UpdateLost as exc:
+            raise OperationFailed(f"the update could not be published: {exc}",
+                                  code="update_failed") from None
+        except OSError as exc:  # after the journal: start-up finishes the publish
+            log.error("hub_update_unfinished", model=self.spec.id,
+                      reason=exc.strerror or str(exc))
+            raise OperationFailed(
+                f"the update's files could not all be published ({exc.strerror or exc}); "
+                "modeld finishes the publish when it starts next", code="update_failed",
+            ) from None
+        self.spec = update
+        self._facts = split.whole_set(facts_from(info), update)
+        self._published()
+        size = sum(p.size for p in update.parts) if update.parts else info.file_size
+        self._publish(status="COMPLETED", percentage=100.0, bytes=size, total=size)
+        log.info("model_imported", model=self.spec.id, bytes=size)
+        return self.view()
+
+    async def _checked(self, path: Path) -> GGUFInfo:
+        """The file at `path` passes `inspect` (one rule for downloads and imports)."""
+        try:
+            return await trio.to_thread.run_sync(self._inspect, path)
+        except GGUFInvalid as exc:
+            raise InvalidInput(
+                f"the file is not a loadable GGUF file: {exc}", code="model_file_invalid"
+            ) from None
+        except OSError as exc:
+            raise OperationFailed(
+                f"the file could not be read: {exc.strerror or exc}", code="import_failed",
+            ) from None
+
+    def _published(self) -> None:
+        """The model's file is now here: downloaded (a loaded model stays loaded)."""
+        self._partial = 0
+        self.error = None
+        if self.state is not State.LOADED:
+            self._move(Event.FILE_IMPORTED)
+
+    def _keep_spec(self, spec: ModelSpec) -> None:
+        """Write `spec`'s record (a custom model) or pin (a catalog model); blocking."""
+        if spec.custom:
+            self._store.write_record(spec)
+        else:
+            self._settings.write_pin(spec)
 
     async def _remember_sha256(self, sha256: str) -> None:
         """Record the imported file's sha256 (clients find a file imported before by it)."""

@@ -33,9 +33,10 @@ def part_path(base: Path, number: int, count: int) -> Path:
     return base.with_name(f"{base.name.removesuffix('.gguf')}-{number:05d}-of-{count:05d}.gguf")
 
 
-def part_paths(store: Store, spec: ModelSpec) -> list[Path]:
-    """The final paths of a split model's parts, in order (empty for one file)."""
-    base = store.model_path(spec.id)
+def part_paths(store: Store, spec: ModelSpec, base: Path | None = None) -> list[Path]:
+    """The final paths of a split model's parts, in order (empty for one file); beside `base`
+    instead of the model's file (a Hub update's, in `updates/`) when given."""
+    base = store.model_path(spec.id) if base is None else base
     return [part_path(base, k, len(spec.parts)) for k in range(1, len(spec.parts) + 1)]
 
 
@@ -90,10 +91,11 @@ def delete_files(store: Store, spec: ModelSpec) -> None:
     store.delete_model_files(spec.id)
 
 
-def download_order(store: Store, spec: ModelSpec) -> list[tuple[Path, SplitPart, int]]:
-    """Each part's path, the part, and the bytes of the set counted before it: parts 2..n in
-    order, then the first, which is published last."""
-    items = list(zip(part_paths(store, spec), spec.parts, strict=True))
+def download_order(store: Store, spec: ModelSpec,
+                   base: Path | None = None) -> list[tuple[Path, SplitPart, int]]:
+    """Each part's path (beside `base`: see part_paths), the part, and the bytes of the set
+    counted before it: parts 2..n in order, then the first, which is published last."""
+    items = list(zip(part_paths(store, spec, base), spec.parts, strict=True))
     ordered = items[1:] + items[:1]
     out, before = [], 0
     for path, part in ordered:
@@ -134,17 +136,15 @@ class SetProgress:
         self._sink.retrying(attempt, delay, reason)
 
 
-def part_requests(store: Store, spec: ModelSpec,
-                  template: DownloadRequest) -> Iterator[tuple[DownloadRequest, SplitPart, int]]:
-    """The download request of each part in download order, made from the model's
-    `template` (the first part alone runs the template's `verify`: the others hold only
-    tensors and the `split.*` keys)."""
-    first = model_file(store, spec)
-    for path, part, before in download_order(store, spec):
-        yield (DownloadRequest(
-            url=part.url, dest=path, sha256=part.sha256, size=part.size,
-            connections=template.connections, retries=template.retries,
-            stall_timeout=template.stall_timeout, allow_http=template.allow_http,
-            min_free=template.min_free, magic=template.magic,
+def part_requests(store: Store, spec: ModelSpec, template: DownloadRequest,
+                  base: Path | None = None) -> Iterator[tuple[DownloadRequest, SplitPart, int]]:
+    """The download request of each part in download order (beside `base`: see part_paths),
+    made from the model's `template` (its settings and headers; the first part alone runs
+    the template's `verify`: the others hold only tensors and the `split.*` keys)."""
+    order = download_order(store, spec, base)
+    first = order[-1][0]
+    for path, part, before in order:
+        yield (attrs.evolve(
+            template, url=part.url, dest=path, sha256=part.sha256, size=part.size,
             verify=template.verify if path == first else None,
         ), part, before)

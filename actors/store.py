@@ -49,13 +49,13 @@ SUBDIRS = ("models", "custom", "pins")
 _UPLOAD_TEMP = re.compile(r"\.(.+)\.gguf\.[A-Za-z0-9_]{8}\.import")  # see `import_temp`
 
 
-def _record_to_json(spec: ModelSpec) -> bytes:
+def record_to_json(spec: ModelSpec) -> bytes:
     data = attrs.asdict(spec)
     data["created"] = spec.created.isoformat()
     return json.dumps(data, indent=2, sort_keys=True).encode()
 
 
-def _record_from_json(raw: bytes) -> ModelSpec:
+def record_from_json(raw: bytes) -> ModelSpec:
     data: dict[str, Any] = json.loads(raw)
     data["created"] = dt.datetime.fromisoformat(data["created"])
     data["score"] = ModelScore(**data.get("score", {}))  # records before scores have none
@@ -121,7 +121,7 @@ class Store:
             return False
 
     def write_record(self, spec: ModelSpec) -> None:
-        write_atomic(self.record_path(spec.id), _record_to_json(spec))
+        write_atomic(self.record_path(spec.id), record_to_json(spec))
 
     def delete_record(self, model_id: str) -> None:
         path = self.record_path(model_id)
@@ -135,7 +135,7 @@ class Store:
         specs = []
         for path in sorted((self.root / "custom").glob("*.json")):
             try:
-                spec = _record_from_json(read_own(path))  # never through a link or a FIFO
+                spec = record_from_json(read_own(path))  # never through a link or a FIFO
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 log.error("record_unreadable", path=str(path), reason=str(exc))
                 continue
@@ -196,7 +196,7 @@ class Store:
     def _forget_cut_import(self, model_id: str) -> None:
         path = self.record_path(model_id)
         try:
-            spec = _record_from_json(read_own(path))
+            spec = record_from_json(read_own(path))
         except (OSError, ValueError, TypeError, KeyError):
             return  # no record (or not one to judge): load_records says so
         if spec.url is None and spec.source is None and not self.has_model_file(model_id):

@@ -357,15 +357,22 @@ def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 
 def _model_with_file(api: Api, path: Path) -> dict[str, Any] | None:
-    """A downloaded model whose file has the same sha256 as `path`, if there is one."""
+    """A downloaded model whose file has the same sha256 as `path`, if there is one. The file
+    is read to hash it only when a downloaded model has its size (or an unknown one)."""
     import hashlib
 
+    size = path.stat().st_size
+
+    def may_match(model: dict[str, Any]) -> bool:
+        known = (model.get("bytes") or {}).get("value")
+        return bool(model.get("downloaded") and model.get("sha256")) and known in (None, size)
+
+    candidates = [model for model in api.models() if may_match(model)]
+    if not candidates:
+        return None
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    for model in api.models():
-        if model.get("sha256") == digest and model.get("downloaded"):
-            return model
-    return None
+    return next((model for model in candidates if model.get("sha256") == digest), None)
 
 
 def _check_architecture(path: Path) -> None:

@@ -286,8 +286,10 @@ class Api:
                     sent += len(block)
                     if on_chunk is not None:
                         on_chunk(len(block))
+                    if sent == size and f.read(1):
+                        raise changed  # before the last block goes: the daemon gets no file
                     yield block
-                if f.read(1):
+                if size == 0 and f.read(1):
                     raise changed
 
         headers = {"content-type": "application/octet-stream", "content-length": str(size)}

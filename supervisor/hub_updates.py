@@ -1,13 +1,18 @@
 """Updates of models backed by a Hub reference (`source`), and the check behind
 `updateAvailable`.
 
-An update re-resolves the model's reference (supervisor/hub.py). The same file (same sha256):
-nothing is downloaded ("up to date"; a newer commit holding that file becomes the pin). A new
-file: it is downloaded beside the old one, to `<storage>/updates/<id>.gguf`, through the same
-resumable, verified download as any other (its progress on the model's progress stream), and
-then the actor publishes it over the old file and takes the new pin in one step
-(`ImportFile(spec=...)`); a catalog model's pin file is written after that. Until then the old
-file stays the model's, loadable, and the model stays in its state.
+An update re-resolves the model's reference (supervisor/hub.py). The same files (same sha256,
+every part of a split set): nothing is downloaded ("up to date"; a newer commit holding them
+becomes the pin). A new file or set: it is downloaded beside the old one, to
+`<storage>/updates/<id>.gguf` (a set's parts beside that, one after the other, each resumable
+and verified, with one progress over the set, as actors/model_file.py downloads a set), through
+the same download as any other (its progress on the model's progress stream), and then the
+actor publishes it over the old files with the new record or pin in one step
+(`ImportFile(spec=...)`, actors/file_update.py: a crash leaves the old files or the new ones).
+Until then the old files stay the model's, loadable, and the model stays in its state. A
+cancelled update, or one whose download failed, keeps what it downloaded for the next one (which
+first clears what has other names: file_update.clear_others); one whose publish was refused, or
+whose model was deleted, leaves nothing.
 
 The check runs in the background, every `[hub] update_check` (the first a minute after start,
 or sooner for a shorter interval), only for downloaded models whose reference can move (not a
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from actors import file_update, split
 from actors import messages as m
 from actors.download import DownloadError, DownloadRequest, download_file
 from actors.errors import Conflict, InvalidInput, ModelError
@@ -66,18 +72,19 @@ class HubUpdates:
         self._registry = registry
         self._heads: dict[str, Resolved] = {}  # a reference (canonical) -> its file now
         self._running: dict[str, trio.CancelScope] = {}
+        self._discard: set[str] = set()  # updates cancelled by a delete
         self._check_failing = False
 
     # -- what GET shows
 
     def available(self, spec: ModelSpec) -> bool | None:
-        """Whether the reference now names another file than the pinned one (None: not
-        known, or not a source-backed model)."""
+        """Whether the reference now names another file than the pinned one (for a split set,
+        any part another) (None: not known, or not a source-backed model)."""
         ref = _reference(spec) if spec.source and spec.revision else None
         head = None if ref is None else self._heads.get(ref.canonical())
         if head is None:
             return None
-        return (head.sha256, head.file) != (spec.sha256, spec.file)
+        return not _same_bytes(spec, head)
 
     # -- an update asked for
 
@@ -107,15 +114,11 @@ class HubUpdates:
             return view, UP_TO_DATE
         if model_id in self._running:  # another update started while the Hub answered
             return registry.view(model_id), UPDATING
-        if spec.parts or resolved.parts:
-            raise Conflict(f"{model_id} is a split GGUF set and a newer file of its reference "
-                           "exists; modeld updates single files only: delete the model and "
-                           "pull the reference again", code="split_update_unsupported")
         scope = self._running[model_id] = trio.CancelScope()
         registry.broadcaster(model_id).publish(m.Progress(
             model=model_id, status="INITIALIZED", total=resolved.size))
         log.info("hub_update_started", model=model_id, revision=resolved.commit,
-                 file=resolved.file, bytes=resolved.size)
+                 file=resolved.file, bytes=resolved.size, parts=len(resolved.parts) or 1)
         registry.start_soon(self._download, model_id, pinned(spec, resolved), scope)
         return registry.view(model_id), UPDATING
 
@@ -123,10 +126,13 @@ class HubUpdates:
         """Whether an update of `model_id` is resolving its file or downloading it."""
         return model_id in self._running
 
-    def cancel(self, model_id: str) -> bool:
-        """Cancel a running update (its partial is kept for the next one)."""
+    def cancel(self, model_id: str, *, discard: bool = False) -> bool:
+        """Cancel a running update: what it downloaded is kept for the next one, or removed
+        with `discard` (the model is being deleted)."""
         scope = self._running.get(model_id)
         if scope is not None:
+            if discard:
+                self._discard.add(model_id)
             scope.cancel()
         return scope is not None
 
@@ -146,29 +152,23 @@ class HubUpdates:
 
     async def _download(self, model_id: str, spec: ModelSpec, scope: trio.CancelScope) -> None:
         registry = self._registry
-        config = registry.config
         out = registry.broadcaster(model_id)
-        dest = registry.store.root / "updates" / f"{model_id}.gguf"
-        assert spec.url is not None and spec.sha256 is not None
-        request = DownloadRequest(
-            url=spec.url, dest=dest, sha256=spec.sha256, size=spec.size,
-            connections=config.download.connections, retries=config.download.retries,
-            stall_timeout=config.download.stall_timeout, allow_http=config.download.allow_http,
-            min_free=config.storage.min_free, magic=GGUF_MAGIC,
-            headers=registry.hub.headers_for(spec.url))
+        total = spec.size or 0  # a split set's: the whole set's
         try:
             with scope:
-                await trio.to_thread.run_sync(_make_dir, dest.parent)
-                await download_file(request, ProgressMeter(model_id, out,
-                                                           retries=config.download.retries))
-                view = await self._publish(model_id, dest, spec)
-                await self._keep_pin(view.spec)
+                await self._fetch(model_id, spec)
+                try:
+                    await self._publish(model_id, spec)  # with the new record or pin
+                except ModelError as exc:
+                    if exc.code != "conflict":  # refused (a bad file, the model deleted)
+                        self._discard.add(model_id)
+                    raise
             if scope.cancelled_caught:
                 out.publish(m.Progress(model=model_id, status="CANCELED"))
                 log.info("hub_update_cancelled", model=model_id)
                 return
             out.publish(m.Progress(model=model_id, status="COMPLETED", percentage=100.0,
-                                   bytes=spec.size or 0, total=spec.size))
+                                   bytes=total, total=total))
             log.info("hub_updated", model=model_id, revision=spec.revision, file=spec.file)
         except (DownloadError, ModelError, OSError) as exc:
             reason = f"the update to {spec.file} at {spec.revision} failed: {exc}"
@@ -177,18 +177,48 @@ class HubUpdates:
                       code=getattr(exc, "code", "update_failed"))
         finally:
             del self._running[model_id]
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lambda: dest.unlink(missing_ok=True))
+            if model_id in self._discard:  # deleted or refused: nothing of the update stays
+                self._discard.discard(model_id)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(file_update.discard, registry.store, spec)
 
-    async def _publish(self, model_id: str, dest: Path, spec: ModelSpec) -> m.ModelView:
-        """The actor publishes the verified file and takes its pin in one step; a model in
-        the middle of a load or unload is waited for."""
+    async def _fetch(self, model_id: str, spec: ModelSpec) -> None:
+        """Download the new file, or each part of the new set (one progress over the set; a
+        part already verified in `updates/` is kept), to `updates/`."""
+        registry, config = self._registry, self._registry.config
+        store = registry.store
+        dest = file_update.staged_base(store, model_id)
+        assert spec.url is not None and spec.sha256 is not None
+        template = DownloadRequest(
+            url=spec.url, dest=dest, sha256=spec.sha256, size=spec.size,
+            connections=config.download.connections, retries=config.download.retries,
+            stall_timeout=config.download.stall_timeout, allow_http=config.download.allow_http,
+            allow_private=config.download.allow_private, min_rate=config.download.min_rate,
+            min_free=config.storage.min_free, magic=GGUF_MAGIC,
+            headers=registry.hub.headers_for(spec.url))
+        await trio.to_thread.run_sync(_make_dir, dest.parent)
+        await trio.to_thread.run_sync(file_update.clear_others, store, spec)
+        meter = ProgressMeter(model_id, registry.broadcaster(model_id),
+                              retries=config.download.retries)
+        if not spec.parts:
+            await download_file(template, meter)
+            return
+        total = sum(p.size for p in spec.parts)
+        for request, part, before in split.part_requests(store, spec, template, dest):
+            if await trio.to_thread.run_sync(split.still_valid, request.dest, part,
+                                             abandon_on_cancel=True):
+                continue
+            await download_file(request, split.SetProgress(meter, before, total))
+
+    async def _publish(self, model_id: str, spec: ModelSpec) -> m.ModelView:
+        """The actor publishes the verified files and takes the new record or pin in one step;
+        a model in the middle of a load or unload is waited for."""
         assert spec.sha256 is not None
-        sha256 = spec.sha256
+        sha256, first = spec.sha256, file_update.staged_paths(self._registry.store, spec)[0]
         for _ in range(PUBLISH_TRIES):
             try:
                 return await self._registry.call(model_id, lambda r: m.ImportFile(
-                    reply=r, temp=dest, sha256=sha256, spec=spec))
+                    reply=r, temp=first, sha256=sha256, spec=spec))
             except Conflict as exc:
                 if exc.code != "conflict":
                     raise

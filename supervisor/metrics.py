@@ -56,8 +56,9 @@ class Metrics:
                              ["model", "outcome", "reason"], registry=r)
         self.load_seconds = Histogram("modeld_load_seconds", "Seconds a successful load took",
                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
-        self.evictions = Counter("modeld_evictions", "Models unloaded to make room "
-                                 "([runtime] max_loaded)", ["model"], registry=r)
+        self.evictions = Counter("modeld_evictions", "Models unloaded to make room for "
+                                 "another ([runtime] max_loaded, or memory)", ["model"],
+                                 registry=r)
         self.expiries = Counter("modeld_expiries", "Models unloaded after their keep-alive",
                                 ["model"], registry=r)
         self.worker_crashes = Counter("modeld_worker_crashes",

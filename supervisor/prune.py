@@ -2,11 +2,12 @@
 
 Owned: each known model's files in `models/` (its file, partial, sidecar, held marker, import
 leftovers: `Store.delete_model_files` removes exactly these; a split model's parts, each with
-the same), its record in `custom/`, its pin in `pins/` and a Hub update's download in
-`updates/` (supervisor/hub_updates.py). Stray: files of models that are gone (a partial of a
-model whose record was removed by hand, a pin of a deleted model), and temp files
-(`.<name>.<random>.tmp` or `.import`) untouched for
-an hour, which no running write can still own (an upload that stalls is ended sooner).
+the same), its record in `custom/`, its pin in `pins/` and a Hub update's files in `updates/`
+(its new file or a split set's parts, each with its partial and sidecar, and the journal of
+its publish: actors/file_update.py; kept after a cancelled update for the next one). Stray:
+files of models that are gone (a partial of a model whose record was removed by hand, a pin
+of a deleted model), and temp files (`.<name>.<random>.tmp` or `.import`) untouched for an
+hour, which no running write can still own (an upload that stalls is ended sooner).
 Unreadable records in `custom/` are not strays: the log names them, and the operator decides.
 """
 
@@ -39,8 +40,8 @@ class Stray:
 
 def _owner(name: str, subdir: str) -> str | None:
     """The model id a file name belongs to, or None for a name no model file has."""
-    if subdir == "pins":
-        return name[: -len(".json")] if name.endswith(".json") else None
+    if subdir in ("pins", "updates") and name.endswith(".json"):
+        return name[: -len(".json")]  # a pin; the journal of an update's publish
     for suffix in sorted(OWNED_SUFFIXES, key=len, reverse=True):
         stem = name[: len(name) - len(suffix)] if suffix else name
         if name.endswith(suffix) and stem.endswith(".gguf"):

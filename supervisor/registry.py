@@ -16,6 +16,7 @@ import attrs
 import structlog
 import trio
 
+from actors import file_update
 from actors import messages as m
 from actors.download import download_file
 from actors.download_queue import DownloadQueue
@@ -36,7 +37,7 @@ from supervisor.config import CatalogEntry, Config
 from supervisor.gate import LruGate
 from supervisor.hub import HubAccess
 from supervisor.hub_updates import HubUpdates
-from supervisor.pins import apply_pins
+from supervisor.pins import apply_pins, write_pin
 from supervisor.wire import slug_id
 
 log = structlog.get_logger("modeld.registry")
@@ -171,6 +172,7 @@ class Registry:
             keep_alive=parse_keep_alive(config.runtime.keep_alive),
             min_free=config.storage.min_free,
             headers_for=self.hub.headers_for,
+            write_pin=functools.partial(write_pin, store.root),
         )
         self._fetch = fetch
         self.downloads = DownloadQueue(config.download.max_active)
@@ -388,7 +390,7 @@ class Registry:
 
     async def delete(self, model_id: str) -> None:
         """Unload, cancel, remove files; for custom models also the record and the actor."""
-        self.updates.cancel(model_id)
+        self.updates.cancel(model_id, discard=True)
         async with self._lock:
             await self.call(model_id, lambda r: m.Delete(reply=r))
             if model_id in self._catalog_ids:
@@ -398,6 +400,14 @@ class Registry:
             entry.scope.cancel()
             await entry.stopped.wait()
             log.info("model_deleted", model=model_id)
+
+
+def _keep_spec(store: Store, spec: ModelSpec) -> None:
+    """A spec's record (custom model) or pin (catalog model); blocking."""
+    if spec.custom:
+        store.write_record(spec)
+    else:
+        write_pin(store.root, spec)
 
 
 async def serve_registry(
@@ -415,6 +425,9 @@ async def serve_registry(
     if store is None:
         path = config.storage.path()
         store = await trio.to_thread.run_sync(functools.partial(Store.open, path))
+    # A Hub update's publish cut short by a crash is finished before any record is read.
+    await trio.to_thread.run_sync(file_update.finish_interrupted, store,
+                                  functools.partial(_keep_spec, store))
     records = await trio.to_thread.run_sync(store.load_records)
     async with trio.open_nursery() as nursery:
         registry = Registry(config, store, nursery, fetch=fetch, spawn=spawn, hub=hub)

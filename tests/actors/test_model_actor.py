@@ -19,6 +19,7 @@ import structlog
 import trio
 import trio.testing
 
+from actors import file_update
 from actors import messages as m
 from actors.download import DownloadRequest, FileInvalid, OriginUnreachable, ProgressSink
 from actors.download.errors import DiskFull
@@ -718,8 +719,9 @@ async def test_commands_left_in_the_mailbox_are_answered_when_the_actor_stops(
 async def test_an_update_replaces_the_file_of_a_loaded_model(autojump_clock: trio.abc.Clock,
                                                              start: Start, store: Store,
                                                              tmp_path: Path) -> None:
-    """ImportFile with a spec (a Hub update): published over the old file with its new pin in
-    one step; a loaded model stays loaded (on the old file) and its worker is kept."""
+    """ImportFile with a spec (a Hub update): its file in updates/ published over the old file
+    with its new pin in one step; a loaded model stays loaded (on the old file) and its worker
+    is kept. A file that is not the one the update names is refused and left to the update."""
     from tests.gguf_factory import write_tiny_llama
 
     old = write_tiny_llama(tmp_path / "old.gguf", seed=1).read_bytes()
@@ -733,15 +735,16 @@ async def test_an_update_replaces_the_file_of_a_loaded_model(autojump_clock: tri
         await rig.view(lambda r: m.Load(reply=r))
         update = attrs.evolve(pin, revision="b" * 40, url=URL + "?b",
                               sha256=hashlib.sha256(new).hexdigest())
-        temp = store.root / "new.tmp"
+        temp = file_update.staged_paths(store, update)[0]
+        temp.parent.mkdir()
+        temp.write_bytes(new)
 
         def ask(sha256: str) -> Callable[[trio.MemorySendChannel[m.Reply]], m.Command]:
-            temp.write_bytes(new)
             return lambda r: m.ImportFile(reply=r, temp=temp, sha256=sha256, spec=update)
 
         refused = await rig.ask(ask("0" * 64))  # not the bytes the update names
         assert isinstance(refused, InvalidInput) and "checksum_mismatch" == refused.code
-        assert (old, False) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())
+        assert (old, True) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())
         view = await rig.view(ask(update.sha256 or ""))
         assert (State.LOADED, update, 1) == (view.state, view.spec, len(rig.spawn.specs))
         assert (new, False) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())

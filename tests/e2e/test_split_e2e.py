@@ -1,8 +1,9 @@
 """A split GGUF model (llama.cpp's `name-00001-of-00003.gguf`) end to end: pulled from the fake
 Hub (tests/hub.py) by the real command line into a real daemon, every part verified, one
 progress over the set, published only whole, loaded by llama.cpp from its first part and
-generating, refused by ctransformers, found whole after a restart, and deleted with all its
-parts."""
+generating, refused by ctransformers, found whole after a restart, updated to a newer set
+(downloaded beside it, the old set loadable until the new one is published with its revision),
+and deleted with all its parts while another update downloads (nothing of it left)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 
 from tests.e2e.conftest import DaemonFactory
 from tests.e2e.test_cli import start_pull
 from tests.gguf_factory import split_gguf, write_tiny_llama
-from tests.hub import open_fake_hub, split_files
+from tests.hub import FakeHub, open_fake_hub, split_files
 from tests.origin import Faults
 
 MODEL = "hf-user-split-q8_0"
@@ -100,16 +102,65 @@ def test_split_model_pull_load_refuse_delete(make_daemon: DaemonFactory, tmp_pat
         assert (True, names[0]) == (again["downloaded"], again["file"])
         assert fetched == len(hub.cdn.requests)
 
-        # A newer set at the reference: modeld updates single files only, so it says so and
-        # the set stays as it was.
-        other = split_gguf(write_tiny_llama(tmp_path / "other.gguf", seed=6), 3)
-        hub.publish("user/split", {**split_files("tiny-Q8_0", other), "tiny.Q4_0.gguf": parts[0]})
+        # A newer set at the reference: downloaded beside the old set (in updates/, one progress
+        # over the new set), the old set loadable meanwhile, then published over it (the same
+        # final names) with the new revision, in one step.
+        updates = daemon.storage / "updates"
+        newer = publish_set(hub, tmp_path, 6, parts[0])
         update = httpx.post(f"{url}/model/{MODEL}/download", json={"update": True}, timeout=60)
-        assert (409, "split_update_unsupported") == (update.status_code, update.json()["error"])
-        assert parts == [p.read_bytes() for p in paths]
+        assert (200, "updating") == (update.status_code, update.json()["update"]), update.text
+        loaded = httpx.post(f"{url}/model/{MODEL}/load", timeout=60)
+        assert 200 == loaded.status_code, loaded.text
+        staged = sorted(p.name for p in updates.iterdir())
+        progress = httpx.get(f"{url}/model/{MODEL}/download/progress").json()
+        assert ("IN-PROGRESS", sum(map(len, newer.parts))) == (
+            progress["status"], progress["total"]), progress
+        assert parts == [p.read_bytes() for p in paths]  # still the old set
         assert commit == httpx.get(f"{url}/model/{MODEL}").json()["revision"]
+        started = daemon.wait_for("hub_update_started", model=MODEL)
+        assert (sum(map(len, newer.parts)), 3) == (started["bytes"], started["parts"])
+        daemon.wait_for("hub_updated", model=MODEL)
+        assert staged and all(n.startswith(f"{MODEL}-0000") for n in staged), staged
+        order = [line["event"] for line in daemon.lines if line.get("model") == MODEL]
+        assert order.index("model_loaded") < order.index("model_imported"), order
+        assert newer.parts == [p.read_bytes() for p in paths]
+        model = httpx.get(f"{url}/model/{MODEL}").json()
+        assert (newer.commit, hashlib.sha256(newer.parts[0]).hexdigest(), "loaded") == (
+            model["revision"], model["sha256"], model["state"])
+        assert [] == list(updates.iterdir())
+        # The loaded model goes on with the old set, which it holds open.
+        done = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": "Hello", "max_tokens": 2, "seed": 1})
+        assert 200 == done.status_code, done.text
 
-        # Deleted: every part goes, nothing of the model is left.
+        # Deleted while an update downloads: the update is cancelled, nothing is published,
+        # and every part goes, nothing of the model is left, in updates/ either.
+        publish_set(hub, tmp_path, 7, parts[0])
+        update = httpx.post(f"{url}/model/{MODEL}/download", json={"update": True}, timeout=60)
+        assert "updating" == update.json()["update"], update.text
         assert 204 == httpx.post(f"{url}/models/{MODEL}/delete", timeout=60).status_code
+        daemon.wait_for("hub_update_cancelled", model=MODEL)
         assert [] == [p.name for p in models.iterdir() if p.name.startswith(MODEL)]
+        deadline = time.monotonic() + 5
+        while list(updates.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [] == list(updates.iterdir())
+        assert 1 == len(daemon.events("hub_updated"))
         assert 0 == daemon.stop()
+
+
+@attrs.frozen
+class Published:
+    commit: str
+    parts: list[bytes]
+
+
+def publish_set(hub: FakeHub, tmp_path: Path, seed: int, other: bytes) -> Published:
+    """A new commit of user/split with another set of 3 parts (throttled on the CDN)."""
+    parts = split_gguf(write_tiny_llama(tmp_path / f"set-{seed}.gguf", seed=seed), 3)
+    files = split_files("tiny-Q8_0", parts)
+    commit = hub.publish("user/split", {**files, "tiny.Q4_0.gguf": other})
+    for name in files:
+        hub.cdn.resources[f"/repos/user/split/{commit}/{name}"].faults = Faults(
+            throttle=THROTTLE)
+    return Published(commit, parts)

@@ -22,6 +22,11 @@ def layout(root: Path) -> None:
         (models / name).write_bytes(b"x" * 10)
     (pins / "kept.json").write_text("{}")
     (pins / "gone.json").write_text("{}")
+    updates = root / "updates"  # a Hub update's new set, its partials and its journal
+    updates.mkdir()
+    for name in ("kept-00001-of-00002.gguf", "kept-00002-of-00002.gguf.partial", "kept.json",
+                 "gone-00001-of-00002.gguf", "gone.json"):
+        (updates / name).write_bytes(b"x" * 10)
     old = time.time() - TEMP_AGE_SECONDS - 5
     os.utime(models / ".old.gguf.abcdefgh.import", (old, old))
     (models / "link.gguf").symlink_to(root / "outside")
@@ -35,6 +40,8 @@ def test_only_what_no_model_owns_is_stray(tmp_path: Path) -> None:
     assert {"gone.gguf.partial", "gone.gguf.partial.json", "gone.json",
             ".old.gguf.abcdefgh.import", "notes.txt", "link.gguf",
             "gone-00001-of-00002.gguf"} == set(names)
+    assert {"updates/gone.json", "updates/gone-00001-of-00002.gguf"} <= {
+        f"{s.path.parent.name}/{s.path.name}" for s in strays}
     assert "model 'gone' no longer exists" == names["gone.gguf.partial"].reason
     assert 10 == names["gone.gguf.partial"].bytes
     assert 0 == names["link.gguf"].bytes
@@ -46,6 +53,8 @@ def test_only_what_no_model_owns_is_stray(tmp_path: Path) -> None:
             "kept-00002-of-00003.gguf", "kept.gguf", "kept.gguf.held", "kept.gguf.partial",
             "kept.gguf.partial.json"] == left
     assert ["kept.json"] == [p.name for p in (tmp_path / "pins").iterdir()]
+    assert ["kept-00001-of-00002.gguf", "kept-00002-of-00002.gguf.partial", "kept.json"] == sorted(
+        p.name for p in (tmp_path / "updates").iterdir())
     assert b"keep me" == (tmp_path / "outside").read_bytes()  # the link, not its target
     assert [] == find_strays(tmp_path, lambda: ["kept", "a.gguf"])
 

@@ -19,8 +19,9 @@ def test_pieces_are_written_whole_in_order_and_hashed(tmp_path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         sink = _FileSink(fd)
-        sink.write(pieces[:5])
-        sink.write(pieces[5:])
+        for batch in (pieces[:5], pieces[5:]):
+            sink.hash(batch)
+            sink.write(batch)
     finally:
         os.close(fd)
     whole = b"".join(pieces)
