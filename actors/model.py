@@ -270,7 +270,7 @@ class ModelActor(FileCommands):
                                        max(need or facts.size, self.spec.ram or 0))
                 admitted = True
                 spawned_at = trio.current_time()
-                attempt.worker = await self._spawn(self.dest, spec)
+                attempt.worker = await self._spawn(self.dest, spec, info.chat_template)
                 attempt.seconds = trio.current_time() - spawned_at
         except ArchitectureUnsupported as exc:
             attempt.error = InvalidInput(str(exc), code="runtime_unsupported")

@@ -37,7 +37,9 @@ class WorkerHandle(Protocol):
     async def embed(self, texts: list[str]) -> Embeddings: ...
 
 
-Spawner = Callable[[Path, ModelSpec], Awaitable[WorkerHandle]]
+# Starts a worker for the file at a path with a spec's settings; also given the file's chat
+# template (None: it has none), read from its header already.
+Spawner = Callable[[Path, ModelSpec, str | None], Awaitable[WorkerHandle]]
 
 
 class LoadGate(Protocol):

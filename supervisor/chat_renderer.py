@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -20,7 +19,6 @@ import trio
 from actors.children import open_child
 from actors.errors import InvalidInput
 from actors.frames import FrameError, FrameReader, encode_frame
-from actors.gguf import inspect_gguf
 from supervisor.chat_template import LIMIT, TemplateRefused, check_template_size
 
 RENDER_TIMEOUT = 2.0  # seconds; a real template renders in milliseconds
@@ -119,16 +117,16 @@ _SAMPLE_CHAT = [{"role": "system", "content": "You are helpful."},
                 {"role": "user", "content": "How are you?"}]
 
 
-async def check_template_for_llama_cpp(renderer: ChatRenderer, path: Path) -> None:
+async def check_template_for_llama_cpp(renderer: ChatRenderer, template: str) -> None:
     """llama.cpp renders a file's chat template already at load, in the worker and without a
     limit: a hostile one would hold the load until load_timeout. modeld's renderer tries it
     first, within its limits. Raises InvalidInput (chat_template_limit) when it goes beyond
-    one; a template jinja2 cannot render is left to llama.cpp, which judges it itself."""
-    info = await trio.to_thread.run_sync(inspect_gguf, path)
-    if info.chat_template is None:
-        return
+    one; a template jinja2 cannot render is left to llama.cpp, which judges it itself.
+
+    The template comes from the header the load has read already: parsing it again here (a
+    vocabulary of 262k tokens takes ~80 ms) was on the path of every llama.cpp load."""
     try:
-        await renderer.render(info.chat_template, _SAMPLE_CHAT)
+        await renderer.render(template, _SAMPLE_CHAT)
     except TemplateRefused as exc:
         if exc.kind == LIMIT:
             raise InvalidInput(str(exc), code="chat_template_limit") from None

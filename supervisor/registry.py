@@ -123,9 +123,9 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def _worker_spawner(config: Config, renderer: ChatRenderer) -> Spawner:
-    async def spawn(path: Path, spec: ModelSpec) -> WorkerHandle:
-        if spec.runtime == LLAMA_CPP:
-            await check_template_for_llama_cpp(renderer, path)
+    async def spawn(path: Path, spec: ModelSpec, chat_template: str | None) -> WorkerHandle:
+        if spec.runtime == LLAMA_CPP and chat_template is not None:
+            await check_template_for_llama_cpp(renderer, chat_template)
         return await open_worker(
             path,
             model_type=spec.model_type,

@@ -177,7 +177,8 @@ class FakeSpawner:
         self.error: Exception | None = None
         self.gate: trio.Event | None = None  # when set, a spawn waits for it
 
-    async def __call__(self, path: Path, spec: ModelSpec) -> FakeWorker:
+    async def __call__(self, path: Path, spec: ModelSpec,
+                       chat_template: str | None = None) -> FakeWorker:
         self.specs.append(spec)
         await trio.sleep(SPAWN_SECONDS)
         if self.gate is not None:
