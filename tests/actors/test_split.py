@@ -93,7 +93,7 @@ class PartFetch:
 
 @asynccontextmanager
 async def running(store: Store, spec: ModelSpec, fetch: PartFetch) -> AsyncIterator[ModelActor]:
-    async def spawn(path: Path, spec: ModelSpec) -> Any:
+    async def spawn(path: Path, spec: ModelSpec, chat_template: str | None) -> Any:
         raise AssertionError("no load here")
 
     actor = ModelActor(spec, store, settings=ActorSettings(), fetch=fetch, spawn=spawn,
