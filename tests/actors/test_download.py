@@ -512,6 +512,12 @@ async def test_redirect_to_other_scheme_refused(tmp_path: Path) -> None:
                 await download_file(request(origin, "/m", tmp_path / "m"), Sink())
 
 
+async def public_host(host: str, port: int) -> list[str]:
+    """What the mocked origins' names stand for: a public address (no DNS query is made; the
+    mock transport answers)."""
+    return ["93.184.215.14"]
+
+
 async def test_redirect_https_to_http_refused(tmp_path: Path) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         assert "https" == request.url.scheme
@@ -520,7 +526,8 @@ async def test_redirect_https_to_http_refused(tmp_path: Path) -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(UrlRefused) as err:
             await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m",
-                                                allow_http=True), Sink(), client=client)
+                                                allow_http=True), Sink(), client=client,
+                                resolve=public_host)
     assert "url_refused" == err.value.code
     assert "https to plain http" in str(err.value)
 
@@ -556,7 +563,8 @@ async def test_backoff_grows_then_gives_up(
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(OriginError) as err:
             await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m",
-                                                retries=4), sink, client=client)
+                                                retries=4), sink, client=client,
+                                resolve=public_host)
     assert "500" in str(err.value)
     assert 5 == calls
     assert [1, 2, 3, 4] == [a for a, _, _ in sink.retries]
@@ -585,7 +593,7 @@ async def test_429_with_http_date_retry_after(
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(OriginError, match="HTTP 404"):
             await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), sink,
-                                client=client)
+                                client=client, resolve=public_host)
     assert 2 == calls
     assert 1 == len(sink.retries)
     assert 18 <= sink.retries[0][1] <= 20
@@ -609,7 +617,7 @@ async def test_403_fails_without_retry(tmp_path: Path) -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(DownloadError) as err:
             await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), sink,
-                                client=client)
+                                client=client, resolve=public_host)
     assert "origin_error" == err.value.code
     assert [] == sink.retries
 
@@ -648,7 +656,7 @@ async def test_malformed_redirect_location_fails_cleanly(
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(DownloadError):  # a download failure, never a crash
             await download_file(DownloadRequest("https://hub.test/m", tmp_path / "m"), Sink(),
-                                client=client)
+                                client=client, resolve=public_host)
 
 
 async def test_a_size_the_probe_told_caps_the_body(tmp_path: Path) -> None:
