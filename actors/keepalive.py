@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,12 +18,14 @@ from typing import Any
 import attrs
 import trio
 
-FOREVER = math.inf
+# Re-exported: the actors and the API know these names from here.
+from actors.durations import FOREVER as FOREVER
+from actors.durations import parse_keep_alive as parse_keep_alive
+from actors.durations import show_keep_alive as show_keep_alive
+
 # A model just loaded waits at least this long for its first request, whatever its keep-alive:
 # a load on first use with keep_alive 0 must not be unloaded before the request that caused it.
 FIRST_USE_GRACE = 30.0
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class Default(enum.Enum):
@@ -35,37 +36,6 @@ class Default(enum.Enum):
 
 DEFAULT = Default.DEFAULT
 KeepAliveArg = float | Default  # seconds (FOREVER included), or DEFAULT
-
-
-def parse_keep_alive(value: object) -> float:
-    """Seconds (FOREVER for a negative value or "forever"); ValueError for anything else."""
-    if isinstance(value, bool):
-        raise ValueError("a keep_alive is a duration such as \"15m\", \"0\" or \"-1\"")
-    if isinstance(value, int | float):
-        if math.isnan(value):
-            raise ValueError("a keep_alive is not NaN")
-        return FOREVER if value < 0 else float(value)
-    if not isinstance(value, str):
-        raise ValueError("a keep_alive is a duration such as \"15m\", \"0\" or \"-1\"")
-    text = value.strip().lower()
-    if text in ("forever", "inf", "infinite"):
-        return FOREVER
-    try:
-        return parse_keep_alive(float(text))
-    except ValueError:
-        pass
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("-")
-    if not body or _PART.sub("", body):
-        raise ValueError(f"{value!r} is not a duration: use e.g. \"30s\", \"15m\", \"1h30m\", "
-                         "\"0\" (unload when idle) or \"-1\" (keep until unloaded)")
-    seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(body))
-    return FOREVER if sign < 0 else seconds
-
-
-def show_keep_alive(seconds: float | None) -> float | None:
-    """For views: None for FOREVER (JSON null: kept until unloaded)."""
-    return None if seconds is None or math.isinf(seconds) else seconds
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ import cattrs.v
 from cattrs.gen import make_dict_structure_fn
 
 from actors.disk import DISK_MARGIN
-from actors.keepalive import FOREVER, parse_keep_alive
+from actors.durations import FOREVER, parse_keep_alive
 from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import MODEL_TYPES, RUNTIME_TYPES, SHA256_PATTERN, check_url, is_valid_id
 from supervisor.enums import FOUNDATIONS, USAGES
