@@ -240,6 +240,14 @@ def test_example_config_parses() -> None:
     assert "127.0.0.1" == config.server.host
     assert 1000 == config.server.port
     assert len(config.models) >= 3
-    assert all(m.url.startswith("https://huggingface.co/") for m in config.models)
+    # Every entry comes from Hugging Face and every download is verified: by the entry's own
+    # sha256 (with a url), or by the Hub's LFS sha256 of the pinned commit (with a source).
+    for m in config.models:
+        if m.source is None:
+            assert m.url is not None and m.url.startswith("https://huggingface.co/"), m.id
+            assert m.sha256 is not None, m.id
+        else:
+            assert m.source.startswith("hf.co/") and m.url is None and m.sha256 is None, m.id
+    assert 2 <= len([m for m in config.models if m.source is not None])
     # The built-in defaults are that catalog.
     assert config == load_config(None)
