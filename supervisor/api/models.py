@@ -3,39 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import quart.wrappers
 import structlog
 import trio
-from quart import Response, current_app, request, websocket
+from quart import Response, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.exceptions import RequestTimeout
 
 from actors import messages as m
 from actors.disk import check_fits, free_bytes
 from actors.errors import (
     Conflict,
-    InsufficientMemory,
     InvalidInput,
     ModelError,
-    OperationFailed,
     Unavailable,
 )
-from actors.gguf import architecture_from_prefix, unrunnable_message
 from actors.keepalive import FOREVER, parse_keep_alive
-from actors.runtimes import runnable
-from actors.safe_files import open_own
 from actors.spec import ModelSpec
-from actors.writeback import WRITEBACK_EVERY, start_writeback
-from supervisor.api.app import READ_TIMEOUT, error_response, json_reply, no_content
+from supervisor.api.app import error_response, json_reply, no_content
 from supervisor.api.guard import (
     OCTET_STREAM,
     PayloadTooLarge,
@@ -48,6 +38,7 @@ from supervisor.api.guard import (
 )
 from supervisor.api.progress import CONNECTION_GONE, ProgressFeed
 from supervisor.api.sources import RESOLVE_WAIT, create_from_source, pin_catalog_source
+from supervisor.api.uploads import body_chunks, disk_errors_reported, receive_file
 from supervisor.config import Config
 from supervisor.registry import Registry
 from supervisor.wire import (
@@ -65,9 +56,6 @@ log = structlog.get_logger("modeld.api")
 
 MAX_JSON_BODY = 1024 * 1024
 MAX_JSON_DEPTH = 64
-FILE_CHUNK = 4 * 1024 * 1024  # bytes of an upload written per call in a thread
-IOV_MAX = 1024  # buffers per writev(2)
-PREFIX_BYTES = 1024 * 1024  # an upload's architecture is checked within this many bytes
 
 class _NeverRaised(Exception):
     pass
@@ -151,23 +139,6 @@ async def read_json_body() -> Any:
         raise InvalidInput("the body is not valid JSON", code="invalid_body") from None
     _check_decoded(data, MAX_JSON_DEPTH)
     return data
-
-
-async def body_chunks() -> AsyncIterator[bytes]:
-    """The request body as it arrives; 408 (and the connection closed) when it stalls for
-    `[server] read_timeout` seconds: a client that never sends its body holds nothing."""
-    stall = current_app.config[READ_TIMEOUT]
-    chunks = aiter(request.body)
-    while True:
-        chunk: bytes | None = None
-        with trio.move_on_after(stall):
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-        if chunk is None:
-            raise RequestTimeout(f"the request body stalled for {stall:g} s")
-        yield chunk
 
 
 async def refuse_body() -> Any:
@@ -311,7 +282,7 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
             try:
                 try:
                     with disk_errors_reported():
-                        sha256 = await _receive_file(temp)
+                        sha256 = await receive_file(temp)
                 except InvalidInput as exc:
                     # Refused before the whole body came: the connection cannot be reused (the
                     # rest of the body is still on its way), so it is closed after the answer
@@ -394,118 +365,3 @@ async def _unload_quietly(registry: Registry, model_id: str) -> None:
             await registry.call(model_id, lambda r: m.Unload(reply=r))
     except ModelError as exc:
         log.warning("unload_failed", model=model_id, reason=str(exc))
-
-
-@contextlib.contextmanager
-def disk_errors_reported() -> Iterator[None]:
-    """OSError while storing an upload: 507 disk_full when out of space, else 500 disk_error."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientMemory(
-                "no space left in the storage dir for this file; free some space and retry",
-                code="disk_full",
-            ) from None
-        raise OperationFailed(
-            f"cannot store the file: {exc.strerror or exc}", code="disk_error"
-        ) from None
-
-
-def _check_prefix(prefix: bytes) -> None:
-    """Refuse, from its first bytes, a file whose architecture no runtime runs."""
-    architecture = architecture_from_prefix(prefix)
-    if architecture is not None and not runnable(architecture):
-        raise InvalidInput(unrunnable_message(architecture), code="model_file_invalid")
-
-
-class _FileSink:
-    """An upload's bytes on their way to the disk (blocking; called in threads): written as
-    they came, without joining them first; hashed beside the write, in another thread; handed
-    to the disk every WRITEBACK_EVERY bytes, so that the fsync before publishing finds little
-    left to write."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.pos, self.handed = fd, 0, 0
-        self.hasher = hashlib.sha256()
-
-    def hash(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.hasher.update(chunk)
-
-    def write(self, chunks: list[bytes]) -> None:
-        views = [memoryview(c) for c in chunks]
-        while views:
-            written = os.writev(self.fd, views[:IOV_MAX])
-            self.pos += written
-            while views and written >= len(views[0]):
-                written -= len(views.pop(0))
-            if written:
-                views[0] = views[0][written:]
-        if self.pos - self.handed >= WRITEBACK_EVERY:
-            start_writeback(self.fd, self.handed, self.pos - self.handed)
-            self.handed = self.pos
-
-
-async def _receive_file(temp: Path) -> str:
-    """Stream the request body into `temp` and return its sha256. Batches of FILE_CHUNK bytes
-    are written and hashed in a thread while the next batch arrives (so the body is taken from
-    the server as it comes, never piling up). A file whose architecture no runtime runs is
-    refused (400) within its first MiB."""
-    fd = await trio.to_thread.run_sync(
-        lambda: open_own(temp, os.O_WRONLY | os.O_TRUNC, create=False))
-    sink = _FileSink(fd)
-    send, receive = trio.open_memory_channel[list[bytes]](1)
-
-    async def write_batches() -> None:
-        async with receive:
-            async for batch in receive:
-                # Hashed and written at once, in two threads (both let go of the GIL): the
-                # page-cache copy alone takes as long as the hash.
-                async with trio.open_nursery() as both:
-                    both.start_soon(trio.to_thread.run_sync, sink.hash, batch)
-                    await trio.to_thread.run_sync(sink.write, batch)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write_batches)
-            async with send:
-                head: bytearray | None = bytearray()  # the first PREFIX_BYTES, until checked
-                batch: list[bytes] = []
-                batched = 0
-                async for chunk in body_chunks():
-                    if head is not None:
-                        head += chunk[: PREFIX_BYTES - len(head)]
-                        if len(head) >= PREFIX_BYTES:
-                            _check_prefix(bytes(head))
-                            head = None
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    if batched >= FILE_CHUNK:
-                        await send.send(batch)
-                        batch, batched = [], 0
-                if head is not None:
-                    _check_prefix(bytes(head))
-                if batch:
-                    await send.send(batch)
-    except BaseExceptionGroup as group:
-        raise _sole_error(group) from None
-    finally:
-        os.close(fd)
-    return sink.hasher.hexdigest()
-
-
-def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error inside `group` (the receiving or the writing side failed), or its
-    Cancelled when only cancellation is inside, else the group itself."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if len(leaves) == 1 or all(isinstance(exc, trio.Cancelled) for exc in leaves):
-        return leaves[0]  # cancelled from outside (the client left): both sides were
-    return group

@@ -8,7 +8,7 @@ import os
 import random
 from pathlib import Path
 
-from supervisor.api.models import IOV_MAX, _FileSink
+from supervisor.api.uploads import IOV_MAX, FileSink
 
 
 def test_pieces_are_written_whole_in_order_and_hashed(tmp_path: Path) -> None:
@@ -18,7 +18,7 @@ def test_pieces_are_written_whole_in_order_and_hashed(tmp_path: Path) -> None:
     path = tmp_path / "upload"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        sink = _FileSink(fd)
+        sink = FileSink(fd)
         for batch in (pieces[:5], pieces[5:]):
             sink.hash(batch)
             sink.write(batch)
