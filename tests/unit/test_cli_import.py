@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.cli import _model_with_file
+from supervisor.cli_import import model_with_file
 
 
 class Models:
@@ -40,11 +40,11 @@ def test_hashed_only_when_a_model_could_be_the_file(tmp_path: Path,
 
     monkeypatch.setattr(hashlib, "file_digest", counted)
     others = [model("other", b"x" * 7, 7), model("absent", None, None)]
-    assert _model_with_file(Models(others), path) is None  # type: ignore[arg-type]
+    assert model_with_file(Models(others), path) is None  # type: ignore[arg-type]
     assert [] == hashed
-    found = _model_with_file(Models([*others, model("it", same, len(same))]),  # type: ignore[arg-type]
+    found = model_with_file(Models([*others, model("it", same, len(same))]),  # type: ignore[arg-type]
                              path)
     assert found is not None and "it" == found["id"]
     assert ["sha256"] == hashed
-    unknown = _model_with_file(Models([model("unsized", same, None)]), path)  # type: ignore[arg-type]
+    unknown = model_with_file(Models([model("unsized", same, None)]), path)  # type: ignore[arg-type]
     assert unknown is not None and "unsized" == unknown["id"]
