@@ -17,15 +17,16 @@ from actors.model import ActorSettings, ModelActor
 from actors.partial import held_marker, partial_bytes
 from actors.state import State
 from actors.store import Store
-from tests.actors.test_model_actor import (  # noqa: F401 (fixtures)
+from tests.actors.test_model_actor import (
     FakeFetch,
     FakeSpawner,
     RecordingGate,
     Rig,
-    inline_threads,
     spec,
     write_partial,
 )
+
+pytestmark = pytest.mark.usefixtures("inline_threads")  # tests/actors/conftest.py
 
 
 @pytest.fixture

@@ -25,15 +25,16 @@ from actors.model import ActorSettings, ModelActor
 from actors.state import State
 from actors.store import Store
 from actors.worker import GenerateParams
-from tests.actors.test_model_actor import (  # noqa: F401 (fixtures)
+from tests.actors.test_model_actor import (
     FakeFetch,
     FakeSpawner,
     RecordingGate,
     Rig,
-    inline_threads,
     published,
     spec,
 )
+
+pytestmark = pytest.mark.usefixtures("inline_threads")  # tests/actors/conftest.py
 
 KEEP = 60.0  # [runtime] keep_alive of these actors
 

@@ -51,19 +51,12 @@ from tests.actors.gates import OpenGate
 from tests.gguf_factory import corrupt_header
 
 T = TypeVar("T")
+# Blocking store work runs inline (tests/actors/conftest.py), in step with the clock.
+pytestmark = pytest.mark.usefixtures("inline_threads")
 MODEL_ID = "tiny"
 URL = "https://models.test/tiny.gguf"
 SPAWN_SECONDS = 0.5  # virtual time a fake worker takes to load
 HANG_SECONDS = 600.0
-
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def run_sync(fn: Callable[..., T], *args: Any, **_kwargs: Any) -> T:
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
 
 
 @pytest.fixture

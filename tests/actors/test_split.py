@@ -29,16 +29,9 @@ from tests.actors.gates import OpenGate
 from tests.gguf_factory import split_gguf, write_tiny_llama
 
 T = TypeVar("T")
+# Blocking store work runs inline (tests/actors/conftest.py), in step with the clock.
+pytestmark = pytest.mark.usefixtures("inline_threads")
 MODEL_ID = "big"
-
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def run_sync(fn: Callable[..., T], *args: Any, **_kwargs: Any) -> T:
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
 
 
 @pytest.fixture

@@ -34,13 +34,14 @@ from supervisor.registry import (
     restart_delay,
     serve_registry,
 )
-from tests.actors.test_model_actor import (  # noqa: F401 (inline_threads is a fixture)
+from tests.actors.test_model_actor import (
     URL,
     FakeFetch,
     FakeSpawner,
-    inline_threads,
     write_partial,
 )
+
+pytestmark = pytest.mark.usefixtures("inline_threads")  # tests/actors/conftest.py
 
 HANG_SECONDS = 3600.0
 
