@@ -39,17 +39,22 @@ def open_new(path: Path, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
     return os.open(path, flags | os.O_CREAT | os.O_EXCL | NOFOLLOW, mode)
 
 
-def open_own(path: Path, flags: int = os.O_RDWR, mode: int = 0o644, *,
-             create: bool = True) -> int:
-    """Open `path` (for writing), creating it when absent if `create`; never through a link,
-    and never a file that is not a regular file with one link (raises UnsafeFile)."""
+def _open_no_link(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open with O_NOFOLLOW: a link at `path` is UnsafeFile, not followed."""
     try:
-        fd = os.open(path, flags | (os.O_CREAT if create else 0) | NOFOLLOW, mode)
+        return os.open(path, flags | NOFOLLOW, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeFile(errno.ELOOP, f"{path} is a link; modeld does not follow links "
                              "in its storage dir") from None
         raise
+
+
+def open_own(path: Path, flags: int = os.O_RDWR, mode: int = 0o644, *,
+             create: bool = True) -> int:
+    """Open `path` (for writing), creating it when absent if `create`; never through a link,
+    and never a file that is not a regular file with one link (raises UnsafeFile)."""
+    fd = _open_no_link(path, flags | (os.O_CREAT if create else 0), mode)
     try:
         check_own(fd, path)
     except BaseException:
@@ -107,13 +112,7 @@ def read_own(path: Path, limit: int = 1 << 20) -> bytes:
     """The content of the regular file `path`, at most `limit` bytes. Raises FileNotFoundError
     when there is none, UnsafeFile when it is a link or not a regular file (a FIFO is opened
     without waiting for a writer, then refused), or too large."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFile(errno.ELOOP, f"{path} is a link; modeld does not follow links "
-                             "in its storage dir") from None
-        raise
+    fd = _open_no_link(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
