@@ -52,12 +52,16 @@ async def sdk_call(daemon: Daemon, method: str, *args: Any) -> Any:
     return await trio.to_thread.run_sync(lambda: getattr(api, method)(*args))
 
 
-async def snapshot(daemon: Daemon, model_id: str) -> dict[str, Any]:
+async def get_json(daemon: Daemon, path: str) -> dict[str, Any]:
     async with httpx.AsyncClient() as client:
-        r = await client.get(f"{daemon.url}/model/{model_id}")
+        r = await client.get(f"{daemon.url}{path}")
     assert 200 == r.status_code, r.text
     result: dict[str, Any] = r.json()
     return result
+
+
+async def snapshot(daemon: Daemon, model_id: str) -> dict[str, Any]:
+    return await get_json(daemon, f"/model/{model_id}")
 
 
 async def watch(daemon: Daemon, model_id: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -454,11 +458,7 @@ async def test_an_unsized_download_stops_at_min_free(make_daemon: DaemonFactory,
 
 
 async def progress_of(daemon: Daemon, model_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient() as client:
-        r = await client.get(f"{daemon.url}/model/{model_id}/download/progress")
-    assert 200 == r.status_code, r.text
-    result: dict[str, Any] = r.json()
-    return result
+    return await get_json(daemon, f"/model/{model_id}/download/progress")
 
 
 async def test_downloads_beyond_max_active_wait_in_line(make_daemon: DaemonFactory) -> None:
