@@ -69,6 +69,16 @@ def final_paths(store: Store, spec: ModelSpec) -> list[Path]:
     return split.part_paths(store, spec) or [store.model_path(spec.id)]
 
 
+CROSS_DEVICE = ("updates/ and models/ are on different file systems (models/ links to another "
+                "disk), so new files cannot replace the old ones in one step; delete the model "
+                "and download it again, or set [storage] dir to the other disk")
+
+
+def one_file_system(store: Store) -> bool:
+    """Whether an update's files (under the storage dir) can be renamed into `models/`."""
+    return os.stat(store.root).st_dev == os.stat(store.root / "models").st_dev
+
+
 def journal_path(store: Store, model_id: str) -> Path:
     return updates_dir(store) / f"{store.model_path(model_id).name.removesuffix('.gguf')}.json"
 
@@ -97,6 +107,10 @@ def publish(store: Store, old: ModelSpec, new: ModelSpec, keep: Keep) -> None:
         if st is None or not stat.S_ISREG(st.st_mode) or size not in (None, st.st_size):
             raise UpdateLost(f"the update's file {path.name} is missing or incomplete")
         files.append((st.st_dev, st.st_ino))
+    models = final_paths(store, new)[0].parent
+    if os.stat(models).st_dev != files[0][0]:
+        # `models/` links to another disk: a rename cannot move the files there in one step.
+        raise UpdateLost(CROSS_DEVICE)
     journal = {"spec": json.loads(record_to_json(new)),
                "old": [p.name for p in final_paths(store, old)], "files": files}
     write_atomic(journal_path(store, new.id), json.dumps(journal, sort_keys=True).encode())
@@ -207,7 +221,10 @@ def clear_others(store: Store, spec: ModelSpec) -> None:
 
 
 def discard(store: Store, spec: ModelSpec) -> None:
-    """Remove what an update to `spec` left in `updates/`: its files, partials and sidecars."""
+    """Remove what an update to `spec` left in `updates/`: its files, partials and sidecars;
+    nothing while its journal stands (start-up finishes that publish with them)."""
+    if journal_path(store, spec.id).exists():
+        return
     for path in staged_paths(store, spec):
         for suffix in OWNED_SUFFIXES:
             path.with_name(path.name + suffix).unlink(missing_ok=True)

@@ -182,7 +182,13 @@ class FileCommands(ActorCore):
     async def _handle_import(self, temp: Path, sha256: str,
                              update: ModelSpec | None = None) -> m.ModelView:
         if update is not None:
-            return await self._handle_update(temp, sha256, attrs.evolve(update, id=self.spec.id))
+            # The new pin over the record as it is now: edits made while the update
+            # downloaded (name, description, runtime, ...) stay.
+            pinned = attrs.evolve(
+                self.spec, url=update.url, sha256=update.sha256, size=update.size,
+                source=update.source, revision=update.revision, file=update.file,
+                parts=update.parts, quantization=self.spec.quantization or update.quantization)
+            return await self._handle_update(temp, sha256, pinned)
         try:
             if self.spec.parts:
                 raise Conflict("this model is a split GGUF set; download it (an upload is one "
@@ -246,7 +252,7 @@ class FileCommands(ActorCore):
                       reason=exc.strerror or str(exc))
             raise OperationFailed(
                 f"the update's files could not all be published ({exc.strerror or exc}); "
-                "modeld finishes the publish when it starts next", code="update_failed",
+                "modeld finishes the publish when it starts next", code="update_unfinished",
             ) from None
         self.spec = update
         self._facts = split.whole_set(facts_from(info), update)

@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import httpx
 
 from actors.download import DownloadRequest, ProgressSink
+from actors.download.origin import same_origin
 from actors.messages import FileFacts
 from actors.partial import partial_bytes
 from actors.spec import ModelSpec, SplitPart
@@ -144,7 +146,10 @@ def part_requests(store: Store, spec: ModelSpec, template: DownloadRequest,
     order = download_order(store, spec, base)
     first = order[-1][0]
     for path, part, before in order:
+        # The template's own headers (a Hub token) only for parts at its origin.
+        headers = template.headers if same_origin(httpx.URL(part.url),
+                                                  httpx.URL(template.url)) else ()
         yield (attrs.evolve(
             template, url=part.url, dest=path, sha256=part.sha256, size=part.size,
-            verify=template.verify if path == first else None,
+            verify=template.verify if path == first else None, headers=headers,
         ), part, before)

@@ -31,7 +31,7 @@ import trio
 
 from actors import file_update, split
 from actors import messages as m
-from actors.download import DownloadError, DownloadRequest, download_file
+from actors.download import DownloadRequest, download_file
 from actors.errors import Conflict, InvalidInput, ModelError
 from actors.gguf import GGUF_MAGIC
 from actors.keepalive import parse_keep_alive
@@ -114,6 +114,9 @@ class HubUpdates:
             return view, UP_TO_DATE
         if model_id in self._running:  # another update started while the Hub answered
             return registry.view(model_id), UPDATING
+        if not await trio.to_thread.run_sync(file_update.one_file_system, registry.store):
+            raise Conflict(f"{model_id} cannot be updated here: {file_update.CROSS_DEVICE}",
+                           code="update_unsupported")
         scope = self._running[model_id] = trio.CancelScope()
         registry.broadcaster(model_id).publish(m.Progress(
             model=model_id, status="INITIALIZED", total=resolved.size))
@@ -156,13 +159,23 @@ class HubUpdates:
         total = spec.size or 0  # a split set's: the whole set's
         try:
             with scope:
-                await self._fetch(model_id, spec)
-                try:
-                    await self._publish(model_id, spec)  # with the new record or pin
-                except ModelError as exc:
-                    if exc.code != "conflict":  # refused (a bad file, the model deleted)
-                        self._discard.add(model_id)
-                    raise
+                def queued(place: int) -> None:  # it waits for one of [download] max_active
+                    out.publish(m.Progress(model=model_id, status="INITIALIZED", total=total,
+                                           queue_position=place))
+
+                async with registry.downloads.slot(queued):
+                    await self._fetch(model_id, spec)
+                # Once asked, the actor publishes whatever a cancel says: the answer is waited
+                # for, so that what is reported is what happened.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._publish(model_id, spec)  # with the new record or pin
+                    except ModelError as exc:
+                        # Refused (a bad file, the model deleted): its files go. Not after the
+                        # journal (`update_unfinished`): start-up finishes that publish.
+                        if exc.code not in ("conflict", "update_unfinished"):
+                            self._discard.add(model_id)
+                        raise
             if scope.cancelled_caught:
                 out.publish(m.Progress(model=model_id, status="CANCELED"))
                 log.info("hub_update_cancelled", model=model_id)
@@ -170,7 +183,8 @@ class HubUpdates:
             out.publish(m.Progress(model=model_id, status="COMPLETED", percentage=100.0,
                                    bytes=total, total=total))
             log.info("hub_updated", model=model_id, revision=spec.revision, file=spec.file)
-        except (DownloadError, ModelError, OSError) as exc:
+        except Exception as exc:  # a bug or an unforeseen library error fails the update,
+            # never the registry (as a download's does)
             reason = f"the update to {spec.file} at {spec.revision} failed: {exc}"
             out.publish(m.Progress(model=model_id, status="FAILED", error=reason))
             log.error("hub_update_failed", model=model_id, reason=reason,

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -275,7 +276,8 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
         received = False  # the whole body: from then on the actor decides
         try:
             if request.content_length is not None:  # refused before any byte if it cannot fit
-                free = await trio.to_thread.run_sync(free_bytes, registry.store.root)
+                free = await trio.to_thread.run_sync(
+                    free_bytes, registry.store.model_path(model_id).parent)
                 check_fits(request.content_length, free, "the upload", config.storage.min_free)
             with disk_errors_reported():
                 temp = await trio.to_thread.run_sync(registry.store.import_temp, model_id)
@@ -296,9 +298,10 @@ def register_routes(app: QuartTrio, registry: Registry, config: Config,
                                   wait=load_wait)
             finally:
                 # The actor takes the file (publishing or deleting it); if the command never
-                # reached it (model deleted meanwhile, timeout, disconnect), it goes here.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
+                # reached it (model deleted meanwhile, timeout, disconnect), it goes here, in a
+                # thread (freeing a large file's blocks takes a while), whatever cancels.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove, temp)
         except trio.Cancelled:
             # The client left before its whole file came (hypercorn cancels the handler, at
             # any await up to here): a model with neither a url nor a file is useless, and goes.
@@ -365,3 +368,8 @@ async def _unload_quietly(registry: Registry, model_id: str) -> None:
             await registry.call(model_id, lambda r: m.Unload(reply=r))
     except ModelError as exc:
         log.warning("unload_failed", model=model_id, reason=str(exc))
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -144,8 +144,8 @@ async def receive_file(temp: Path) -> str:
 
 
 def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error inside `group` (the receiving or the writing side failed), or its
-    Cancelled when only cancellation is inside, else the group itself."""
+    """The error inside `group` (the receiving or the writing side failed; the first, should
+    both have), or its Cancelled when only cancellation is inside."""
     leaves: list[BaseException] = []
     pending: list[BaseException] = [group]
     while pending:
@@ -154,6 +154,7 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending.extend(exc.exceptions)
         else:
             leaves.append(exc)
-    if len(leaves) == 1 or all(isinstance(exc, trio.Cancelled) for exc in leaves):
-        return leaves[0]  # cancelled from outside (the client left): both sides were
-    return group
+    errors = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+    # One side's error (a write's OSError is told as 507/500, a refusal as 400); only
+    # cancellation when cancelled from outside (the client left).
+    return errors[0] if errors else leaves[0]

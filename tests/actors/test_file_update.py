@@ -187,3 +187,52 @@ def test_an_update_clears_what_an_earlier_one_left_under_other_names(tmp_path: P
     assert ["hf-up-00001-of-00002.gguf", "hf-up-00002-of-00002.gguf",
             "hf-up-00002-of-00002.gguf.partial", "hf-upper.gguf"] == sorted(
         p.name for p in updates.iterdir())
+
+
+def test_a_publish_failing_after_its_journal_keeps_the_update_for_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error after the journal (here: the first rename of a new part): the update's
+    files are not discarded, and start-up finishes the publish with them."""
+    store, old, new = setup(tmp_path, 3, 3)
+    real_replace, calls = os.replace, []
+
+    def failing(src: Any, dst: Any, **kw: Any) -> None:
+        calls.append(src)
+        if len(calls) == 2:  # the journal's was the first
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", failing)
+        with pytest.raises(OSError, match="Input/output"):
+            file_update.publish(store, old, new, store.write_record)
+    assert file_update.journal_path(store, MODEL_ID).exists()
+    file_update.discard(store, new)  # what a failed update does: nothing while the journal is
+    assert all(p.exists() for p in file_update.staged_paths(store, new))
+    file_update.finish_interrupted(store, store.write_record)
+    assert (NEW, True, version(NEW, 3)[1]) == judged(store)[:3]
+
+
+def test_models_on_another_file_system_are_refused_before_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models/` a link to another disk: a rename from updates/ cannot move the files, so the
+    update is refused before anything changes."""
+    store, old, new = setup(tmp_path, 0, 0)
+    models = store.root / "models"
+    real_stat = os.stat
+
+    def elsewhere(path: Any, *args: Any, **kwargs: Any) -> Any:
+        st = real_stat(path, *args, **kwargs)
+        if Path(path) == models:
+            fields = list(st)
+            fields[2] += 1  # st_dev
+            return os.stat_result(fields)
+        return st
+
+    monkeypatch.setattr(os, "stat", elsewhere)
+    assert not file_update.one_file_system(store)
+    with pytest.raises(file_update.UpdateLost, match="different file systems"):
+        file_update.publish(store, old, new, store.write_record)
+    monkeypatch.undo()
+    assert (OLD, True) == judged(store)[:2]
+    assert not file_update.journal_path(store, MODEL_ID).exists()

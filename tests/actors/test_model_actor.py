@@ -726,8 +726,10 @@ async def test_an_update_replaces_the_file_of_a_loaded_model(autojump_clock: tri
     store.write_record(pin)
     async with start(pin) as rig:
         await rig.view(lambda r: m.Load(reply=r))
-        update = attrs.evolve(pin, revision="b" * 40, url=URL + "?b",
-                              sha256=hashlib.sha256(new).hexdigest())
+        # The update was made from the record as it was when it started: a name changed
+        # since stays.
+        update = attrs.evolve(pin, name="the name before an edit", revision="b" * 40,
+                              url=URL + "?b", sha256=hashlib.sha256(new).hexdigest())
         temp = file_update.staged_paths(store, update)[0]
         temp.parent.mkdir()
         temp.write_bytes(new)
@@ -739,6 +741,7 @@ async def test_an_update_replaces_the_file_of_a_loaded_model(autojump_clock: tri
         assert isinstance(refused, InvalidInput) and "checksum_mismatch" == refused.code
         assert (old, True) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())
         view = await rig.view(ask(update.sha256 or ""))
-        assert (State.LOADED, update, 1) == (view.state, view.spec, len(rig.spawn.specs))
+        expected = attrs.evolve(update, name=pin.name)
+        assert (State.LOADED, expected, 1) == (view.state, view.spec, len(rig.spawn.specs))
         assert (new, False) == (store.model_path(MODEL_ID).read_bytes(), temp.exists())
         assert "b" * 40 == store.load_records()[0].revision

@@ -196,3 +196,17 @@ def test_parts_kept_in_the_record_and_the_pin(tmp_path: Path, parts: list[bytes]
     write_pin(store.root, spec)
     catalog = ModelSpec(id=MODEL_ID, name="big", source="hf.co/u/r:Q8_0")
     assert spec.parts == apply_pins(store.root, [catalog])[0].parts
+
+
+def test_a_token_goes_only_to_parts_at_its_origin(tmp_path: Path, parts: list[bytes]) -> None:
+    store = Store.open(tmp_path / "s")
+    spec = split_spec(parts)
+    elsewhere = attrs.evolve(spec.parts[2], url="https://mirror.test/3")
+    spec = attrs.evolve(spec, parts=(*spec.parts[:2], elsewhere))
+    token = (("Authorization", "Bearer hf_secret"),)
+    template = DownloadRequest(url=spec.parts[0].url, dest=store.model_path(MODEL_ID),
+                               headers=token)
+    sent = {part.url: request.headers
+            for request, part, _ in split.part_requests(store, spec, template)}
+    assert {"https://cdn.test/1": token, "https://cdn.test/2": token,
+            "https://mirror.test/3": ()} == sent
