@@ -45,7 +45,7 @@ class StoreError(Exception):
 # sidecar (and the fixed-name temp older versions wrote it through), the marker of a partial
 # that must not resume by itself.
 OWNED_SUFFIXES = ("", ".partial", ".partial.json", ".partial.json.tmp", ".held")
-SUBDIRS = ("models", "custom", "pins")
+SUBDIRS = ("models", "custom", "pins", "updates")  # updates/: actors/file_update.py
 _UPLOAD_TEMP = re.compile(r"\.(.+)\.gguf\.[A-Za-z0-9_]{8}\.import")  # see `import_temp`
 
 
@@ -183,7 +183,7 @@ class Store:
         that only ever waited for that file (custom, no url, no source, no file) goes with it,
         as an import refused while the daemon runs leaves no record either."""
         cut: set[str] = set()
-        for sub in ("models", "custom"):
+        for sub in ("models", "custom", "updates"):
             for path in (self.root / sub).glob(".*"):
                 if path.suffix in (".tmp", ".import"):
                     path.unlink(missing_ok=True)

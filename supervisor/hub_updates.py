@@ -23,7 +23,6 @@ once (until a check succeeds again) and changes nothing.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -210,7 +209,6 @@ class HubUpdates:
             allow_private=config.download.allow_private, min_rate=config.download.min_rate,
             min_free=config.storage.min_free, magic=GGUF_MAGIC,
             headers=registry.hub.headers_for(spec.url))
-        await trio.to_thread.run_sync(_make_dir, dest.parent)
         await trio.to_thread.run_sync(file_update.clear_others, store, spec)
         meter = ProgressMeter(model_id, registry.broadcaster(model_id),
                               retries=config.download.retries)
@@ -274,10 +272,6 @@ class HubUpdates:
                 continue
             self._check_failing = False
             self._heads[ref.canonical()] = head
-
-
-def _make_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, exist_ok=True)
 
 
 def _same_bytes(spec: ModelSpec, resolved: Resolved) -> bool:

@@ -731,7 +731,7 @@ async def test_an_update_replaces_the_file_of_a_loaded_model(autojump_clock: tri
         update = attrs.evolve(pin, name="the name before an edit", revision="b" * 40,
                               url=URL + "?b", sha256=hashlib.sha256(new).hexdigest())
         temp = file_update.staged_paths(store, update)[0]
-        temp.parent.mkdir()
+        temp.parent.mkdir(exist_ok=True)
         temp.write_bytes(new)
 
         def ask(sha256: str) -> Callable[[trio.MemorySendChannel[m.Reply]], m.Command]:
