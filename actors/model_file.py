@@ -109,7 +109,8 @@ class FileCommands(ActorCore):
                     if not self.spec.parts:
                         await self._fetch(request, meter)
                     else:
-                        await self._fetch_parts(request, meter)
+                        await split.fetch_parts(self._store, self.spec, request, meter,
+                                                self._fetch)
         except DownloadError as exc:
             attempt.error = exc
         except Exception as exc:  # a bug or an unforeseen library error: fail, don't crash
@@ -118,16 +119,6 @@ class FileCommands(ActorCore):
         finally:
             attempt.ended.set()
         await self._send.send(DownloadEnded(attempt))
-
-    async def _fetch_parts(self, template: DownloadRequest, meter: ProgressMeter) -> None:
-        """Download a split model's parts one after the other (actors/split.py), with one
-        progress over the whole set; a part already verified at its final name is kept."""
-        total = sum(p.size for p in self.spec.parts)
-        for request, part, before in split.part_requests(self._store, self.spec, template):
-            if await trio.to_thread.run_sync(split.still_valid, request.dest, part,
-                                             abandon_on_cancel=True):
-                continue
-            await self._fetch(request, split.SetProgress(meter, before, total))
 
     async def _finish_download(self, attempt: DownloadAttempt) -> None:
         """The one place a download attempt's end moves the state, whatever ended it."""

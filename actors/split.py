@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import attrs
 import httpx
+import trio
 
 from actors.download import DownloadRequest, ProgressSink
 from actors.download.origin import same_origin
@@ -107,16 +108,17 @@ def download_order(store: Store, spec: ModelSpec,
 
 
 def still_valid(path: Path, part: SplitPart) -> bool:
-    """A part at its final name is kept when its size and sha256 are the part's; else it is
-    removed (so it cannot count as published) and downloaded again."""
-    if not _is_regular(path):
+    """Whether a part at its final name has the part's size and sha256 (it is then kept; else
+    `drop` it and download it again). Reads only: it may run in a thread a cancel abandons."""
+    if not _is_regular(path) or path.stat().st_size != part.size:
         return False
-    if path.stat().st_size == part.size:
-        with path.open("rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() == part.sha256:
-                return True
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() == part.sha256
+
+
+def drop(path: Path) -> None:
+    """Remove a part that is not the part's (so it cannot count as published)."""
     path.unlink(missing_ok=True)
-    return False
 
 
 class SetProgress:
@@ -153,3 +155,19 @@ def part_requests(store: Store, spec: ModelSpec, template: DownloadRequest,
             template, url=part.url, dest=path, sha256=part.sha256, size=part.size,
             verify=template.verify if path == first else None, headers=headers,
         ), part, before)
+
+
+async def fetch_parts(store: Store, spec: ModelSpec, template: DownloadRequest,
+                      sink: ProgressSink,
+                      fetch: Callable[[DownloadRequest, ProgressSink], Awaitable[None]],
+                      base: Path | None = None) -> None:
+    """Download a split model's parts one after the other (beside `base`: see part_paths) with
+    `fetch`, one progress over the whole set on `sink`; a part already verified at its final
+    name is kept."""
+    total = sum(p.size for p in spec.parts)
+    for request, part, before in part_requests(store, spec, template, base):
+        if await trio.to_thread.run_sync(still_valid, request.dest, part,
+                                         abandon_on_cancel=True):
+            continue
+        await trio.to_thread.run_sync(drop, request.dest)
+        await fetch(request, SetProgress(sink, before, total))

@@ -215,12 +215,7 @@ class HubUpdates:
         if not spec.parts:
             await download_file(template, meter)
             return
-        total = sum(p.size for p in spec.parts)
-        for request, part, before in split.part_requests(store, spec, template, dest):
-            if await trio.to_thread.run_sync(split.still_valid, request.dest, part,
-                                             abandon_on_cancel=True):
-                continue
-            await download_file(request, split.SetProgress(meter, before, total))
+        await split.fetch_parts(store, spec, template, meter, download_file, dest)
 
     async def _publish(self, model_id: str, spec: ModelSpec) -> m.ModelView:
         """The actor publishes the verified files and takes the new record or pin in one step;
