@@ -30,7 +30,7 @@ from actors.errors import (
 )
 from actors.store import StoreError
 from supervisor import __version__
-from supervisor.api.body import ModeldRequest
+from supervisor.api.body import ModeldHTTPConnection, ModeldRequest
 from supervisor.api.guard import (
     Guard,
     Incoming,
@@ -145,7 +145,9 @@ def create_app(registry: Registry, config: Config, *, token: str | None = None,
                readiness: Readiness | None = None, metrics: Metrics | None = None) -> QuartTrio:
     # No static folder: nothing under the working directory may ever be served.
     app = QuartTrio("modeld", static_folder=None)
-    app.request_class = ModeldRequest  # bodies as their chunks came (supervisor/api/body.py)
+    # Bodies as their chunks came, read no faster than used (supervisor/api/body.py).
+    app.request_class = ModeldRequest
+    app.asgi_http_class = ModeldHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = None  # bodies are limited per route (1 MiB for JSON)
     app.config["JSON_SORT_KEYS"] = False
     app.config[READ_TIMEOUT] = config.server.read_timeout

@@ -136,7 +136,10 @@ def test_concurrent_requests_to_one_model_all_succeed(served: tuple[Daemon, str,
 def test_emoji_and_cjk_prompts_do_not_crash_the_worker(served: tuple[Daemon, str, str]) -> None:
     daemon, _chat, plain = served
     client = client_for(daemon)
+    # Loaded first (an earlier test may have left it unloaded), so that a reload shows.
+    assert 200 == httpx.post(f"{daemon.url}/model/{plain}/load", timeout=60).status_code
     before = httpx.get(f"{daemon.url}/model/{plain}").json()
+    assert before["loaded"] is True
     prompt = "🙂🚀漢字かな" * 3
     answer = client.completions.create(model=plain, prompt=prompt, max_tokens=4)
     assert answer.usage is not None and answer.usage.prompt_tokens > len(prompt)
