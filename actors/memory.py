@@ -7,7 +7,7 @@ The estimate is the sum of
 - the KV cache: context tokens x layers x (K + V width) in f16. llama.cpp's slots share one
   cache of the context length; ctransformers has one sequence;
 - compute buffers: COMPUTE_PER_EMBD bytes per embedding dimension (llama.cpp's graph for a
-  batch of PROMPT_BATCH tokens grows with the width of the model), plus the logits of each slot;
+  prompt batch grows with the width of the model), plus the logits of each slot;
 - the worker process itself (Python, the runtime's libraries): BASE_BYTES per runtime.
 The constants were fitted to the resident memory of real workers (bench/estimate.py reports the
 estimate against the measurement for Gemma 3 270M and the tiny test model on both runtimes).
