@@ -3,10 +3,14 @@ fan-out to many WebSocket subscribers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,63 @@ def _latencies(http: httpx.Client, path: str, n: int, until: Any = None) -> list
     return out
 
 
+# A process that does nothing but sleep 2 ms at a time and note how late it wakes up: the
+# machine's own stalls, under any process's latency (stdin closed: stop, print the delays in
+# ms and the seconds it ran, as JSON).
+_SLEEPER = """
+import json, select, sys, time
+late, started = [], time.perf_counter()
+while not select.select([sys.stdin], [], [], 0)[0]:
+    t = time.perf_counter()
+    time.sleep(0.002)
+    late.append((time.perf_counter() - t - 0.002) * 1000)
+print(json.dumps({"late": late, "seconds": time.perf_counter() - started}))
+"""
+
+
+def _cpu_ticks() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
+def arrival_delay(late_ms: list[float], seconds: float, share: float = 0.01) -> float:
+    """The delay (ms) that a request arriving at a random moment exceeds with probability
+    `share`, from the stalls a sleeper saw: one arriving inside a stall of L ms waits for the
+    rest of it, so P(wait > x) = sum(max(0, L - x)) / the time observed."""
+    total_ms = seconds * 1000
+    low, high = 0.0, max(late_ms, default=0.0)
+    for _ in range(50):
+        mid = (low + high) / 2
+        if sum(max(0.0, late - mid) for late in late_ms) / total_ms > share:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+@contextlib.contextmanager
+def _machine_delays(out: dict[str, float]) -> Iterator[None]:
+    """While the block runs, a sleeper process (above): the delay a request arriving at a
+    random moment exceeds 1 % of the time because the machine stalled (out["stall_p99"]),
+    the stalls of 10 ms or more per second and their median length, and the share of CPU
+    time the hypervisor took (steal, out["steal"], 0..1)."""
+    sleeper = subprocess.Popen([sys.executable, "-c", _SLEEPER], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    before = _cpu_ticks()
+    try:
+        yield
+    finally:
+        after = _cpu_ticks()
+        output, _ = sleeper.communicate("", timeout=30)
+        seen = json.loads(output)
+        stalls = [late for late in seen["late"] if late >= 10]
+        out["stall_p99"] = arrival_delay(seen["late"], seen["seconds"])
+        out["stalls_per_s"] = len(stalls) / seen["seconds"]
+        out["stall_p50"] = median(stalls) if stalls else 0.0
+        spent = [b - a for a, b in zip(before, after, strict=True)]
+        out["steal"] = spent[7] / max(1, sum(spent[:8]))
+
+
 def bench_latency() -> Result:
     """p50/p99 of GET /model/{id} while 4 downloads run at full speed, against idle."""
     size = env_int("BENCH_LATENCY_BYTES", 1024 * MiB)
@@ -63,6 +124,7 @@ def bench_latency() -> Result:
     idle_p: list[tuple[float, float]] = []
     busy_p: list[tuple[float, float]] = []
     busy_counts: list[int] = []
+    machine: list[dict[str, float]] = []
     with run_nginx(path.parent) as base:
         url = f"{base}/{path.name}"
         models = [catalog_entry(i, url, sha256=digest, size=size) for i in ids]
@@ -77,8 +139,10 @@ def bench_latency() -> Result:
                 for i in ids:
                     post_ok(http, f"/model/{i}/download")
                 time.sleep(0.2)  # connections open, bytes flowing
-                busy = _latencies(http, "/model/probe", 100_000,
-                                  until=lambda: any(p.exists() for p in published))
+                machine.append({})
+                with _machine_delays(machine[-1]):
+                    busy = _latencies(http, "/model/probe", 100_000,
+                                      until=lambda: any(p.exists() for p in published))
                 busy_p.append((percentile(busy, 50), percentile(busy, 99)))
                 busy_counts.append(len(busy))
                 trio.run(_wait_all, daemon.url, ids)
@@ -87,18 +151,26 @@ def bench_latency() -> Result:
                 os.sync()
                 log(f"latency round {r}: idle p50 {idle_p[-1][0]:.1f} p99 {idle_p[-1][1]:.1f} ms;"
                     f" 4 downloads p50 {busy_p[-1][0]:.1f} p99 {busy_p[-1][1]:.1f} ms"
-                    f" ({len(busy)} requests)")
+                    f" ({len(busy)} requests); machine stalls: {machine[-1]}")
     idle50 = median([p[0] for p in idle_p])
     idle99 = median([p[1] for p in idle_p])
     busy50 = median([p[0] for p in busy_p])
     busy99 = median([p[1] for p in busy_p])
+    stall99 = median([m["stall_p99"] for m in machine])
+    stalls = median([m["stalls_per_s"] for m in machine])
+    stall50 = median([m["stall_p50"] for m in machine])
+    steal = median([m["steal"] for m in machine])
     return Result("latency", "Event-loop responsiveness", [
         Row("3. GET /model/{id} p99 while 4 downloads run at full speed",
             f"p50 {busy50:.1f} ms, p99 {busy99:.1f} ms",
-            f"idle daemon: p50 {idle50:.1f} ms, p99 {idle99:.1f} ms",
+            f"idle daemon: p50 {idle50:.1f} ms, p99 {idle99:.1f} ms; meanwhile the machine "
+            f"stalled a process that only sleeps {stalls:.1f} times a second for {stall50:.0f} "
+            f"ms (median), so a request arriving at a random moment waits {stall99:.1f} ms "
+            f"or more 1 % of the time whatever serves it; the hypervisor took {steal:.0%} of "
+            f"the CPU time (steal)",
             f"p99 {busy99:.1f} ms ({busy99 / idle99:.1f} x idle)", "p99 < 25 ms", busy99 < 25),
     ], {"size": size, "idle_p50_p99": idle_p, "busy_p50_p99": busy_p,
-        "busy_requests": busy_counts})
+        "busy_requests": busy_counts, "machine": machine})
 
 
 async def _wait_all(base: str, ids: list[str]) -> None:
