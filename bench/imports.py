@@ -16,6 +16,7 @@ from bench.common import (
     Result,
     Row,
     client,
+    cpu_ticks,
     delete_model,
     env_int,
     log,
@@ -24,6 +25,7 @@ from bench.common import (
     random_file,
     rate,
     run_daemon,
+    steal_share,
     warm_page_cache,
 )
 from tests.daemon import ROOT
@@ -76,16 +78,19 @@ def bench_import() -> Result:
     modeld_s: list[float] = []
     cp_s: list[float] = []
     dd_s: list[float] = []
+    steal: list[float] = []
     with run_daemon("import", []) as daemon, client(daemon) as http:
         copy = daemon.storage / "cp-copy.gguf"  # the same file system as the models
         for i in range(ROUNDS):
             cp_s.append(_cp_sync(src, copy))
             dd_s.append(_dd_sync(src, copy))
+            before = cpu_ticks()
             seconds, model_id = _import(daemon.url, src)
+            steal.append(steal_share(before, cpu_ticks()))
             modeld_s.append(seconds)
             delete_model(http, model_id)
             log(f"round {i + 1}: cp+sync {cp_s[-1]:.2f} s, dd+sync {dd_s[-1]:.2f} s, "
-                f"modeld import {seconds:.2f} s")
+                f"modeld import {seconds:.2f} s (steal {steal[-1]:.0%})")
     ours, ref = rate(size, median(modeld_s)), rate(size, median(cp_s))
     floor = rate(size, median(dd_s))
     ratio = ours / ref
@@ -96,7 +101,7 @@ def bench_import() -> Result:
         f"{mbps(ours)} ({median(modeld_s):.2f} s)", reference,
         f"{ratio:.2f} x cp, {ours / floor:.2f} x dd", f">= {TARGET} x", ratio >= TARGET)],
         details={"modeld_seconds": modeld_s, "cp_sync_seconds": cp_s, "dd_sync_seconds": dd_s,
-                 "bytes": size,
+                 "bytes": size, "import_steal": steal,
                  "how": f"{ROUNDS} alternating rounds, medians; the source file in the page "
                         f"cache; the command line process included (with --copy it does not "
                         f"hash the file first); files in {WORK}"})

@@ -26,6 +26,7 @@ from bench.common import (
     Result,
     Row,
     catalog_entry,
+    cpu_ticks,
     daemon_pid,
     delete_model,
     env_int,
@@ -38,6 +39,7 @@ from bench.common import (
     random_file,
     run_daemon,
     run_nginx,
+    steal_share,
     tree_rss,
     warm_page_cache,
 )
@@ -71,11 +73,6 @@ print(json.dumps({"late": late, "seconds": time.perf_counter() - started}))
 """
 
 
-def _cpu_ticks() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1:]]
-
-
 def arrival_delay(late_ms: list[float], seconds: float, share: float = 0.01) -> float:
     """The delay (ms) that a request arriving at a random moment exceeds with probability
     `share`, from the stalls a sleeper saw: one arriving inside a stall of L ms waits for the
@@ -99,19 +96,18 @@ def _machine_delays(out: dict[str, float]) -> Iterator[None]:
     time the hypervisor took (steal, out["steal"], 0..1)."""
     sleeper = subprocess.Popen([sys.executable, "-c", _SLEEPER], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
-    before = _cpu_ticks()
+    before = cpu_ticks()
     try:
         yield
     finally:
-        after = _cpu_ticks()
+        after = cpu_ticks()
         output, _ = sleeper.communicate("", timeout=30)
         seen = json.loads(output)
         stalls = [late for late in seen["late"] if late >= 10]
         out["stall_p99"] = arrival_delay(seen["late"], seen["seconds"])
         out["stalls_per_s"] = len(stalls) / seen["seconds"]
         out["stall_p50"] = median(stalls) if stalls else 0.0
-        spent = [b - a for a, b in zip(before, after, strict=True)]
-        out["steal"] = spent[7] / max(1, sum(spent[:8]))
+        out["steal"] = steal_share(before, after)
 
 
 def bench_latency() -> Result:
