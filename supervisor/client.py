@@ -1,8 +1,8 @@
 """The client side of the `modeld` command: talks to a running daemon over its HTTP API.
 
-Simple commands use a synchronous httpx client; `pull` runs under trio, because it follows the
-download's WebSocket progress stream while it listens for Ctrl-C. Everything that goes wrong
-is a `ClientError` whose message is meant for the person at the terminal.
+Commands use blocking HTTP (supervisor/client_http.py); `pull` runs under trio, because it
+follows the download's WebSocket progress stream while it listens for Ctrl-C. Everything that
+goes wrong is a `ClientError` whose message is meant for the person at the terminal.
 """
 
 from __future__ import annotations
@@ -11,27 +11,26 @@ import json
 import os
 import signal
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import quote
 
 import attrs
-import httpx
 
 from actors.spec import is_valid_id
 from supervisor.address import DEFAULT_STORAGE, running_url
+from supervisor.client_http import FileChanged, Reply, Timeout, Transport, TransportError
 
 if TYPE_CHECKING:
     import trio
 
 DEFAULT_URL = "http://127.0.0.1:1000"
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELED", "UNKNOWN"})
-UPLOAD_CHUNK = 1024 * 1024
 # Quick commands get an answer within seconds; load, import and rm wait as long as the daemon
 # itself allows (it bounds them with [runtime] load_timeout).
-QUICK = httpx.Timeout(60.0, connect=5.0)
-SLOW = httpx.Timeout(None, connect=5.0)
+QUICK = Timeout(answer=60.0)
+SLOW = Timeout(answer=None)
 # An upload whose bytes stop moving for this long fails (the daemon may have answered early
 # and stopped reading); once sent, the daemon checks and publishes the file within its own
 # bounds, so the answer gets longer.
@@ -179,13 +178,13 @@ def _error_from(status: int, body: bytes) -> ApiError:
     return ApiError(message, status=status, code=code)
 
 
-def checked(response: httpx.Response) -> httpx.Response:
+def checked(response: Reply) -> Reply:
     if response.status_code >= 400:
         raise _error_from(response.status_code, response.content)
     return response
 
 
-def model_of(response: httpx.Response) -> Json:
+def model_of(response: Reply) -> Json:
     try:
         data = response.json()
     except ValueError:
@@ -195,12 +194,12 @@ def model_of(response: httpx.Response) -> Json:
     return data
 
 
-def _transport_error(endpoint: Endpoint, exc: httpx.HTTPError) -> ClientError:
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+def _transport_error(endpoint: Endpoint, exc: TransportError) -> ClientError:
+    if exc.phase == "connect":
         return DaemonUnreachable(endpoint.url)
-    if isinstance(exc, httpx.WriteTimeout):
+    if exc.phase == "send" and exc.timed_out:
         return ClientError(f"modeld at {endpoint.url} stopped taking the upload")
-    if isinstance(exc, httpx.TimeoutException):
+    if exc.timed_out:
         return ClientError(f"modeld at {endpoint.url} did not answer in time")
     return ClientError(f"talking to modeld at {endpoint.url} failed: {exc}")
 
@@ -210,14 +209,10 @@ class Api:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        # Only an https daemon needs the CA bundle: loading it costs every command 0.1 s.
-        self._http = httpx.Client(
-            base_url=endpoint.url, headers=endpoint.headers(), timeout=QUICK, trust_env=False,
-            verify=endpoint.url.startswith("https:"),
-        )
+        self._http = Transport(endpoint.url, endpoint.headers())
 
     def close(self) -> None:
-        self._http.close()
+        pass  # each request has a connection of its own
 
     def __enter__(self) -> Api:
         return self
@@ -226,11 +221,12 @@ class Api:
         self.close()
 
     def request(
-        self, method: str, path: str, *, timeout: httpx.Timeout = QUICK, **kwargs: Any
-    ) -> httpx.Response:
+        self, method: str, path: str, *, timeout: Timeout = QUICK, json: Any = None
+    ) -> Reply:
+        """One request (`json`: its body); raises ClientError, ApiError for an error status."""
         try:
-            response = self._http.request(method, path, timeout=timeout, **kwargs)
-        except httpx.HTTPError as exc:
+            response = self._http.request(method, path, timeout=timeout, body=json)
+        except TransportError as exc:
             raise _transport_error(self.endpoint, exc) from None
         return checked(response)
 
@@ -248,7 +244,7 @@ class Api:
         """The latest progress of the model's download (GET .../download/progress)."""
         return model_of(self.request("GET", model_path(model_id, "/download/progress")))
 
-    def command(self, model_id: str, verb: str, *, timeout: httpx.Timeout = QUICK) -> Json:
+    def command(self, model_id: str, verb: str, *, timeout: Timeout = QUICK) -> Json:
         """POST /model/<id>/<verb> (download, download/cancel, load, unload)."""
         return model_of(self.request("POST", model_path(model_id, f"/{verb}"), timeout=timeout))
 
@@ -268,35 +264,20 @@ class Api:
         self, model_id: str, path: Path, on_chunk: Callable[[int], None] | None = None,
         *, stall: float = UPLOAD_STALL,
     ) -> Json:
-        """Stream `path` as the model's file; the daemon checks it and publishes it atomically.
+        """Send `path` as the model's file; the daemon checks it and publishes it atomically.
         Raises ClientError, also when the transfer stalls for `stall` seconds."""
-        size = path.stat().st_size
         changed = ClientError(f"{path} changed while it was uploaded; import it once it is "
                               "complete")
-
-        def chunks() -> Iterator[bytes]:
-            # Exactly the `size` bytes announced, or a clear error: a file that grows or
-            # shrinks meanwhile would break the request's Content-Length.
-            sent = 0
+        timeout = Timeout(send=stall, answer=UPLOAD_ANSWER)
+        try:
             with path.open("rb") as f:
-                while sent < size:
-                    block = f.read(min(UPLOAD_CHUNK, size - sent))
-                    if not block:
-                        raise changed
-                    sent += len(block)
-                    if on_chunk is not None:
-                        on_chunk(len(block))
-                    if sent == size and f.read(1):
-                        raise changed  # before the last block goes: the daemon gets no file
-                    yield block
-                if size == 0 and f.read(1):
-                    raise changed
-
-        headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-        response = self.request(
-            "PUT", model_path(model_id, "/file"), content=chunks(), headers=headers,
-            timeout=httpx.Timeout(connect=5.0, write=stall, read=UPLOAD_ANSWER, pool=5.0),
-        )
+                size = os.fstat(f.fileno()).st_size
+                response = checked(self._http.put_file(
+                    model_path(model_id, "/file"), f, size, timeout=timeout, on_piece=on_chunk))
+        except FileChanged:
+            raise changed from None
+        except TransportError as exc:
+            raise _transport_error(self.endpoint, exc) from None
         return model_of(response)
 
 
@@ -350,16 +331,14 @@ async def run_pull(
     path = model_path(model_id)
     outcome = PullOutcome()
     with trio.open_signal_receiver(signal.SIGINT) as interrupts:
-        async with httpx.AsyncClient(
-            base_url=endpoint.url, headers=endpoint.headers(), timeout=QUICK, trust_env=False
-        ) as http:
+        with Api(endpoint) as api:
 
             async def post(suffix: str, body: Json | None = None) -> Json:
-                try:
-                    response = await http.post(path + suffix, json=body)
-                except httpx.HTTPError as exc:
-                    raise _transport_error(endpoint, exc) from None
-                return model_of(checked(response))
+                # In a thread that a cancel abandons (the command ends right after).
+                response = await trio.to_thread.run_sync(
+                    lambda: api.request("POST", path + suffix, json=body),
+                    abandon_on_cancel=True)
+                return model_of(response)
 
             # Even when the file is already here, the stream answers: COMPLETED, then a close.
             outcome.model = await post("/download", {"update": True} if update else None)
