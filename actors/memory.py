@@ -93,12 +93,22 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def resident_bytes(pid: int | None) -> int | None:
+    """A worker's resident memory (one small /proc read), or None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
+
+
 def _workers_resident() -> int:
     total = 0
     for child in psutil.Process().children():
         try:
             if "actors.worker_main" in child.cmdline():
-                total += int(child.memory_info().rss)
+                total += resident_bytes(child.pid) or 0
         except psutil.Error:
             continue
     return total

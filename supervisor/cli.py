@@ -284,7 +284,7 @@ def resume_hint(model_id: str, kept: object) -> str:
     """What a cancelled download left, from the model's `partialBytes` after the cancel. The
     daemon keeps a partial only when it can resume it: an origin that does not serve byte
     ranges leaves none."""
-    from supervisor.views import format_bytes
+    from supervisor.units import format_bytes
 
     if isinstance(kept, int) and kept > 0:
         return f"{format_bytes(kept)} kept; `modeld pull {model_id}` resumes it"
@@ -317,6 +317,7 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
 
     from supervisor import client, views
     from supervisor.hub_refs import looks_like_reference
+    from supervisor.units import format_bytes
 
     update = False  # a reference to a downloaded model: re-resolved, updated if it moved
     if looks_like_reference(args.id):
@@ -354,7 +355,7 @@ def cmd_pull(args: argparse.Namespace, out: Out, endpoint: Endpoint) -> int:
     if outcome.result == "COMPLETED":  # even if Ctrl-C came too late to matter
         if not out.json:
             known = outcome.model.get("bytes")
-            size = views.format_bytes(progress.get("total") or progress.get("bytes") or (
+            size = format_bytes(progress.get("total") or progress.get("bytes") or (
                 known.get("value") if isinstance(known, dict) else None))
             already = "already " if outcome.model.get("downloaded") else ""
             updated = outcome.model.get("update")

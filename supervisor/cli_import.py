@@ -18,7 +18,7 @@ EXIT_OK = 0
 
 def cmd_import(api: Api, args: argparse.Namespace, out: Out) -> int:
     from supervisor.client import ClientError
-    from supervisor.views import format_bytes
+    from supervisor.units import format_bytes
 
     path: Path = args.path
     if not path.is_file():

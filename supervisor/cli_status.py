@@ -45,7 +45,7 @@ def since(iso: object, now: dt.datetime | None = None) -> str:
 
 
 def ps_row(model: dict[str, Any]) -> tuple[str, ...]:
-    from supervisor.views import format_bytes
+    from supervisor.units import format_bytes
 
     busy = model.get("slotsBusy") or 0
     idle = "busy" if busy else since(model.get("idleSince"))
@@ -80,7 +80,8 @@ def cmd_ps(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_status(api: Api, args: argparse.Namespace, out: Out) -> int:
-    from supervisor.views import format_bytes, format_duration, print_table, progress_line
+    from supervisor.units import format_bytes
+    from supervisor.views import format_duration, print_table, progress_line
 
     data = _status(api)
     if out.json:
@@ -113,7 +114,8 @@ def cmd_status(api: Api, args: argparse.Namespace, out: Out) -> int:
 
 def cmd_du(api: Api, args: argparse.Namespace, out: Out) -> int:
     """Bytes per model (its published file, its partial download), totals and free space."""
-    from supervisor.views import format_bytes, print_table
+    from supervisor.units import format_bytes
+    from supervisor.views import print_table
 
     storage = _status(api).get("storage") or {}
     models: list[dict[str, Any]] = []
@@ -144,7 +146,7 @@ def cmd_du(api: Api, args: argparse.Namespace, out: Out) -> int:
 def cmd_prune(api: Api, args: argparse.Namespace, out: Out) -> int:
     """List what no model owns, and remove it unless --dry-run."""
     from supervisor.client import model_of
-    from supervisor.views import format_bytes
+    from supervisor.units import format_bytes
 
     body = {"dryRun": True} if args.dry_run else None
     data = model_of(api.request("POST", "/storage/prune", json=body))

@@ -19,6 +19,7 @@ import hypercorn.trio
 import structlog
 import trio
 
+from actors.memory import resident_bytes
 from actors.store import Store, StoreError
 from supervisor import sdnotify
 from supervisor.address import clear_address, write_address
@@ -30,7 +31,6 @@ from supervisor.hub import load_access
 from supervisor.logs import hide_secret, observe_events
 from supervisor.metrics import Metrics
 from supervisor.registry import Registry, serve_registry
-from supervisor.wire import resident_bytes
 
 log = structlog.get_logger("modeld.daemon")
 E = TypeVar("E", bound=BaseException)

@@ -16,9 +16,15 @@ import trio
 
 from actors import messages as m
 from actors.errors import Conflict, InsufficientMemory, ModelNotFound, Unavailable
-from actors.memory import MEMORY_MARGIN, MemoryProbe, available_memory, gb, plan_admission
+from actors.memory import (
+    MEMORY_MARGIN,
+    MemoryProbe,
+    available_memory,
+    gb,
+    plan_admission,
+    resident_bytes,
+)
 from actors.state import State
-from supervisor.wire import resident_bytes
 
 if TYPE_CHECKING:
     from supervisor.registry import Registry

@@ -12,10 +12,11 @@ import psutil
 import trio
 
 from actors import messages as m
+from actors.memory import resident_bytes
 from actors.state import State
 from supervisor import __version__
 from supervisor.registry import Registry
-from supervisor.wire import iso_utc, resident_bytes
+from supervisor.wire import iso_utc
 
 _HAS_FILE = (State.DOWNLOADED, State.LOADING, State.LOADED, State.UNLOADING)
 

@@ -11,17 +11,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from supervisor.client import TERMINAL, Json
-
-
-def format_bytes(n: float | None) -> str:
-    """Decimal units, as the daemon's `readable` sizes: 469.8 KB, 4.1 GB."""
-    if n is None or n < 0:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
+from supervisor.units import format_bytes
 
 
 def format_duration(seconds: float | None) -> str:

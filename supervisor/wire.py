@@ -14,10 +14,10 @@ from typing import Any
 
 import attrs
 import cattrs
-import psutil
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from actors.keepalive import parse_keep_alive
+from actors.memory import resident_bytes
 from actors.messages import ModelView, Progress
 from actors.runtimes import CHOICES as RUNTIME_CHOICES
 from actors.spec import (
@@ -30,6 +30,7 @@ from actors.spec import (
 )
 from actors.state import flags
 from supervisor.enums import FOUNDATIONS, USAGES
+from supervisor.units import format_bytes
 
 MAX_BYTES = 2**63 - 1  # sizes are stored and sent as JSON integers that every client can read
 
@@ -264,31 +265,12 @@ def _make_converter() -> cattrs.Converter:
 _converter = _make_converter()
 
 
-def readable_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
 def _descriptor(n: int | None) -> ByteDescriptor | None:
-    return None if n is None else ByteDescriptor(value=n, readable=readable_bytes(n))
+    return None if n is None else ByteDescriptor(value=n, readable=format_bytes(n))
 
 
 def iso_utc(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def resident_bytes(pid: int | None) -> int | None:
-    """A worker's resident memory (one small /proc read), or None when it is gone."""
-    if pid is None:
-        return None
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return None
 
 
 def model_json(view: ModelView, *, evicted: list[str] | None = None,

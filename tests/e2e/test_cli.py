@@ -56,6 +56,15 @@ def wait_for_progress(proc: subprocess.Popen[str]) -> str:
     return line
 
 
+def wait_for_daemon_bytes(url: str, model_id: str) -> None:
+    """Until the daemon's download of `model_id` has bytes (the first progress line a pull
+    prints may come before any)."""
+    deadline = time.monotonic() + 30
+    while (httpx.get(f"{url}/model/{model_id}/download/progress").json().get("bytes") or 0) <= 0:
+        assert time.monotonic() < deadline, "no bytes arrived"
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -232,6 +241,7 @@ def test_cancel_from_another_process_ends_the_pull(make_daemon: DaemonFactory, o
     pull = start_pull(daemon.url, "big")
     try:
         wait_for_progress(pull)
+        wait_for_daemon_bytes(daemon.url, "big")  # so that the cancel has a partial to keep
         canceled = modeld(daemon.url, "cancel", "big")
         assert 0 == canceled.returncode, canceled.stderr
         assert canceled.stdout.startswith("cancelled the download of big; ")

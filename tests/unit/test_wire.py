@@ -14,12 +14,12 @@ from pieces_os_client.models.seeded_model import SeededModel
 from actors.messages import FileFacts, ModelView, Progress
 from actors.spec import ModelSpec
 from actors.state import State
+from supervisor.units import format_bytes
 from supervisor.wire import (
     BodyError,
     model_json,
     parse_model_body,
     progress_json,
-    readable_bytes,
     spec_from_create,
     spec_from_update,
 )
@@ -188,6 +188,7 @@ def test_body_must_be_an_object(body: object) -> None:
 
 
 def test_readable_bytes() -> None:
-    assert "999 B" == readable_bytes(999)
-    assert "1.2 GB" == readable_bytes(1_200_000_000)
-    assert "668.8 MB" == readable_bytes(668_788_096)
+    assert "999 B" == format_bytes(999)
+    assert "1.2 GB" == format_bytes(1_200_000_000)
+    assert "668.8 MB" == format_bytes(668_788_096)
+    assert "-" == format_bytes(None)
