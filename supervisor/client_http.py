@@ -129,24 +129,21 @@ class Transport:
 
 def _send_file(connection: http.client.HTTPConnection, file: BinaryIO, size: int,
                on_piece: Callable[[int], None] | None) -> None:
-    sock = connection.sock
-    fd = file.fileno()
+    sock, fd = connection.sock, file.fileno()
+    if size == 0:
+        if os.fstat(fd).st_size != 0:
+            raise FileChanged
+        return
     sent = 0
-    while sent < size or size == 0:
+    while sent < size:
         piece = min(SEND_PIECE, size - sent)
-        if on_piece is not None and piece:
+        if on_piece is not None:
             on_piece(piece)
         if sent + piece == size and os.fstat(fd).st_size != size:
             raise FileChanged  # before the last piece goes: the daemon gets no file
-        if size == 0:
-            return
-        done = 0
-        while done < piece:
-            moved = sock.sendfile(file, sent + done, piece - done)
-            if moved == 0:
-                raise FileChanged  # it shrank
-            done += moved
-        sent += done
+        if sock.sendfile(file, sent, piece) < piece:  # it loops until `piece` or the end
+            raise FileChanged  # it shrank
+        sent += piece
 
 
 def _set_timeout(connection: http.client.HTTPConnection, seconds: float | None) -> None:
